@@ -1,0 +1,250 @@
+"""Bundle: write everything a board (and our local runner) needs into out/<model>_<chip>/.
+
+The build goes to a temporary sibling directory and is renamed into place only when complete
+(graphs, post, embedding table, tokenizer, scripts, checks, and last the manifest), so a failed or
+interrupted build never leaves a bundle that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import shutil
+import stat
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+from .checkpoint import Checkpoint, sha256_file
+from .chips import Chip
+from .errors import GeneratorError
+from .graphs import layer_graph, post_graph, store_layer, store_post
+from .onnx_graph import WeightsFile
+from .options import BuildOptions
+from .progress import Progress
+from .quant import to_bf16_bits
+from .recipe import Recipe
+from .spec import ArchSpec
+from .weights import WeightSource
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = PROJECT_ROOT / "templates"
+TOKENIZER_SERVER = TEMPLATES / "tokenizer" / "tokenizer_uid.py"
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+RUN_TARGETS = {  # run script flavours (contract section 5)
+    "ax650": ("AX650", "main_ax650", None),
+    "ax630c": ("AX630C", "main_ax650", None),
+    "axcl_x86": ("AXCL x86_64 host", "main_axcl_x86", "0"),
+    "axcl_aarch64": ("AXCL aarch64 host", "main_axcl_aarch64", "0"),
+}
+
+
+def layer_stem(spec: ArchSpec, opts: BuildOptions, i: int | str) -> str:
+    return f"{spec.model_type}_p{opts.prefill_len}_l{i}_together"
+
+
+def post_stem(spec: ArchSpec) -> str:
+    return f"{spec.model_type}_post"
+
+
+EMBED_FILE = "model.embed_tokens.weight.bfloat16.bin"
+
+
+def template_env() -> Environment:
+    env = Environment(loader=FileSystemLoader(str(TEMPLATES)), undefined=StrictUndefined, keep_trailing_newline=True,
+                      autoescape=False)
+    env.filters["q"] = lambda v: shlex.quote(str(v))
+    return env
+
+
+def write_text(path: Path, text: str, executable: bool = False):
+    path.write_text(text, encoding="utf-8")
+    if executable:
+        path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+@dataclass
+class BuildContext:
+    model: str
+    recipe: Recipe
+    recipe_path: Path
+    variant: str | None
+    ckpt: Checkpoint
+    spec: ArchSpec
+    opts: BuildOptions
+    chip: Chip
+    system_prompt: str
+    out_dir: Path
+    extra_manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def tool_versions() -> dict[str, str]:
+    import onnxruntime
+    import transformers
+
+    from . import __version__
+
+    return {"axgen": __version__, "python": platform.python_version(), "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__, "numpy": np.__version__}
+
+
+def write_graphs(ctx: BuildContext, tmp: Path, progress: Progress) -> dict[str, Any]:
+    spec, opts = ctx.spec, ctx.opts
+    src = WeightSource(ctx.ckpt, ctx.recipe, spec)
+    groups = opts.groups()
+    with progress.task("building llm decode layers", spec.num_hidden_layers) as step:
+        for i in range(spec.num_hidden_layers):
+            stem = layer_stem(spec, opts, i)
+            wf = WeightsFile(tmp / f"{stem}.data")
+            inits, refs = store_layer(wf, spec, opts, i, src.layer(i))
+            wf.close()
+            for group in groups:
+                onnx.save_model(layer_graph(spec, opts, i, group, refs, inits), tmp / f"{stem}.g{group.index}.onnx")
+            step()
+    with progress.task("building llm post layer", 1) as step:
+        embed = src.embed_tokens()
+        wf = WeightsFile(tmp / f"{post_stem(spec)}.data")
+        inits, refs = store_post(wf, spec, opts, src.final_norm(), src.lm_head(embed))
+        wf.close()
+        onnx.save_model(post_graph(spec, opts, refs, inits), tmp / f"{post_stem(spec)}.onnx")
+        # the board reads rows of this table; embedding scales (Gemma, MiniCPM) are applied here
+        table = embed if spec.embedding_scale == 1.0 else embed * np.float32(spec.embedding_scale)
+        to_bf16_bits(table).tofile(tmp / EMBED_FILE)
+        step()
+    return {
+        "layer_template": f"{layer_stem(spec, opts, '%d')}.g{{group}}.onnx",
+        "layer_data_template": f"{layer_stem(spec, opts, '%d')}.data",
+        "axmodel_template": f"{layer_stem(spec, opts, '%d')}.axmodel",
+        "post": f"{post_stem(spec)}.onnx",
+        "post_axmodel": f"{post_stem(spec)}.axmodel",
+        "embed": EMBED_FILE,
+        "groups": [{"index": g.index, "kind": g.kind, "tokens": g.tokens, "history": g.history,
+                    "history_rows": g.history_rows, "dummy_history": g.dummy_history, "capacity": g.capacity}
+                   for g in groups],
+    }
+
+
+def write_tokenizer(ctx: BuildContext, tmp: Path) -> dict[str, str]:
+    tok_dir = tmp / f"{ctx.model}_tokenizer"
+    tok_dir.mkdir()
+    files = ctx.ckpt.tokenizer_files()
+    if not any(f.name == "tokenizer.json" for f in files):
+        raise GeneratorError(f"Input '{ctx.ckpt.source}' has no tokenizer.json; the tokenizer server needs the fast "
+                             f"(tokenizers) file. Save it with transformers' AutoTokenizer.save_pretrained.")
+    for f in files:
+        shutil.copy2(f, tok_dir / f.name)
+    chat = ctx.recipe.chat
+    eos = list(dict.fromkeys(ctx.spec.eos_token_ids))
+    gen_cfg = ctx.ckpt.dir / "generation_config.json"
+    if gen_cfg.is_file():
+        extra = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        for e in extra if isinstance(extra, list) else [extra]:
+            if isinstance(e, int) and e not in eos:
+                eos.append(e)
+    ax = {"bos_id": ctx.spec.bos_token_id if ctx.spec.bos_token_id is not None else -1,
+          "eos_id": eos[0] if eos else -1, "eos_ids": eos, "system_prompt": ctx.system_prompt,
+          "img_start_token": chat.img_start_token, "img_context_token": chat.img_context_token,
+          "img_end_token": chat.img_end_token, "img_token_num": chat.img_token_num}
+    write_text(tok_dir / "ax_tokenizer.json", json.dumps(ax, indent=2, ensure_ascii=False) + "\n")
+    script = f"{ctx.model}_tokenizer_uid.py"
+    shutil.copy2(TOKENIZER_SERVER, tmp / script)
+    (tmp / script).chmod(0o755)
+    return {"dir": tok_dir.name, "server": script}
+
+
+def write_scripts(ctx: BuildContext, tmp: Path, files: dict, tok: dict) -> list[str]:
+    env = template_env()
+    spec, opts = ctx.spec, ctx.opts
+    common = dict(model=ctx.model, recipe=ctx.recipe.name, chip=ctx.chip.name, chip_lower=ctx.chip.name.lower(),
+                  system_prompt=ctx.system_prompt, num_layers=spec.num_hidden_layers, vocab_size=spec.vocab_size,
+                  hidden_size=spec.hidden_size, layer_template=files["axmodel_template"], post_file=files["post_axmodel"],
+                  embed_file=files["embed"], tokenizer_script=tok["server"], tokenizer_host="127.0.0.1",
+                  tokenizer_port=12345, use_mmap_load_embed=0, python=sys.executable, project_root=str(PROJECT_ROOT))
+    written = []
+    for target in ctx.chip.run_scripts:
+        title, binary, devices = RUN_TARGETS[target]
+        name = f"run_{ctx.model}_{target}.sh"
+        text = env.get_template("run.sh.j2").render(**common, target=target, chip_title=title, main_binary=binary,
+                                                     devices=devices, script_name=name)
+        write_text(tmp / name, text, executable=True)
+        written.append(name)
+    name = f"build_{ctx.chip.name.lower()}.sh"
+    text = env.get_template("build.sh.j2").render(
+        model=ctx.model, chip=ctx.chip.name, chip_lower=ctx.chip.name.lower(), input_path=str(ctx.ckpt.dir.resolve()),
+        hidden_state_type=opts.hidden_state_type, weight_type=opts.weight_type, post_weight_type=opts.post_weight_type,
+        kv_cache_len=opts.kv_cache_len, prefill_len=opts.prefill_len, last_kv_cache_len=opts.last_kv_cache_len,
+        post_topk=opts.post_topk, pulsar2_chip=ctx.chip.pulsar2_chip, embed_file=files["embed"])
+    write_text(tmp / name, text, executable=True)
+    written.append(name)
+    return written
+
+
+def file_listing(root: Path) -> dict[str, dict[str, Any]]:
+    out = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel != MANIFEST:
+            out[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return out
+
+
+def publish(tmp: Path, final: Path):
+    """Atomically replace `final` with the finished `tmp` directory."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_bundle(ctx: BuildContext, progress: Progress, check=None) -> dict[str, Any]:
+    """Write the bundle into ctx.out_dir. `check(tmp_dir) -> dict` runs verification before publishing."""
+    ctx.out_dir.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{ctx.out_dir.name}.tmp-", dir=ctx.out_dir.parent))
+    try:
+        files = write_graphs(ctx, tmp, progress)
+        write_text(tmp / "post_config.json", json.dumps(ctx.recipe.sampling.model_dump(), indent=4) + "\n")
+        tok = write_tokenizer(ctx, tmp)
+        scripts = write_scripts(ctx, tmp, files, tok)
+        build_seconds = time.time() - started
+        manifest: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "model": ctx.model,
+            "recipe": {"name": ctx.recipe.name, "file": ctx.recipe_path.name, "sha256": sha256_file(ctx.recipe_path),
+                       "variant": ctx.variant},
+            "chip": ctx.chip.name,
+            "options": ctx.opts.model_dump(),
+            "spec": ctx.spec.model_dump(),
+            "input": {"source": ctx.ckpt.source, "files": ctx.ckpt.fingerprint()},
+            "tools": tool_versions(),
+            "graphs": files,
+            "tokenizer": tok,
+            "scripts": scripts,
+            "system_prompt": ctx.system_prompt,
+            "non_standard_ops": [],
+            "build_seconds": round(build_seconds, 2),
+            **ctx.extra_manifest,
+        }
+        write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        if check is not None:
+            manifest["checks"] = check(tmp)
+        manifest["files"] = file_listing(tmp)
+        write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        publish(tmp, ctx.out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest

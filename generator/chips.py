@@ -1,0 +1,43 @@
+"""Chip profiles (data in data/chips.yaml) and the fit check a build must pass before any work."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+from .errors import GeneratorError
+
+CHIPS_FILE = Path(__file__).resolve().parent / "data" / "chips.yaml"
+
+
+class Chip(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    description: str
+    aliases: list[str] = []
+    pulsar2_chip: str
+    weight_types: list[str]
+    post_weight_types: list[str]
+    hidden_state_types: list[str]
+    max_kv_cache_len: int
+    max_prefill_len: int
+    memory_mb: int
+    run_scripts: list[str]
+
+
+@lru_cache(maxsize=1)
+def chips() -> dict[str, Chip]:
+    data = yaml.safe_load(CHIPS_FILE.read_text())
+    return {name: Chip(name=name, **body) for name, body in data.items()}
+
+
+def get_chip(name: str) -> Chip:
+    key = name.strip().upper()
+    for chip in chips().values():
+        if key == chip.name or key in chip.aliases:
+            return chip
+    names = ", ".join(f"{c.name} ({', '.join(c.aliases)})" if c.aliases else c.name for c in chips().values())
+    raise GeneratorError(f"Unknown chip '{name}' (flag --chip / make CHIP=). Known chips: {names}.")

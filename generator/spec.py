@@ -1,0 +1,256 @@
+"""Architecture resolution: checkpoint config.json (dimensions) + recipe (quirks) -> one typed ArchSpec.
+
+The spec is everything the graphs, the weight converter and the runner need, with every
+expression evaluated; it is printed at build start the way Pulsar2 prints its Config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from .errors import GeneratorError
+from .expr import ExprError, evaluate
+from .recipe import Expr, Norm, Recipe
+from .rope import RopeTable, resolve_rope
+
+ACTIVATIONS = {
+    "silu": "silu", "swish": "silu",
+    "gelu": "gelu", "gelu_python": "gelu",
+    "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_tanh": "gelu_tanh",
+    "relu": "relu",
+}
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+class NormSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: str
+    eps: float
+    weight_offset: float = 0.0
+
+
+class ArchSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_name: str
+    model_type: str
+    recipe: str
+    architecture: str
+    num_hidden_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    norm: NormSpec
+    final_norm: NormSpec
+    hidden_act: str
+    mlp_gated: bool
+    mlp_bias: bool
+    qkv_bias: bool
+    o_bias: bool
+    qk_norm: bool
+    post_attention_norm: bool
+    post_feedforward_norm: bool
+    parallel_residual: bool
+    attention_scale: float
+    attn_logit_softcap: float | None
+    final_logit_softcap: float | None
+    sliding_window: int | None
+    layer_types: list[str]
+    rope: dict[str, RopeTable]
+    residual_scale: float
+    embedding_scale: float
+    logit_scale: float
+    tie_word_embeddings: bool
+    lm_head_bias: bool
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    def pretty(self) -> str:
+        rows = []
+        for key, value in self.model_dump().items():
+            if key == "rope":
+                value = {t: f"{r.kind}(theta={r.theta:g}, rotary_dim={r.rotary_dim}, interleaved={r.interleaved}, "
+                            f"attention_factor={r.attention_factor:g})" for t, r in self.rope.items()}
+            elif key == "layer_types" and len(set(value)) == 1:
+                rows.append(f"    {key}=[{value[0]!r}] * {len(value)},")
+                continue
+            rows.append(f"    {key}={value!r},")
+        return "Config(\n" + "\n".join(rows) + "\n)"
+
+
+def _normalise_rope(cfg_in: dict[str, Any]) -> dict[str, Any]:
+    """transformers >= 5 writes `rope_parameters` (flat, or keyed by layer type); older configs write
+    `rope_theta` + `rope_scaling`. Return the old-style keys (rope_theta, rope_scaling,
+    partial_rotary_factor, rope_local_base_freq) that recipes refer to."""
+    out: dict[str, Any] = {}
+    rp = cfg_in.get("rope_parameters")
+    if not isinstance(rp, dict) or not rp:
+        return out
+    if all(isinstance(v, dict) for v in rp.values()):
+        flat = rp.get("full_attention") or next(iter(rp.values()))
+        if isinstance(rp.get("sliding_attention"), dict):
+            out["rope_local_base_freq"] = rp["sliding_attention"].get("rope_theta")
+    else:
+        flat = rp
+    out["rope_theta"] = flat.get("rope_theta")
+    if (flat.get("rope_type") or "default") != "default":
+        out["rope_scaling"] = {k: v for k, v in flat.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    if "partial_rotary_factor" in flat:
+        out["partial_rotary_factor"] = flat["partial_rotary_factor"]
+    return {k: v for k, v in out.items() if v is not None and cfg_in.get(k) is None}
+
+
+def read_config(recipe: Recipe, raw: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
+    """Apply the recipe's reading rules (section, aliases, defaults) and transformers' conventions."""
+    cfg_in = raw
+    if recipe.config.section:
+        cfg_in = raw.get(recipe.config.section)
+        if not isinstance(cfg_in, dict):
+            raise GeneratorError(f"{where}: the recipe '{recipe.name}' reads section '{recipe.config.section}', which is missing.")
+    present = {k: v for k, v in cfg_in.items() if v is not None}
+    present.update(_normalise_rope(cfg_in))
+    for canonical, keys in recipe.config.aliases.items():
+        for key in [keys] if isinstance(keys, str) else keys:
+            if present.get(key) is not None:
+                present[canonical] = present[key]
+                break
+    cfg: dict[str, Any] = dict(recipe.config.defaults)
+    cfg.update(present)
+    cfg.setdefault("rope_scaling", None)
+    cfg.setdefault("partial_rotary_factor", 1.0)
+    if cfg.get("num_key_value_heads") is None and "num_attention_heads" in cfg:
+        cfg["num_key_value_heads"] = cfg["num_attention_heads"]
+    if cfg.get("head_dim") is None and "hidden_size" in cfg and cfg.get("num_attention_heads"):
+        cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+    return cfg
+
+
+def _value(v, cfg: dict, field: str, recipe: Recipe, extra: dict | None = None):
+    if isinstance(v, Expr):
+        env = dict(cfg)
+        if extra:
+            env.update(extra)
+        try:
+            return evaluate(v.expr, env)
+        except ExprError as exc:
+            raise GeneratorError(f"Recipe '{recipe.name}', field {field}: {exc} (config keys come from config.json "
+                                 f"after the recipe's config.aliases/defaults).") from None
+    return v
+
+
+def _require(cfg: dict, key: str, where: str, kind=int):
+    if cfg.get(key) is None:
+        raise GeneratorError(f"{where}: required key '{key}' is missing (the recipe's config.aliases can map it from "
+                             f"another name).")
+    try:
+        return kind(cfg[key])
+    except (TypeError, ValueError):
+        raise GeneratorError(f"{where}: key '{key}' should be a {kind.__name__}, got {cfg[key]!r}.") from None
+
+
+def _norm(n: Norm, cfg, field, recipe) -> NormSpec:
+    eps = _value(n.eps, cfg, f"{field}.eps", recipe)
+    if not isinstance(eps, (int, float)):
+        raise GeneratorError(f"Recipe '{recipe.name}', field {field}.eps: expected a number, got {eps!r}.")
+    return NormSpec(kind=n.kind, eps=float(eps), weight_offset=n.weight_offset)
+
+
+def resolve_spec(recipe: Recipe, raw_config: dict[str, Any], *, model_name: str, max_positions: int,
+                 where: str = "config.json") -> ArchSpec:
+    cfg = read_config(recipe, raw_config, where)
+    archs = raw_config.get("architectures") or []
+    arch = next((a for a in archs if a in recipe.architectures), None)
+    if archs and arch is None:
+        raise GeneratorError(f"{where} declares architectures {archs}, but recipe '{recipe.name}' is for "
+                             f"{recipe.architectures}. Pick the matching recipe or drop --recipe to detect it.")
+    arch = arch or recipe.architectures[0]
+
+    dims = {k: _require(cfg, k, where) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                                                  "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size")}
+    if dims["num_attention_heads"] % dims["num_key_value_heads"]:
+        raise GeneratorError(f"{where}: num_attention_heads ({dims['num_attention_heads']}) is not a multiple of "
+                             f"num_key_value_heads ({dims['num_key_value_heads']}).")
+    max_pos = int(cfg.get("max_position_embeddings") or max_positions)
+    b = recipe.block
+    val = lambda v, f: _value(v, cfg, f, recipe)  # noqa: E731
+
+    act_name = val(b.mlp.act, "block.mlp.act")
+    if act_name not in ACTIVATIONS:
+        raise GeneratorError(f"Recipe '{recipe.name}': activation {act_name!r} (block.mlp.act) is not supported; "
+                             f"supported: {', '.join(sorted(ACTIVATIONS))}.")
+
+    # Per-layer attention type: config layer_types when present, else the recipe's rule.
+    n_layers = dims["num_hidden_layers"]
+    types = cfg.get(b.attention.layer_types_key) if b.attention.layer_types_key else None
+    if types is None:
+        types = [_value(b.attention.layer_type_default, cfg, "block.attention.layer_type_default", recipe, {"i": i})
+                 for i in range(n_layers)]
+    if len(types) != n_layers or any(t not in LAYER_TYPES for t in types):
+        raise GeneratorError(f"{where}: layer_types must list {n_layers} entries from {LAYER_TYPES}, got {types!r}.")
+    window = val(b.attention.sliding_window, "block.attention.sliding_window")
+    if "sliding_attention" in types and not window:
+        raise GeneratorError(f"{where}: some layers use sliding-window attention but no sliding_window size is set.")
+
+    theta = val(b.rope.theta, "block.rope.theta")
+    if theta is None:
+        raise GeneratorError(f"{where}: no rope_theta (set it in config.json or the recipe's config.defaults).")
+    rope_common = dict(head_dim=dims["head_dim"], partial_rotary_factor=float(val(b.rope.partial_rotary_factor, "block.rope.partial_rotary_factor")),
+                       interleaved=b.rope.interleaved, max_position_embeddings=max_pos, max_positions_used=max_positions,
+                       where=f"{where} rope_scaling")
+    rope = {"full_attention": resolve_rope(val(b.rope.scaling, "block.rope.scaling"), theta=float(theta), **rope_common)}
+    if "sliding_attention" in types:
+        local = val(b.rope.local_theta, "block.rope.local_theta")
+        rope["sliding_attention"] = (resolve_rope(None, theta=float(local), **rope_common) if local is not None
+                                     else rope["full_attention"])
+
+    softcap = val(b.attention.logit_softcap, "block.attention.logit_softcap")
+    final_softcap = val(recipe.head.final_logit_softcap, "head.final_logit_softcap")
+    eos = raw_config.get("eos_token_id", cfg.get("eos_token_id"))
+    eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+    have = recipe.tensors.provides()
+    tie = val(recipe.head.tie_word_embeddings, "head.tie_word_embeddings")
+    return ArchSpec(
+        model_name=model_name,
+        model_type=recipe.model_type or str(cfg.get("model_type") or recipe.name),
+        recipe=recipe.name,
+        architecture=arch,
+        **dims,
+        max_position_embeddings=max_pos,
+        norm=_norm(b.norm, cfg, "block.norm", recipe),
+        final_norm=_norm(recipe.head.final_norm or b.norm, cfg, "head.final_norm", recipe),
+        hidden_act=ACTIVATIONS[act_name],
+        mlp_gated=b.mlp.gated,
+        mlp_bias=bool(val(b.mlp.bias, "block.mlp.bias")),
+        qkv_bias=bool(val(b.attention.qkv_bias, "block.attention.qkv_bias")),
+        o_bias=bool(val(b.attention.o_bias, "block.attention.o_bias")),
+        qk_norm="q_norm" in have,
+        post_attention_norm="post_attention_layernorm" in have,
+        post_feedforward_norm="post_feedforward_layernorm" in have,
+        parallel_residual=b.parallel_residual,
+        attention_scale=float(val(b.attention.scale, "block.attention.scale")),
+        attn_logit_softcap=float(softcap) if softcap else None,
+        final_logit_softcap=float(final_softcap) if final_softcap else None,
+        sliding_window=int(window) if window and "sliding_attention" in types else None,
+        layer_types=list(types),
+        rope=rope,
+        residual_scale=float(val(b.residual_scale, "block.residual_scale")),
+        embedding_scale=float(val(recipe.embedding.scale, "embedding.scale")),
+        logit_scale=float(val(recipe.head.logit_scale, "head.logit_scale")),
+        tie_word_embeddings=bool(tie) if tie is not None else False,
+        lm_head_bias=bool(val(recipe.head.bias, "head.bias")),
+        bos_token_id=cfg.get("bos_token_id") if isinstance(cfg.get("bos_token_id"), int) else None,
+        eos_token_ids=eos_ids,
+    )

@@ -1,0 +1,161 @@
+"""HTTP client for a bundle's tokenizer server (``<model>_tokenizer_uid.py``, ``--tokenizer_type 2``).
+
+Used by the local runner to talk to the server the way the board does: one session (uid) per
+client, ``reset`` to start a conversation, ``encode`` for every user turn (with the previous
+answer as ``last_reply``), ``decode`` for the generated ids. Standard library only (urllib).
+
+    tok = HttpTokenizer("http://127.0.0.1:12345")
+    prefix = tok.reset("You are a helpful assistant.")       # prefill these, keep the KV cache
+    ids, diff = tok.encode("Hello")                          # prefill `diff` on top of the cache
+    text = tok.decode(generated_ids)                         # complete characters only
+    ids, diff = tok.encode("And then?", last_reply=text)     # next turn
+
+See the server module's docstring for the protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from typing import Any
+from urllib.parse import quote
+
+from .errors import GeneratorError
+
+INVALID_UID = "Invalid uid"
+# No proxy: the server is on loopback or the local network, and an http_proxy variable in the
+# environment must not reroute it.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class TokenizerServerError(GeneratorError):
+    """The tokenizer server is not answering, or answered with an error (message names the URL).
+
+    ``status`` is the HTTP status of an error answer (None when there was no answer).
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, hint: str | None = None):
+        self.status = status
+        super().__init__(message, hint=hint)
+
+
+class SessionLostError(TokenizerServerError):
+    """The server no longer knows this client's uid (expired, evicted, or the server restarted).
+
+    The conversation state on the server is gone: call ``HttpTokenizer.new_session()`` and
+    ``reset()`` (and drop the KV cache) before encoding again.
+    """
+
+
+class HttpTokenizer:
+    """A session on a tokenizer server. Not thread-safe: use one instance per conversation."""
+
+    def __init__(self, url: str = "http://127.0.0.1:12345", timeout: float = 10.0):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.uid: str = ""
+        self.new_session()
+        self.bos_id: int = self._get_int("/bos_id", "bos_id")
+        answer = self._request("GET", f"/eos_id?uid={quote(self.uid)}")
+        self.eos_id: int = self._expect(answer, "eos_id", int, "/eos_id")
+        eos_ids = answer.get("eos_ids")
+        self.eos_ids: list[int] = list(eos_ids) if isinstance(eos_ids, list) else (
+            [self.eos_id] if self.eos_id >= 0 else [])
+        self.last_prefix_mismatch = False
+
+    # -- protocol ---------------------------------------------------------------------------------
+
+    def new_session(self) -> str:
+        """Ask for a new uid (a fresh history with the default system prompt)."""
+        answer = self._request("GET", "/get_uid")
+        self.uid = self._expect(answer, "uid", str, "/get_uid")
+        return self.uid
+
+    def reset(self, system_prompt: str | None = None) -> list[int]:
+        """Start the conversation over; returns the tokens to prefill (no generation prompt).
+
+        ``None`` uses the server's default system prompt, ``""`` means no system message.
+        """
+        body: dict[str, Any] = {"uid": self.uid}
+        if system_prompt is not None:
+            body["system_prompt"] = system_prompt
+        return self._expect_ids(self._request("POST", "/reset", body), "token_ids", "/reset")
+
+    def encode(self, text: str, last_reply: str | None = None, img_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """Add a user turn (after ``last_reply`` as the assistant's answer, when given).
+
+        Returns ``(token_ids, diff)``: the whole conversation with generation prompt, and the part
+        the client still has to prefill. When the server had to send everything again
+        (``prefix_mismatch``), ``diff == token_ids`` and ``self.last_prefix_mismatch`` is True: drop
+        the KV cache and prefill from position 0.
+        """
+        body: dict[str, Any] = {"uid": self.uid, "text": text}
+        if last_reply is not None:
+            body["last_reply"] = last_reply
+        if img_prompt:
+            body["img_prompt"] = True
+        answer = self._request("POST", "/encode", body)
+        self.last_prefix_mismatch = bool(answer.get("prefix_mismatch", False))
+        return self._expect_ids(answer, "token_ids", "/encode"), self._expect_ids(answer, "diff", "/encode")
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """Text of ``ids`` up to the last complete character (a cut UTF-8 sequence is held back)."""
+        body = {"uid": self.uid, "token_ids": list(ids), "skip_special_tokens": skip_special_tokens}
+        return self._expect(self._request("POST", "/decode", body), "text", str, "/decode")
+
+    # -- plumbing -----------------------------------------------------------------------------------
+
+    def _get_int(self, path: str, key: str) -> int:
+        return self._expect(self._request("GET", f"{path}?uid={quote(self.uid)}"), key, int, path)
+
+    def _expect(self, answer: dict, key: str, kind: type, path: str) -> Any:
+        value = answer.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise TokenizerServerError(
+                f"The tokenizer server at {self.url} answered {path} without a valid \"{key}\": {answer!r}"
+            )
+        return value
+
+    def _expect_ids(self, answer: dict, key: str, path: str) -> list[int]:
+        ids = self._expect(answer, key, list, path)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise TokenizerServerError(f"The tokenizer server at {self.url} answered {path} with a non-integer "
+                                       f"in \"{key}\".")
+        return ids
+
+    def _request(self, method: str, path: str, body: dict | None = None) -> dict:
+        url = self.url + path
+        data = None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
+        request = urllib.request.Request(url, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with _OPENER.open(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            try:
+                message = json.loads(raw.decode("utf-8")).get("error", "")
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                message = raw[:200].decode("utf-8", "replace")
+            error = SessionLostError if exc.code == 400 and INVALID_UID in message else TokenizerServerError
+            raise error(f"The tokenizer server at {self.url} refused {method} {path} "
+                        f"(HTTP {exc.code}): {message}", status=exc.code) from None
+        except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TokenizerServerError(
+                f"The tokenizer server at {self.url} is not answering ({method} {path}: {reason}).",
+                hint="Start it with `python3 <model>_tokenizer_uid.py --port PORT` in the bundle, "
+                     "or pass the right --url_tokenizer_model.",
+            ) from None
+        try:
+            answer = json.loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise TokenizerServerError(f"The tokenizer server at {self.url} answered {method} {path} with "
+                                       f"something that is not JSON: {raw[:200]!r}") from None
+        if not isinstance(answer, dict):
+            raise TokenizerServerError(f"The tokenizer server at {self.url} answered {method} {path} with "
+                                       f"{answer!r}, not a JSON object.")
+        return answer

@@ -1,0 +1,189 @@
+"""Weights: HF tensors -> canonical tensors, by recipe data, with conversion-time rewrites.
+
+The recipe's tensor map says where each canonical tensor lives; fused checkpoint tensors are cut
+into their canonical parts; and quirks that are pure weight algebra are applied here rather than
+in the graph (llama.cpp's policy): Gemma's (1 + w) norm offset, MiniCPM's residual and logit
+scales. Every fact the weights state is checked against the resolved spec: shapes, biases, the tied
+head. A contradiction is an error, never a guess.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .errors import GeneratorError
+from .recipe import Recipe
+from .spec import ArchSpec
+
+NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+
+
+def expected_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
+    h, i, q, kv, d = spec.hidden_size, spec.intermediate_size, spec.q_dim, spec.kv_dim, spec.head_dim
+    shapes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+              "up_proj": (i, h), "down_proj": (h, i), "input_layernorm": (h,)}
+    if spec.mlp_gated:
+        shapes["gate_proj"] = (i, h)
+    if not spec.parallel_residual:
+        shapes["pre_feedforward_layernorm"] = (h,)
+    if spec.post_attention_norm:
+        shapes["post_attention_layernorm"] = (h,)
+    if spec.post_feedforward_norm:
+        shapes["post_feedforward_layernorm"] = (h,)
+    if spec.qk_norm:
+        shapes["q_norm"] = (d,)
+        shapes["k_norm"] = (d,)
+    return shapes
+
+
+def _bias_expected(spec: ArchSpec, name: str) -> bool:
+    if name in ("q_proj", "k_proj", "v_proj"):
+        return spec.qkv_bias
+    if name == "o_proj":
+        return spec.o_bias
+    if name in ("gate_proj", "up_proj", "down_proj"):
+        return spec.mlp_bias
+    if name in NORMS:
+        return spec.norm.kind == "layer_norm"
+    return False
+
+
+class WeightSource:
+    """Canonical tensors of one checkpoint under one recipe (read lazily, one layer at a time)."""
+
+    def __init__(self, ckpt: Checkpoint, recipe: Recipe, spec: ArchSpec):
+        self.ckpt, self.recipe, self.spec = ckpt, recipe, spec
+        self.shapes = expected_shapes(spec)
+
+    def _name(self, path: str, i: int | None, suffix: str) -> str:
+        return (path.format(i=i) if i is not None else path) + "." + suffix
+
+    def _read(self, name: str, shape: tuple[int, ...] | None, what: str) -> np.ndarray:
+        if not self.ckpt.has(name):
+            raise GeneratorError(f"Checkpoint '{self.ckpt.source}' lacks tensor '{name}' ({what}), which recipe "
+                                 f"'{self.recipe.name}' maps there; the checkpoint does not match the recipe.")
+        arr = self.ckpt.tensor(name).astype(np.float32, copy=False)
+        if shape is not None and tuple(arr.shape) != tuple(shape):
+            raise GeneratorError(f"Checkpoint tensor '{name}' ({what}) has shape {tuple(arr.shape)}, but config.json "
+                                 f"with recipe '{self.recipe.name}' implies {tuple(shape)}. The checkpoint's config "
+                                 f"contradicts its weights or the recipe.")
+        return arr
+
+    def _split(self, fused: np.ndarray, parts: list[str], layout: str, name: str) -> dict[str, np.ndarray]:
+        sizes = [self.shapes[p][0] for p in parts]
+        if fused.shape[0] != sum(sizes):
+            raise GeneratorError(f"Fused tensor '{name}' has {fused.shape[0]} output rows; its parts {parts} need "
+                                 f"{sum(sizes)} ({' + '.join(map(str, sizes))}).")
+        if layout == "grouped":
+            # per KV head: [q rows for the heads it serves, k rows, v rows] (InternLM2 wqkv)
+            s = self.spec
+            g, d = s.num_attention_heads // s.num_key_value_heads, s.head_dim
+            rest = fused.shape[1:]
+            grouped = fused.reshape(s.num_key_value_heads, g + 2, d, *rest)
+            q = grouped[:, :g].reshape(s.q_dim, *rest)
+            k = grouped[:, g].reshape(s.kv_dim, *rest)
+            v = grouped[:, g + 1].reshape(s.kv_dim, *rest)
+            return dict(zip(parts, (q, k, v)))
+        out, start = {}, 0
+        for part, size in zip(parts, sizes):
+            out[part] = fused[start:start + size]
+            start += size
+        return out
+
+    def layer(self, i: int) -> dict[str, np.ndarray]:
+        """Canonical tensors of layer i: '<name>.weight' ([out, in] for linears) and '<name>.bias'."""
+        spec, t = self.spec, self.recipe.tensors
+        out: dict[str, np.ndarray] = {}
+        for key, path in t.layer.items():
+            split = t.split.get(key)
+            parts = split.into if split else [key]
+            wanted = [p for p in parts if p in self.shapes]
+            if not wanted:
+                continue
+            w_name = self._name(path, i, "weight")
+            b_name = self._name(path, i, "bias")
+            w_shape = None if split else self.shapes[key]
+            w = self._read(w_name, w_shape, f"layer {i} {key}")
+            has_bias = self.ckpt.has(b_name)
+            expect_bias = [_bias_expected(spec, p) for p in parts]
+            if has_bias and not any(expect_bias):
+                raise GeneratorError(f"Checkpoint has '{b_name}', but config.json with recipe '{self.recipe.name}' says "
+                                     f"{key} has no bias. Fix the recipe's bias setting or the checkpoint.")
+            if any(expect_bias) and not has_bias:
+                raise GeneratorError(f"Checkpoint lacks '{b_name}', but config.json with recipe '{self.recipe.name}' "
+                                     f"says {key} has a bias.")
+            b = self._read(b_name, None, f"layer {i} {key} bias") if has_bias else None
+            if split:
+                ws = self._split(w, parts, split.layout, w_name)
+                bs = self._split(b, parts, split.layout, b_name) if b is not None else {}
+                for p in parts:
+                    if ws[p].shape != self.shapes[p]:
+                        raise GeneratorError(f"Fused tensor '{w_name}' part {p} has shape {ws[p].shape}, expected {self.shapes[p]}.")
+                    out[f"{p}.weight"] = np.ascontiguousarray(ws[p])
+                    if p in bs:
+                        out[f"{p}.bias"] = np.ascontiguousarray(bs[p])
+            else:
+                out[f"{key}.weight"] = w
+                if b is not None:
+                    out[f"{key}.bias"] = b
+        missing = [n for n in self.shapes if f"{n}.weight" not in out]
+        if missing:
+            raise GeneratorError(f"Recipe '{self.recipe.name}' gives no checkpoint tensor for {missing} of layer {i}.")
+        return self._rewrite_layer(out)
+
+    def _rewrite_layer(self, w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        spec = self.spec
+        if spec.norm.weight_offset:
+            for n in (*NORMS, "q_norm", "k_norm"):
+                if f"{n}.weight" in w:
+                    w[f"{n}.weight"] = w[f"{n}.weight"] + np.float32(spec.norm.weight_offset)
+        if spec.residual_scale != 1.0:
+            for n in ("o_proj", "down_proj"):
+                for suffix in ("weight", "bias"):
+                    if f"{n}.{suffix}" in w:
+                        w[f"{n}.{suffix}"] = w[f"{n}.{suffix}"] * np.float32(spec.residual_scale)
+        return w
+
+    def embed_tokens(self) -> np.ndarray:
+        """The input embedding table as the reference computes it (before embedding_scale)."""
+        return self._read(self.recipe.tensors.embed_tokens + ".weight", (self.spec.vocab_size, self.spec.hidden_size),
+                          "embed_tokens")
+
+    def final_norm(self) -> dict[str, np.ndarray]:
+        spec = self.spec
+        base = self.recipe.tensors.norm
+        out = {"weight": self._read(base + ".weight", (spec.hidden_size,), "final norm")}
+        if spec.final_norm.kind == "layer_norm":
+            out["bias"] = self._read(base + ".bias", (spec.hidden_size,), "final norm bias")
+        if spec.final_norm.weight_offset:
+            out["weight"] = out["weight"] + np.float32(spec.final_norm.weight_offset)
+        return out
+
+    def lm_head(self, embed: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """lm_head [vocab, hidden] (+ bias), with the logit scale folded in."""
+        spec, path = self.spec, self.recipe.tensors.lm_head
+        name = f"{path}.weight" if path else None
+        present = bool(name) and self.ckpt.has(name)
+        if spec.tie_word_embeddings:
+            w = embed if embed is not None else self.embed_tokens()
+            if present:
+                sep = self._read(name, (spec.vocab_size, spec.hidden_size), "lm_head")
+                if not np.array_equal(sep, w):
+                    raise GeneratorError(f"config.json says tie_word_embeddings is true, but the checkpoint has a separate "
+                                         f"'{name}' that differs from the embedding table. Set tie_word_embeddings "
+                                         f"to false in config.json if the head is untied.")
+        else:
+            if not present:
+                raise GeneratorError(f"config.json says the head is untied (tie_word_embeddings false), but the "
+                                     f"checkpoint has no '{name}'.")
+            w = self._read(name, (spec.vocab_size, spec.hidden_size), "lm_head")
+        out = {"weight": w}
+        bias_name = f"{path}.bias" if path else None
+        if spec.lm_head_bias:
+            out["bias"] = self._read(bias_name, (spec.vocab_size,), "lm_head bias")
+        elif bias_name and self.ckpt.has(bias_name):
+            raise GeneratorError(f"Checkpoint has '{bias_name}', but recipe '{self.recipe.name}' says the head has no bias.")
+        if spec.logit_scale != 1.0:
+            out = {k: v * np.float32(spec.logit_scale) for k, v in out.items()}
+        return out
