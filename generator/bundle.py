@@ -141,8 +141,16 @@ def write_tokenizer(ctx: BuildContext, tmp: Path) -> dict[str, str]:
     if not any(f.name == "tokenizer.json" for f in files):
         raise GeneratorError(f"Input '{ctx.ckpt.source}' has no tokenizer.json; the tokenizer server needs the fast "
                              f"(tokenizers) file. Save it with transformers' AutoTokenizer.save_pretrained.")
-    for f in files:
-        shutil.copy2(f, tok_dir / f.name)
+    try:  # what transformers itself uses (it may rebuild tokenizer.json from vocab/merges)
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(ctx.ckpt.dir).save_pretrained(tok_dir)
+    except Exception:  # a tokenizer transformers cannot load without remote code: ship the files
+        for f in files:
+            shutil.copy2(f, tok_dir / f.name)
+    for name in ("generation_config.json",):
+        if (ctx.ckpt.dir / name).is_file():
+            shutil.copy2(ctx.ckpt.dir / name, tok_dir / name)
     chat = ctx.recipe.chat
     eos = list(dict.fromkeys(ctx.spec.eos_token_ids))
     gen_cfg = ctx.ckpt.dir / "generation_config.json"

@@ -15,7 +15,7 @@ def add_run_args(p: argparse.ArgumentParser):
     p.add_argument("--prompt", help="answer this one prompt and exit (else interactive: 'q' exits, 'reset' resets)")
     p.add_argument("--system_prompt", help="system prompt (default: the bundle's)")
     p.add_argument("--max_new_tokens", type=int, default=None, help="cap on generated tokens per turn")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads per layer session (default 1)")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads, one pool shared by all sessions (default 2)")
     p.add_argument("--history", choices=["used", "board"], default="used",
                    help="decode with only the cache rows in use (default, same results) or the full static shapes")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")

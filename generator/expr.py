@@ -27,8 +27,18 @@ class ExprError(ValueError):
     pass
 
 
+_ALLOWED = (ast.Expression, ast.Constant, ast.Name, ast.Load, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare,
+            ast.IfExp, ast.Call, ast.USub, ast.UAdd, ast.Not, ast.And, ast.Or, *_BIN, *_CMP)
+
+
 def names_in(text: str) -> set[str]:
+    """Config names an expression uses; raises ExprError for anything outside the language."""
     tree = _parse(text)
+    for node in ast.walk(tree):
+        if not isinstance(node, _ALLOWED):
+            raise ExprError(f"unsupported syntax in {text!r}: {type(node).__name__}")
+        if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id in _FUNCS and not node.keywords):
+            raise ExprError(f"only {', '.join(sorted(_FUNCS))} may be called in {text!r}")
     return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id not in _FUNCS}
 
 

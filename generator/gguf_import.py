@@ -7,6 +7,7 @@ save config.json, model.safetensors and the tokenizer with its chat template.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -59,9 +60,17 @@ def import_gguf(gguf_path: str | Path, cache_dir: str | Path | None = None) -> P
     if (target / MARKER).is_file():
         return target
 
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent builds/tests import once
+        if not (target / MARKER).is_file():
+            _import(gguf_path, target, root)
+    return target
+
+
+def _import(gguf_path: Path, target: Path, root: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=root))
     try:
         kwargs = dict(gguf_file=gguf_path.name)
@@ -89,4 +98,3 @@ def import_gguf(gguf_path: str | Path, cache_dir: str | Path | None = None) -> P
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target

@@ -76,8 +76,15 @@ def store_layer(wf: WeightsFile, spec: ArchSpec, opts: BuildOptions, i: int, w: 
     inits: list[TensorProto] = []
     refs: dict[str, object] = {}
     wt = lambda key: weight_type_for(opts, f"layers.{i}.{key}", opts.weight_type)  # noqa: E731
-    qkv_w = np.concatenate([w["q_proj.weight"], w["k_proj.weight"], w["v_proj.weight"]], axis=0)
-    qkv_b = (np.concatenate([w["q_proj.bias"], w["k_proj.bias"], w["v_proj.bias"]]) if spec.qkv_bias else None)
+    # conversion-time rewrite: q * attention_scale (RoPE is linear, so scaling before it is exact)
+    scale = np.float32(spec.attention_scale)
+    q_w, q_b = w["q_proj.weight"], w.get("q_proj.bias")
+    if spec.qk_norm:
+        w = dict(w, **{"q_norm.weight": w["q_norm.weight"] * scale})
+    else:
+        q_w, q_b = q_w * scale, (q_b * scale if q_b is not None else None)
+    qkv_w = np.concatenate([q_w, w["k_proj.weight"], w["v_proj.weight"]], axis=0)
+    qkv_b = (np.concatenate([q_b, w["k_proj.bias"], w["v_proj.bias"]]) if spec.qkv_bias else None)
     refs["qkv_proj"] = store_linear(wf, inits, "qkv_proj", qkv_w, qkv_b, wt("qkv_proj"), opts.group_size)
     refs["o_proj"] = store_linear(wf, inits, "o_proj", w["o_proj.weight"], w.get("o_proj.bias"), wt("o_proj"), opts.group_size)
     if spec.mlp_gated:
@@ -130,25 +137,33 @@ def activation(g: Graph, x: str, kind: str) -> str:
     raise ValueError(kind)
 
 
-def rope_cos_sin(g: Graph, spec: ArchSpec, layer_type: str, pos: str, indices: str) -> tuple[str, str]:
-    """cos/sin [1, P, 1, rot/2] for positions `pos` (float [1, P])."""
+def rope_tables(g: Graph, spec: ArchSpec, layer_type: str, indices: str) -> tuple[str, str]:
+    """cos and signed sin for the rotated dims, broadcastable over heads: [1, P, 1, rot] (half-split)
+    or [1, P, 1, rot/2, 1] (interleaved). With inverse frequencies laid out as (-f, f), one Sin gives
+    (-sin, sin), so rotate_half(x) * sin becomes swap_halves(x) * signed_sin."""
     table = spec.rope[layer_type]
-    inv = g.const(np.asarray(table.inv_freq, np.float32))
+    half = np.asarray(table.inv_freq, np.float32)
+    signed = lambda f: np.concatenate([-f, f]) if not table.interleaved else f  # noqa: E731
+    inv = g.const(signed(half))
     if table.long_inv_freq is not None:
         # longrope: the long factors apply when the forward's largest position reaches long_from
         top = g.op("ReduceMax", g.op("Cast", indices, to=TensorProto.INT64), keepdims=0)
         use_long = g.op("GreaterOrEqual", top, g.const(table.long_from, np.int64))
-        inv = g.op("Where", use_long, g.const(np.asarray(table.long_inv_freq, np.float32)), inv)
-    freqs = g.op("Mul", g.op("Unsqueeze", pos, g.ints(2)), inv)  # [1, P, rot/2]
+        inv = g.op("Where", use_long, g.const(signed(np.asarray(table.long_inv_freq, np.float32))), inv)
+    shape = (1, -1, 1, 1) if not table.interleaved else (1, -1, 1, 1, 1)
+    pos = g.op("Reshape", g.op("Cast", indices, to=TensorProto.FLOAT), g.ints(*shape))
+    if table.interleaved:
+        inv = g.op("Unsqueeze", inv, g.ints(-1))  # [rot/2, 1]
+    freqs = g.op("Mul", pos, inv)
     cos, sin = g.op("Cos", freqs), g.op("Sin", freqs)
     if table.attention_factor != 1.0:
         f = g.const(table.attention_factor)
         cos, sin = g.op("Mul", cos, f), g.op("Mul", sin, f)
-    return g.op("Unsqueeze", cos, g.ints(2)), g.op("Unsqueeze", sin, g.ints(2))
+    return cos, sin
 
 
 def apply_rope(g: Graph, x: str, cos: str, sin: str, rot: int, head_dim: int, interleaved: bool, heads: int, tokens: int) -> str:
-    """x [1, P, heads, head_dim]; rotates the first `rot` dims."""
+    """x [1, P, heads, head_dim]; rotates the first `rot` dims (half-split pairs, or interleaved pairs)."""
     if rot < head_dim:
         x_rot, x_pass = g.op("Split", x, g.ints(rot, head_dim - rot), axis=-1, n_out=2)
     else:
@@ -156,16 +171,13 @@ def apply_rope(g: Graph, x: str, cos: str, sin: str, rot: int, head_dim: int, in
     if interleaved:
         pairs = g.op("Reshape", x_rot, g.ints(1, tokens, heads, rot // 2, 2))
         even, odd = g.op("Split", pairs, g.ints(1, 1), axis=-1, n_out=2)
-        c, s = g.op("Unsqueeze", cos, g.ints(-1)), g.op("Unsqueeze", sin, g.ints(-1))
-        new_even = g.op("Sub", g.op("Mul", even, c), g.op("Mul", odd, s))
-        new_odd = g.op("Add", g.op("Mul", odd, c), g.op("Mul", even, s))
+        new_even = g.op("Sub", g.op("Mul", even, cos), g.op("Mul", odd, sin))
+        new_odd = g.op("Add", g.op("Mul", odd, cos), g.op("Mul", even, sin))
         y = g.op("Reshape", g.op("Concat", new_even, new_odd, axis=-1), g.ints(1, tokens, heads, rot))
     else:
         x1, x2 = g.op("Split", x_rot, g.ints(rot // 2, rot // 2), axis=-1, n_out=2)
-        c = g.op("Concat", cos, cos, axis=-1)
-        s = g.op("Concat", sin, sin, axis=-1)
-        rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
-        y = g.op("Add", g.op("Mul", x_rot, c), g.op("Mul", rotated, s))
+        swapped = g.op("Concat", x2, x1, axis=-1)
+        y = g.op("Add", g.op("Mul", x_rot, cos), g.op("Mul", swapped, sin))
     return g.op("Concat", y, x_pass, axis=-1) if x_pass else y
 
 
@@ -184,6 +196,7 @@ def layer_graph(spec: ArchSpec, opts: BuildOptions, i: int, group: Group, refs: 
     grp = n_h // n_kv
     p, hist = group.tokens, group.history_rows
     layer_type = spec.layer_types[i]
+    table = spec.rope[layer_type]
     g = Graph(f"{spec.model_type}_l{i}_g{group.index}")
     k_cache = g.input("K_cache", dt, [1, hist, kv])
     v_cache = g.input("V_cache", dt, [1, hist, kv])
@@ -193,38 +206,41 @@ def layer_graph(spec: ArchSpec, opts: BuildOptions, i: int, group: Group, refs: 
 
     x = to_f32(g, x_in, dt)
     h = norm(g, x, spec.norm, refs["input_layernorm"])
-    qkv = linear(g, h, refs["qkv_proj"])
-    q, k, v = g.op("Split", qkv, g.ints(spec.q_dim, kv, kv), axis=-1, n_out=3)
-    q4 = g.op("Reshape", q, g.ints(1, p, n_h, d))
-    k4 = g.op("Reshape", k, g.ints(1, p, n_kv, d))
+    qkv = linear(g, h, refs["qkv_proj"])  # the attention scale is folded into q_proj (see store_layer)
+    cos, sin = rope_tables(g, spec, layer_type, indices)
+    rope = lambda t, heads: apply_rope(g, t, cos, sin, table.rotary_dim, d, table.interleaved, heads, p)  # noqa: E731
     if spec.qk_norm:
-        q4 = norm(g, q4, NormSpec(kind="rms_norm", eps=spec.norm.eps), refs["q_norm"])
-        k4 = norm(g, k4, NormSpec(kind="rms_norm", eps=spec.norm.eps), refs["k_norm"])
-    pos = g.op("Cast", indices, to=TensorProto.FLOAT)
-    table = spec.rope[layer_type]
-    cos, sin = rope_cos_sin(g, spec, layer_type, pos, indices)
-    q4 = apply_rope(g, q4, cos, sin, table.rotary_dim, d, table.interleaved, n_h, p)
-    k4 = apply_rope(g, k4, cos, sin, table.rotary_dim, d, table.interleaved, n_kv, p)
+        q, k, v = g.op("Split", qkv, g.ints(spec.q_dim, kv, kv), axis=-1, n_out=3)
+        q4 = norm(g, g.op("Reshape", q, g.ints(1, p, n_h, d)), NormSpec(kind="rms_norm", eps=spec.norm.eps), refs["q_norm"])
+        k4 = norm(g, g.op("Reshape", k, g.ints(1, p, n_kv, d)), NormSpec(kind="rms_norm", eps=spec.norm.eps), refs["k_norm"])
+        q4, k4 = rope(q4, n_h), rope(k4, n_kv)
+    else:  # q and k heads rotate together
+        qk, v = g.op("Split", qkv, g.ints(spec.q_dim + kv, kv), axis=-1, n_out=2)
+        qk4 = rope(g.op("Reshape", qk, g.ints(1, p, n_h + n_kv, d)), n_h + n_kv)
+        q4, k4 = g.op("Split", qk4, g.ints(n_h, n_kv), axis=2, n_out=2)
     k_new = g.op("Reshape", k4, g.ints(1, p, kv))
-    g.output(from_f32(g, k_new, dt), "K_cache_out", dt, [1, p, kv])
-    g.output(from_f32(g, v, dt), "V_cache_out", dt, [1, p, kv])
 
-    # attention over [history rows; this chunk], GQA without repeating K/V: query heads are grouped
-    # per KV head, [n_kv, grp * P, d] x [n_kv, d, T]
+    # attention over [history rows; this chunk]. GQA without repeating K/V: the query heads of each
+    # KV head are grouped, [n_kv, grp * P, d] x [n_kv, d, T]. History length comes from K_cache's shape.
     k_all = g.op("Concat", to_f32(g, k_cache, dt), k_new, axis=1)
     v_all = g.op("Concat", to_f32(g, v_cache, dt), v, axis=1)
     k_t = g.op("Transpose", g.op("Reshape", k_all, g.ints(-1, n_kv, d)), perm=[1, 2, 0])
     v_t = g.op("Transpose", g.op("Reshape", v_all, g.ints(-1, n_kv, d)), perm=[1, 0, 2])
-    qg = g.op("Transpose", g.op("Reshape", q4, g.ints(p, n_kv, grp, d)), perm=[1, 2, 0, 3])
-    qg = g.op("Mul", g.op("Reshape", qg, g.ints(n_kv, grp * p, d)), g.const(spec.attention_scale))
+    if p == 1:  # [1, 1, n_h, d] is already [n_kv, grp, d] in memory
+        qg = g.op("Reshape", q4, g.ints(n_kv, grp, d))
+    else:
+        qg = g.op("Transpose", g.op("Reshape", q4, g.ints(p, n_kv, grp, d)), perm=[1, 2, 0, 3])
+        qg = g.op("Reshape", qg, g.ints(n_kv, grp * p, d))
     scores = g.op("MatMul", qg, k_t)
     if spec.attn_logit_softcap:
         cap = g.const(spec.attn_logit_softcap)
         scores = g.op("Mul", g.op("Tanh", g.op("Div", scores, cap)), cap)
-    scores = g.op("Reshape", scores, g.ints(n_kv, grp, p, -1))
-    m = to_f32(g, mask, dt)
+    if p > 1:
+        scores = g.op("Reshape", scores, g.ints(n_kv, grp, p, -1))
+    m = to_f32(g, mask, dt)  # [1, P, T] broadcasts over [n_kv, grp, (P,) T]
     if layer_type == "sliding_attention":
         # keys: history slot j is position j; chunk keys sit at `indices`. Block q - k >= window.
+        pos = g.op("Cast", indices, to=TensorProto.FLOAT)
         hist_len = g.op("Squeeze", g.op("Slice", g.op("Shape", k_cache), g.ints(1), g.ints(2)), g.ints(0))
         hist_pos = g.op("Cast", g.op("Range", g.const(0, np.int64), hist_len, g.const(1, np.int64)), to=TensorProto.FLOAT)
         k_pos = g.op("Concat", hist_pos, g.op("Reshape", pos, g.ints(-1)), axis=0)  # [T]
@@ -232,9 +248,13 @@ def layer_graph(spec: ArchSpec, opts: BuildOptions, i: int, group: Group, refs: 
         outside = g.op("GreaterOrEqual", g.op("Sub", q_pos, k_pos), g.const(float(spec.sliding_window)))
         m = g.op("Add", m, g.op("Where", outside, g.const(WINDOW_BLOCK), g.const(0.0)))
     probs = g.op("Softmax", g.op("Add", scores, m), axis=-1)
-    ctx = g.op("MatMul", g.op("Reshape", probs, g.ints(n_kv, grp * p, -1)), v_t)  # [n_kv, grp*P, d]
-    ctx = g.op("Transpose", g.op("Reshape", ctx, g.ints(n_kv, grp, p, d)), perm=[2, 0, 1, 3])
-    attn = linear(g, g.op("Reshape", ctx, g.ints(1, p, spec.q_dim)), refs["o_proj"])
+    if p == 1:
+        ctx = g.op("Reshape", g.op("MatMul", probs, v_t), g.ints(1, 1, spec.q_dim))
+    else:
+        ctx = g.op("MatMul", g.op("Reshape", probs, g.ints(n_kv, grp * p, -1)), v_t)  # [n_kv, grp*P, d]
+        ctx = g.op("Transpose", g.op("Reshape", ctx, g.ints(n_kv, grp, p, d)), perm=[2, 0, 1, 3])
+        ctx = g.op("Reshape", ctx, g.ints(1, p, spec.q_dim))
+    attn = linear(g, ctx, refs["o_proj"])
     if spec.post_attention_norm:
         attn = norm(g, attn, spec.norm, refs["post_attention_layernorm"])
 
@@ -253,6 +273,8 @@ def layer_graph(spec: ArchSpec, opts: BuildOptions, i: int, group: Group, refs: 
     if spec.post_feedforward_norm:
         mlp = norm(g, mlp, spec.norm, refs["post_feedforward_layernorm"])
     out = g.op("Add", resid, mlp)
+    g.output(from_f32(g, k_new, dt), "K_cache_out", dt, [1, p, kv])
+    g.output(from_f32(g, v, dt), "V_cache_out", dt, [1, p, kv])
     g.output(from_f32(g, out, dt), "output", dt, [1, p, hid])
     doc = (f"{spec.model_name} layer {i} ({layer_type}), group {group.index} ({group.kind}: {p} token(s) after "
            f"{group.history} history rows{' (dummy)' if group.dummy_history else ''})")

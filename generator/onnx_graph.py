@@ -62,8 +62,20 @@ class Graph:
         return name
 
     def output(self, value: str, name: str, dtype: int, shape: list):
-        self.op("Identity", value, out=name)
+        """Expose `value` as graph output `name`, renaming it where it is produced (no Identity node)."""
+        producer = next((n for n in self.nodes if value in n.output), None)
+        if producer is None or any(o.name == value for o in self.outputs):
+            self.op("Identity", value, out=name)
+        else:
+            for node in self.nodes:
+                for k, v in enumerate(node.output):
+                    if v == value:
+                        node.output[k] = name
+                for k, v in enumerate(node.input):
+                    if v == value:
+                        node.input[k] = name
         self.outputs.append(helper.make_tensor_value_info(name, dtype, shape))
+        return name
 
     def op(self, op_type: str, *inputs: str | None, out: str | None = None, n_out: int = 1, **attrs):
         self._n += 1

@@ -1,7 +1,9 @@
 """Group-wise symmetric weight quantization (s8 / s4) and the float storage types.
 
 A weight W [K, N] (input dim first, as MatMul takes it) is cut into blocks of `group` rows along K;
-each block of each column gets one scale = absmax / qmax. This is exactly what ONNX's blocked
+each block of each column gets one scale d = m / -(qmax + 1), where m is the block's value of largest
+magnitude (sign kept), so m lands exactly on the most negative code and all 2^bits codes are used
+(llama.cpp's Q4_0/Q8_0 rule). This is exactly what ONNX's blocked
 DequantizeLinear (opset 21, axis 0, block_size = group) undoes, so graphs stay standard ONNX;
 onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits.
 """
@@ -22,9 +24,11 @@ def quantize(w: np.ndarray, wtype: str, group: int) -> tuple[np.ndarray, np.ndar
     padded[:k] = w
     view = padded.reshape(blocks, group, n)
     qmax = QMAX[wtype]
-    scale = np.abs(view).max(axis=1) / qmax
+    pick = np.abs(view).argmax(axis=1)[:, None, :]
+    signed_max = np.take_along_axis(view, pick, axis=1)[:, 0, :]
+    scale = (signed_max / -(qmax + 1)).astype(np.float32)
     scale = np.where(scale == 0, np.float32(1.0), scale).astype(np.float32)
-    q = np.clip(np.rint(view / scale[:, None, :]), -qmax, qmax).astype(np.int8).reshape(blocks * group, n)[:k]
+    q = np.clip(np.rint(view / scale[:, None, :]), -qmax - 1, qmax).astype(np.int8).reshape(blocks * group, n)[:k]
     return np.ascontiguousarray(q), scale
 
 

@@ -8,6 +8,8 @@ onto it (recipe field `reference`); see tests/test_families.py for each equivale
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 
 from .checkpoint import Checkpoint
@@ -36,6 +38,33 @@ def decoder_layers(model):
     if layers is None:
         raise GeneratorError(f"Reference model {type(model).__name__} has no model.layers; cannot capture per-layer values.")
     return layers
+
+
+@contextmanager
+def bf16_embedding_input(model):
+    """Round what enters layer 0 to bf16, as the board contract's embedding table is bf16.
+
+    The board looks token rows up in a bf16 table (`model.embed_tokens.weight.bfloat16.bin`, with
+    any embedding scale applied before rounding); comparing end to end against a reference with
+    fp32 embeddings would measure that fixed format, not the graphs."""
+    import torch
+
+    layer0 = decoder_layers(model)[0]
+
+    def pre(_mod, args, kwargs):
+        key = "hidden_states" if "hidden_states" in kwargs else None
+        x = kwargs[key] if key else args[0]
+        x = x.to(torch.bfloat16).to(x.dtype)
+        if key:
+            kwargs[key] = x
+            return args, kwargs
+        return (x, *args[1:]), kwargs
+
+    hook = layer0.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield model
+    finally:
+        hook.remove()
 
 
 def capture(model, ids: list[int]) -> dict[str, np.ndarray]:
@@ -79,7 +108,7 @@ def capture(model, ids: list[int]) -> dict[str, np.ndarray]:
 def greedy(model, ids: list[int], max_new_tokens: int, eos_ids: list[int]) -> list[int]:
     import torch
 
-    with torch.no_grad():
+    with torch.no_grad(), bf16_embedding_input(model):
         out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=eos_ids or None, pad_token_id=(eos_ids or [0])[0])
     return out[0, len(ids):].tolist()

@@ -7,10 +7,10 @@ decode group, runs the post graph and samples per post_config.json until EOS.
 
 Speed without changing results: caches, hidden states, masks and positions live in preallocated
 buffers bound once through IO binding; new K/V rows are written in place by binding the outputs to
-their cache rows; intra-op threads never spin. By default the decode group is given only the
-cache rows in use (`history="used"`): rows the board would pass masked out contribute exactly zero,
-so the output is the same while attention cost follows the position, not kv_cache_len.
-`history="board"` passes the full static shapes, exactly as the board does.
+their cache rows; all sessions share one intra-op thread pool. By default the decode group is given
+only the cache rows in use (`history="used"`): the rows the board passes masked out contribute
+exactly zero, so the result is the board's up to floating-point summation order, while attention
+cost follows the position instead of kv_cache_len. `history="board"` binds the full static shapes.
 """
 
 from __future__ import annotations
@@ -76,13 +76,35 @@ class Bundle:
         return self.dir / self.manifest["tokenizer"]["server"]
 
 
-def session_options(threads: int, quantized: bool) -> ort.SessionOptions:
+_GLOBAL_POOL: int | None = None
+
+
+def use_global_pool(threads: int) -> bool:
+    """One process-wide intra-op pool shared by every layer session (set once per process).
+
+    Per-session pools would leave ~30 pools whose threads spin after each run; one shared pool may
+    spin between runs without starving anything, which keeps small per-layer runs fast."""
+    global _GLOBAL_POOL
+    if _GLOBAL_POOL is None:
+        try:
+            ort.set_global_thread_pool_sizes(threads, 1)
+            _GLOBAL_POOL = threads
+        except Exception:  # the environment already exists in this process
+            _GLOBAL_POOL = 0
+    return _GLOBAL_POOL == threads
+
+
+def session_options(threads: int, quantized: bool, shared_pool: bool = False) -> ort.SessionOptions:
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if shared_pool:
+        so.use_per_session_threads = False
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    else:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if quantized:
         # MatMulNBits with int8 activations (onnxruntime's fast CPU path for block-quantized weights)
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "4")
@@ -107,14 +129,13 @@ def _relax_history(path: Path) -> bytes:
 class Engine:
     """Owns the sessions, the KV cache and the buffers; prefill / decode / post as on the board."""
 
-    def __init__(self, bundle: Bundle, *, threads: int = 1, post_threads: int | None = None, history: str = "used",
-                 mmap_embed: bool = True):
+    def __init__(self, bundle: Bundle, *, threads: int = 2, history: str = "used", mmap_embed: bool = True):
         if history not in ("used", "board"):
             raise GeneratorError(f"history must be 'used' or 'board', got {history!r}")
         self.b, self.spec, self.opts = bundle, bundle.spec, bundle.opts
         self.history_mode = history
         self.threads = threads
-        self.post_threads = post_threads or threads
+        self.shared_pool = threads > 1 and use_global_pool(threads)
         self.dtype, self.onnx_type = STORAGE[self.opts.hidden_state_type]
         s, o = self.spec, self.opts
         self.L, self.C, self.P, self.H, self.kv = s.num_hidden_layers, o.kv_cache_len, o.prefill_len, s.hidden_size, s.kv_dim
@@ -138,7 +159,7 @@ class Engine:
             path = self.b.layer_file(i, group)
             if not path.is_file():
                 raise GeneratorError(f"Bundle file {path} is missing; rebuild the bundle.")
-            so = session_options(self.threads, self.quantized)
+            so = session_options(self.threads, self.quantized, self.shared_pool)
             if group == 0 and self.history_mode == "used":
                 so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
                 self._sessions[key] = ort.InferenceSession(_relax_history(path), so, providers=["CPUExecutionProvider"])
@@ -182,8 +203,8 @@ class Engine:
         self._embed_into(self.h_dec[0][0], [token])
         self.idx_dec[0, 0] = pos
         used = self.history_mode == "used"
-        if not used and pos > 0:
-            self.mask_dec[0, 0, pos - 1] = 0  # columns [0, pos) attend
+        if not used:
+            self.mask_dec[0, 0, :pos] = 0  # columns [0, pos) attend (rewind re-blocks the rest)
         row = self.kv * self.k_cache.itemsize
         kv_shape = (1, 1, self.kv)
         for i, (sess, io) in enumerate(self._dec_io):
@@ -203,23 +224,23 @@ class Engine:
         return self.h_final_dec[0, 0]
 
     # -- prefill -------------------------------------------------------------------------------
-    def pick_group(self, n: int) -> list[Group]:
-        """Groups for the chunks of an n-token prefill after precompute_len cached tokens."""
+    def pick_group(self, n: int) -> list[Group | None]:
+        """Groups for the chunks of an n-token prefill after precompute_len cached tokens.
+
+        The contract's rule: the smallest group whose capacity holds precompute_len + n. When none
+        does, each chunk takes the smallest group whose history holds what is cached before it; a
+        chunk that no group can take is None (its tokens then go through the decode group)."""
         prefill = [g for g in self.b.groups if g.index > 0]
         total = self.precompute_len + n
         fit = [g for g in prefill if g.capacity >= total]
         chunks = -(-n // self.P)
         if fit:
             return [fit[0]] * chunks
-        # no group holds the whole turn: pick per chunk the smallest group whose history fits
-        out = []
+        out: list[Group | None] = []
         for c in range(chunks):
             hist = self.precompute_len + c * self.P
-            g = next((g for g in prefill if (g.history_rows >= hist and not g.dummy_history) or (hist == 0 and g.dummy_history)), None)
-            if g is None:
-                raise GeneratorError(f"Prompt too long: {hist} cached tokens before a chunk exceed the largest prefill "
-                                     f"history ({max(g.history for g in prefill)}, --last_kv_cache_len); reset the conversation.")
-            out.append(g)
+            out.append(next((g for g in prefill if (hist == 0 and g.dummy_history)
+                             or (not g.dummy_history and g.history_rows >= hist)), None))
         return out
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
@@ -241,13 +262,16 @@ class Engine:
         for c, group in enumerate(plan):
             start = self.precompute_len
             chunk = tokens[c * P:(c + 1) * P]
+            if group is None:  # longer than every prefill group's history: one token at a time
+                for tok in chunk:
+                    last = self.decode(tok).copy()
+                continue
             m = len(chunk)
             rows = group.history_rows
             mask = np.full((1, P, rows + P), mask_fill, self.dtype)
             if not group.dummy_history:
                 mask[0, :, :start] = 0
-            causal = np.tril(np.ones((P, P), bool))
-            mask[0, :, rows:][causal] = 0
+            mask[0, :, rows:][np.tril(np.ones((P, P), bool))] = 0
             idx[:] = 0
             idx[0, :m] = np.arange(start, start + m, dtype=np.uint32)
             h[0][:] = 0
@@ -280,7 +304,7 @@ class Engine:
 
     # -- post ----------------------------------------------------------------------------------
     def _setup_post(self):
-        so = session_options(self.post_threads, self.quantized)
+        so = session_options(self.threads, self.quantized, self.shared_pool)
         self.post = ort.InferenceSession(str(self.b.post_file), so, providers=["CPUExecutionProvider"])
         self.post_in = np.zeros((1, 1, self.H), self.dtype)
         k = self.opts.post_topk

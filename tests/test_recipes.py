@@ -1,0 +1,110 @@
+"""Recipe schema, registry, spec resolution and their error messages."""
+
+import textwrap
+
+import pytest
+
+from generator.errors import GeneratorError
+from generator.expr import ExprError, evaluate
+from generator.recipe import RECIPES_DIR, Registry, load_recipe, registry
+from generator.spec import read_config, resolve_spec
+
+LLAMA = (RECIPES_DIR / "llama.yaml").read_text()
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_shipped_recipes_load_and_variants_are_unique():
+    reg = registry()
+    assert "llama" in reg.recipes
+    assert reg.variants["smollm2-135m-instruct"] == "llama"
+    for recipe in reg.recipes.values():
+        for v in recipe.variants.values():
+            if v.config:  # every variant's own config resolves under its recipe
+                resolve_spec(recipe, v.config, model_name="x", max_positions=256)
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = write(tmp_path, "bad", "name: bad\ndescription: [unclosed\n")
+    with pytest.raises(GeneratorError) as e:
+        load_recipe(path)
+    assert str(path) in str(e.value) and "line" in str(e.value)
+
+
+def test_unknown_field_names_the_field_path(tmp_path):
+    path = write(tmp_path, "llama", LLAMA.replace("  norm: {kind: rms_norm", "  norm: {kind: rms_norm, colour: red"))
+    with pytest.raises(GeneratorError) as e:
+        load_recipe(path)
+    msg = str(e.value)
+    assert str(path) in msg and "block.norm.colour" in msg and "Extra inputs are not permitted" in msg
+
+
+def test_wrong_value_names_field_and_expected(tmp_path):
+    path = write(tmp_path, "llama", LLAMA.replace("kind: rms_norm", "kind: batch_norm"))
+    with pytest.raises(GeneratorError) as e:
+        load_recipe(path)
+    msg = str(e.value)
+    assert "block.norm.kind" in msg and "rms_norm" in msg and "layer_norm" in msg and "batch_norm" in msg
+
+
+def test_bad_expression_is_rejected(tmp_path):
+    path = write(tmp_path, "llama", LLAMA.replace('{expr: "head_dim ** -0.5"}', '{expr: "__import__(\'os\')"}'))
+    with pytest.raises(GeneratorError, match="block.attention.scale"):
+        load_recipe(path)
+
+
+def test_missing_block_tensor_is_reported(tmp_path):
+    text = "\n".join(l for l in LLAMA.splitlines() if "gate_proj:" not in l)
+    with pytest.raises(GeneratorError, match="lacks gate_proj"):
+        load_recipe(write(tmp_path, "llama", text))
+
+
+def test_name_must_match_file(tmp_path):
+    with pytest.raises(GeneratorError, match="must equal the file name"):
+        load_recipe(write(tmp_path, "other", LLAMA))
+
+
+def test_duplicate_variants_across_recipes(tmp_path):
+    write(tmp_path, "llama", LLAMA)
+    write(tmp_path, "llama2", LLAMA.replace("name: llama", "name: llama2"))
+    with pytest.raises(GeneratorError, match="defined by both"):
+        Registry(tmp_path)
+
+
+def test_unknown_model_and_architecture_list_the_known_ones():
+    reg = registry()
+    with pytest.raises(GeneratorError, match="smollm2-135m-instruct"):
+        reg.variant("no-such-model")
+    with pytest.raises(GeneratorError) as e:
+        reg.by_architecture(["MysteryForCausalLM"])
+    assert "LlamaForCausalLM" in str(e.value) and "MysteryForCausalLM" in str(e.value)
+
+
+def test_expressions_are_safe_and_useful():
+    assert evaluate("scale_depth / sqrt(n)", {"scale_depth": 1.4, "n": 4}) == pytest.approx(0.7)
+    assert evaluate("'sliding_attention' if (i + 1) % 2 else 'full_attention'", {"i": 0}) == "sliding_attention"
+    for bad in ("x.__class__", "open('f')", "[1][0]", "lambda: 1"):
+        with pytest.raises(ExprError):
+            evaluate(bad, {"x": 1})
+
+
+def test_config_reading_prefers_checkpoint_values_over_defaults():
+    recipe = registry().recipes["llama"]
+    cfg = read_config(recipe, {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                   "original_max_position_embeddings": 8192},
+                               "hidden_size": 64, "num_attention_heads": 4})
+    assert cfg["rope_theta"] == 5e5  # not the recipe default 10000
+    assert cfg["rope_scaling"]["rope_type"] == "llama3"
+    assert cfg["head_dim"] == 16 and cfg["num_key_value_heads"] == 4
+
+
+def test_architecture_contradicting_recipe_is_an_error():
+    recipe = registry().recipes["llama"]
+    cfg = dict(recipe.variants["smollm2-135m-instruct"].config, architectures=["Qwen2ForCausalLM"])
+    with pytest.raises(GeneratorError, match="Qwen2ForCausalLM"):
+        resolve_spec(recipe, cfg, model_name="x", max_positions=128)

@@ -1,0 +1,114 @@
+"""A tiny random llama, built at every weight type, checked against transformers.
+
+Per layer (every shape group: decode, the no-history prefill group and each history group) with
+the reference's own inputs, and end to end through the runner: a prompt spanning several prefill
+chunks after a cached system prompt, teacher-forced, compared logit by logit. Thresholds are the
+data in generator/data/tolerances.yaml.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from generator.checkpoint import open_input
+from generator.recipe import registry
+from generator.reference import bf16_embedding_input, capture, load_reference
+from generator.runner import Bundle, Engine, Generator, Sampler
+from generator.recipe import Sampling
+from generator.verify import compare, layer_check, logits_check, thresholds
+from generator.progress import Progress
+from models import SMALL_GROUPS, quiet_build
+
+BUILDS = {  # name: (weight_type, hidden_state_type, post_weight_type)
+    "fp32": ("fp32", "fp32", "fp32"),
+    "s8": ("s8", "bf16", "s8"),
+    "s4": ("s4", "bf16", "s8"),  # post weights are s8 or wider on every chip
+}
+
+
+@pytest.fixture(scope="module", params=list(BUILDS))
+def built(request, tiny_llama, tmp_path_factory):
+    wt, ht, pt = BUILDS[request.param]
+    out = tmp_path_factory.mktemp(f"bundle_{request.param}") / "b"
+    quiet_build(input_path=str(tiny_llama), output_path=str(out), weight_type=wt, hidden_state_type=ht,
+                post_weight_type=pt, **SMALL_GROUPS)
+    return Bundle(out), thresholds(wt, ht)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    return load_reference(open_input(tiny_llama), registry().recipes["llama"])
+
+
+def token_ids(n: int, vocab: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
+
+
+def test_every_layer_and_group_matches(built, reference):
+    bundle, limits = built
+    ids = token_ids(SMALL_GROUPS["last_kv_cache_len"][-1] + SMALL_GROUPS["prefill_len"], bundle.spec.vocab_size, 0)
+    cap = capture(reference, ids)
+    rows = layer_check(bundle, cap, Progress(enabled=False))
+    groups = {r["group"] for r in rows}
+    assert groups == {g.index for g in bundle.groups} and len(groups) == 5  # decode, no-history, 3 history groups
+    assert {r["tensor"] for r in rows} == {"K_cache_out", "V_cache_out", "output"}
+    lim = limits["layer"]
+    bad = [r for r in rows if r["cosine"] < lim["min_cosine"] or r["max_rel_err"] > lim["max_rel_err"]]
+    assert not bad, bad[:3]
+    post = logits_check(bundle, cap)
+    assert post["cosine"] >= limits["logits"]["min_cosine"] and post["max_rel_err"] <= limits["logits"]["max_rel_err"]
+
+
+@pytest.mark.parametrize("history", ["used", "board"])
+def test_runner_logits_match_over_chunks_and_cached_system_prompt(built, reference, history):
+    """System prompt prefilled once; a 40-token prompt (3 chunks of 16) on top; then a second turn
+    that reuses everything cached. Every step's logits vs one transformers forward pass."""
+    bundle, limits = built
+    vocab = bundle.spec.vocab_size
+    engine = Engine(bundle, threads=1, history=history)
+    gen = Generator(engine, [], Sampler(Sampling()))
+    system = token_ids(11, vocab, 1)  # turn 2 starts after 57 cached tokens: group 64, then decode fallback
+    engine.prefill(system)
+    assert engine.precompute_len == 11
+    turn1 = system + token_ids(40, vocab, 2)
+    forced1 = token_ids(6, vocab, 3)
+    turn2 = turn1 + forced1 + token_ids(20, vocab, 4)
+    forced2 = token_ids(5, vocab, 5)
+    lim = limits["end_to_end"]
+    for ids, forced in ((turn1, forced1), (turn2, forced2)):
+        logits = []
+        gen.generate(ids, forced=forced, logits_out=logits)
+        # only new tokens are prefilled (turn 2: the last generated token, never decoded, + 20 new)
+        assert gen.stats.prefilled == (40 if ids is turn1 else 21)
+        with torch.no_grad(), bf16_embedding_input(reference):  # the board's embedding table is bf16
+            ref = reference(torch.tensor([ids + forced])).logits[0].numpy()
+        for step, ours in enumerate(logits):
+            m = compare(ours, ref[len(ids) - 1 + step])
+            assert m["cosine"] >= lim["min_cosine"] and m["max_rel_err"] <= lim["max_rel_err"], (step, m)
+
+
+def test_board_and_used_history_agree(built):
+    """Binding only the used cache rows changes nothing but the floating-point summation order."""
+    bundle, _ = built
+    ids = token_ids(30, bundle.spec.vocab_size, 7)
+    outs = []
+    for history in ("used", "board"):
+        engine = Engine(bundle, threads=1, history=history)
+        logits = []
+        Generator(engine, [], Sampler(Sampling())).generate(ids, forced=token_ids(5, bundle.spec.vocab_size, 8), logits_out=logits)
+        outs.append(np.stack(logits))
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4 * np.abs(outs[1]).max())
+
+
+def test_group_selection_follows_the_contract(built):
+    bundle, _ = built
+    engine = Engine(bundle, threads=1)
+    # smallest group whose capacity holds precompute_len + n; the no-history group holds one token
+    assert [g.history for g in engine.pick_group(1)] == [0]
+    assert [g.history for g in engine.pick_group(10)] == [16]
+    assert [g.history for g in engine.pick_group(40)] == [64] * 3
+    engine.prefill(token_ids(20, bundle.spec.vocab_size, 9))
+    assert [g.history for g in engine.pick_group(20)] == [64] * 2
+    # nothing holds 20 + 60 tokens: per chunk, the smallest group whose history fits; beyond every
+    # group's history, None (those tokens run through the decode group)
+    assert [g and g.history for g in engine.pick_group(60)] == [32, 64, 64, None]
