@@ -47,7 +47,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 bench: $(STAMP)
-	$(PY) -m generator.bench
+	$(PY) -m generator bench
 
 list: $(STAMP)
 	$(PY) -m generator list

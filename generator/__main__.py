@@ -117,6 +117,24 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    return serve(args)
+
+
+def cmd_new_recipe(args) -> int:
+    from .scaffold import new_recipe
+
+    return new_recipe(args)
+
+
+def cmd_bench(args) -> int:
+    from .bench import bench
+
+    return bench(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m generator", description="axgen: HF LLM -> AX650/AX630C bundles")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,8 +149,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-c", "--check_level", type=int, default=2)
     p.add_argument("--prompt")
     p.add_argument("--input_path", help="reference checkpoint (default: the one the bundle was built from)")
+    from .serve import add_serve_args
+
+    add_serve_args(sub.add_parser("serve", help="OpenAI-compatible chat endpoint on a bundle (loopback by default)"))
+    from .scaffold import add_new_recipe_args
+
+    add_new_recipe_args(sub.add_parser("new-recipe", help="scaffold a recipe and its conformance test"))
+    from .bench import add_bench_args
+
+    add_bench_args(sub.add_parser("bench", help="runner speed vs transformers on this machine"))
     args = parser.parse_args(argv)
-    handler = {"build": cmd_build, "list": cmd_list, "run": cmd_run, "verify": cmd_verify}[args.command]
+    handler = {"build": cmd_build, "list": cmd_list, "run": cmd_run, "verify": cmd_verify, "serve": cmd_serve,
+               "new-recipe": cmd_new_recipe, "bench": cmd_bench}[args.command]
     try:
         return handler(args)
     except GeneratorError as exc:
