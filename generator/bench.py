@@ -1,9 +1,121 @@
-"""`make bench` (placeholder)."""
+"""`make bench`: the bundle runner against transformers, same machine, same prompt, one run.
+
+Builds the embedded default model at s8 and s4 (timed), then measures for each bundle and for
+transformers eager fp32 (the reference everything is verified against): time to first token for
+the chat-templated prompt, and decode speed over a fixed number of greedy tokens (EOS ignored, so
+every contender decodes the same count). Prints ratios against transformers and writes bench.json.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import statistics
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+PROMPT = "Write a short story about a robot who learns to paint."
+DEFAULT_TOKENS = 128
 
 
 def add_bench_args(p):
-    pass
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="greedy tokens decoded per run")
+    p.add_argument("--runs", type=int, default=3, help="runs per contender (median reported)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--weight_types", nargs="+", default=["s8", "s4"])
+    p.add_argument("--out", default=None, help="where bundles and bench.json go (default out/bench)")
+
+
+def measure_bundle(path: Path, ids: list[int], tokens: int, runs: int, threads: int) -> dict:
+    from .recipe import Sampling
+    from .runner import Bundle, Engine, Generator, Sampler
+
+    t0 = time.perf_counter()
+    engine = Engine(Bundle(path), threads=threads)
+    load_s = time.perf_counter() - t0
+    gen = Generator(engine, [], Sampler(Sampling()))
+    gen.generate(ids[:8], 4)  # warm-up: sessions, pages, thread pool
+    ttft, decode = [], []
+    for _ in range(runs):
+        engine.reset()
+        gen.generate(ids, tokens)
+        ttft.append(gen.stats.ttft_ms)
+        decode.append(gen.stats.decode_tok_s)
+    return {"ttft_ms": statistics.median(ttft), "decode_tok_s": statistics.median(decode), "load_s": load_s}
+
+
+def measure_transformers(hf_dir: Path, ids: list[int], tokens: int, runs: int, threads: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    ttft, decode = [], []
+    with torch.inference_mode():
+        for r in range(runs + 1):  # first run warms up
+            cache = DynamicCache()
+            t0 = time.perf_counter()
+            out = model(torch.tensor([ids]), past_key_values=cache, use_cache=True)
+            tok = int(out.logits[0, -1].argmax())
+            t1 = time.perf_counter()
+            for _ in range(tokens - 1):
+                out = model(torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True)
+                tok = int(out.logits[0, -1].argmax())
+            t2 = time.perf_counter()
+            if r:
+                ttft.append((t1 - t0) * 1000)
+                decode.append((tokens - 1) / (t2 - t1))
+    return {"ttft_ms": statistics.median(ttft), "decode_tok_s": statistics.median(decode)}
 
 
 def bench(args) -> int:
-    raise NotImplementedError("bench is being written")
+    from .pipeline import OUT_DIR, build
+    from .runner import Bundle, load_tokenizer_module
+
+    console = Console()
+    root = Path(args.out) if args.out else OUT_DIR / "bench"
+    results: dict = {"model": args.model, "prompt": PROMPT, "tokens": args.tokens, "threads": args.threads, "bundles": {}}
+    quiet = Console(file=io.StringIO())
+    bundles = {}
+    for wt in args.weight_types:
+        console.print(f"building {args.model} at {wt} ...")
+        m = build(model=args.model, output_path=str(root / f"{args.model}_{wt}"), weight_type=wt, console=quiet,
+                  progress=False)
+        bundles[wt] = Path(m["out_dir"])
+        results["bundles"][wt] = {"build_s": m["build_seconds"],
+                                  "bundle_mib": sum(f["bytes"] for f in m["files"].values()) / 2**20}
+    first = Bundle(next(iter(bundles.values())))
+    tok = load_tokenizer_module(first)
+    chat = tok.ChatTokenizer(first.tokenizer_dir)
+    ids = chat.encode_messages([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+    results["prompt_tokens"] = len(ids)
+    from .checkpoint import open_input
+
+    hf_dir = open_input(first.manifest["input"]["source"]).dir
+    for wt, path in bundles.items():
+        console.print(f"running the {wt} bundle ...")
+        results["bundles"][wt].update(measure_bundle(path, ids, args.tokens, args.runs, args.threads))
+    console.print("running transformers eager fp32 ...")
+    results["transformers_fp32"] = measure_transformers(hf_dir, ids, args.tokens, args.runs, args.threads)
+    ref = results["transformers_fp32"]
+
+    table = Table(title=f"{args.model}: {len(ids)}-token prompt, {args.tokens} greedy tokens, {args.threads} threads "
+                        f"(median of {args.runs})")
+    for col in ("contender", "TTFT ms", "decode tok/s", "vs transformers", "build s", "bundle MiB"):
+        table.add_column(col, justify="left" if col == "contender" else "right")
+    for wt, r in results["bundles"].items():
+        r["decode_ratio"] = r["decode_tok_s"] / ref["decode_tok_s"]
+        r["ttft_ratio"] = ref["ttft_ms"] / r["ttft_ms"]
+        table.add_row(f"axgen runner {wt}", f"{r['ttft_ms']:.1f}", f"{r['decode_tok_s']:.1f}",
+                      f"{r['decode_ratio']:.2f}x decode, {r['ttft_ratio']:.2f}x TTFT", f"{r['build_s']:.1f}",
+                      f"{r['bundle_mib']:.1f}")
+    table.add_row("transformers eager fp32", f"{ref['ttft_ms']:.1f}", f"{ref['decode_tok_s']:.1f}", "1.00x", "-", "-")
+    console.print(table)
+    (root / "bench.json").write_text(json.dumps(results, indent=2))
+    console.print(f"s8 decode is {results['bundles'].get('s8', {}).get('decode_ratio', float('nan')):.2f}x transformers "
+                  f"eager fp32 (target >= 3x). Results: {root / 'bench.json'}")
+    return 0

@@ -162,18 +162,18 @@ def rope_tables(g: Graph, spec: ArchSpec, layer_type: str, indices: str) -> tupl
     return cos, sin
 
 
-def apply_rope(g: Graph, x: str, cos: str, sin: str, rot: int, head_dim: int, interleaved: bool, heads: int, tokens: int) -> str:
+def apply_rope(g: Graph, x: str, cos: str, sin: str, rot: int, head_dim: int, interleaved: bool, heads: int) -> str:
     """x [1, P, heads, head_dim]; rotates the first `rot` dims (half-split pairs, or interleaved pairs)."""
     if rot < head_dim:
         x_rot, x_pass = g.op("Split", x, g.ints(rot, head_dim - rot), axis=-1, n_out=2)
     else:
         x_rot, x_pass = x, None
     if interleaved:
-        pairs = g.op("Reshape", x_rot, g.ints(1, tokens, heads, rot // 2, 2))
+        pairs = g.op("Reshape", x_rot, g.ints(1, -1, heads, rot // 2, 2))
         even, odd = g.op("Split", pairs, g.ints(1, 1), axis=-1, n_out=2)
         new_even = g.op("Sub", g.op("Mul", even, cos), g.op("Mul", odd, sin))
         new_odd = g.op("Add", g.op("Mul", odd, cos), g.op("Mul", even, sin))
-        y = g.op("Reshape", g.op("Concat", new_even, new_odd, axis=-1), g.ints(1, tokens, heads, rot))
+        y = g.op("Reshape", g.op("Concat", new_even, new_odd, axis=-1), g.ints(1, -1, heads, rot))
     else:
         x1, x2 = g.op("Split", x_rot, g.ints(rot // 2, rot // 2), axis=-1, n_out=2)
         swapped = g.op("Concat", x2, x1, axis=-1)
@@ -208,20 +208,21 @@ def layer_graph(spec: ArchSpec, opts: BuildOptions, i: int, group: Group, refs: 
     h = norm(g, x, spec.norm, refs["input_layernorm"])
     qkv = linear(g, h, refs["qkv_proj"])  # the attention scale is folded into q_proj (see store_layer)
     cos, sin = rope_tables(g, spec, layer_type, indices)
-    rope = lambda t, heads: apply_rope(g, t, cos, sin, table.rotary_dim, d, table.interleaved, heads, p)  # noqa: E731
+    rope = lambda t, heads: apply_rope(g, t, cos, sin, table.rotary_dim, d, table.interleaved, heads)  # noqa: E731
     if spec.qk_norm:
         q, k, v = g.op("Split", qkv, g.ints(spec.q_dim, kv, kv), axis=-1, n_out=3)
-        q4 = norm(g, g.op("Reshape", q, g.ints(1, p, n_h, d)), NormSpec(kind="rms_norm", eps=spec.norm.eps), refs["q_norm"])
-        k4 = norm(g, g.op("Reshape", k, g.ints(1, p, n_kv, d)), NormSpec(kind="rms_norm", eps=spec.norm.eps), refs["k_norm"])
+        q4 = norm(g, g.op("Reshape", q, g.ints(1, -1, n_h, d)), NormSpec(kind="rms_norm", eps=spec.norm.eps), refs["q_norm"])
+        k4 = norm(g, g.op("Reshape", k, g.ints(1, -1, n_kv, d)), NormSpec(kind="rms_norm", eps=spec.norm.eps), refs["k_norm"])
         q4, k4 = rope(q4, n_h), rope(k4, n_kv)
     else:  # q and k heads rotate together
         qk, v = g.op("Split", qkv, g.ints(spec.q_dim + kv, kv), axis=-1, n_out=2)
-        qk4 = rope(g.op("Reshape", qk, g.ints(1, p, n_h + n_kv, d)), n_h + n_kv)
+        qk4 = rope(g.op("Reshape", qk, g.ints(1, -1, n_h + n_kv, d)), n_h + n_kv)
         q4, k4 = g.op("Split", qk4, g.ints(n_h, n_kv), axis=2, n_out=2)
-    k_new = g.op("Reshape", k4, g.ints(1, p, kv))
+    k_new = g.op("Reshape", k4, g.ints(1, -1, kv))
 
     # attention over [history rows; this chunk]. GQA without repeating K/V: the query heads of each
-    # KV head are grouped, [n_kv, grp * P, d] x [n_kv, d, T]. History length comes from K_cache's shape.
+    # KV head are grouped, [n_kv, grp * P, d] x [n_kv, d, T]. Only the static dims are written into
+    # the graph; P and T come from the inputs' shapes, so a runner may bind fewer rows than declared.
     k_all = g.op("Concat", to_f32(g, k_cache, dt), k_new, axis=1)
     v_all = g.op("Concat", to_f32(g, v_cache, dt), v, axis=1)
     k_t = g.op("Transpose", g.op("Reshape", k_all, g.ints(-1, n_kv, d)), perm=[1, 2, 0])
@@ -229,14 +230,15 @@ def layer_graph(spec: ArchSpec, opts: BuildOptions, i: int, group: Group, refs: 
     if p == 1:  # [1, 1, n_h, d] is already [n_kv, grp, d] in memory
         qg = g.op("Reshape", q4, g.ints(n_kv, grp, d))
     else:
-        qg = g.op("Transpose", g.op("Reshape", q4, g.ints(p, n_kv, grp, d)), perm=[1, 2, 0, 3])
-        qg = g.op("Reshape", qg, g.ints(n_kv, grp * p, d))
+        qg = g.op("Transpose", g.op("Reshape", q4, g.ints(-1, n_kv, grp, d)), perm=[1, 2, 0, 3])
+        qg = g.op("Reshape", qg, g.ints(n_kv, -1, d))
+        p_t = g.op("Slice", g.op("Shape", mask), g.ints(1), g.ints(3))  # [P, T]
     scores = g.op("MatMul", qg, k_t)
     if spec.attn_logit_softcap:
         cap = g.const(spec.attn_logit_softcap)
         scores = g.op("Mul", g.op("Tanh", g.op("Div", scores, cap)), cap)
     if p > 1:
-        scores = g.op("Reshape", scores, g.ints(n_kv, grp, p, -1))
+        scores = g.op("Reshape", scores, g.op("Concat", g.ints(n_kv, grp), p_t, axis=0))
     m = to_f32(g, mask, dt)  # [1, P, T] broadcasts over [n_kv, grp, (P,) T]
     if layer_type == "sliding_attention":
         # keys: history slot j is position j; chunk keys sit at `indices`. Block q - k >= window.
@@ -244,16 +246,17 @@ def layer_graph(spec: ArchSpec, opts: BuildOptions, i: int, group: Group, refs: 
         hist_len = g.op("Squeeze", g.op("Slice", g.op("Shape", k_cache), g.ints(1), g.ints(2)), g.ints(0))
         hist_pos = g.op("Cast", g.op("Range", g.const(0, np.int64), hist_len, g.const(1, np.int64)), to=TensorProto.FLOAT)
         k_pos = g.op("Concat", hist_pos, g.op("Reshape", pos, g.ints(-1)), axis=0)  # [T]
-        q_pos = g.op("Reshape", pos, g.ints(1, p, 1))
+        q_pos = g.op("Reshape", pos, g.ints(1, -1, 1))
         outside = g.op("GreaterOrEqual", g.op("Sub", q_pos, k_pos), g.const(float(spec.sliding_window)))
         m = g.op("Add", m, g.op("Where", outside, g.const(WINDOW_BLOCK), g.const(0.0)))
     probs = g.op("Softmax", g.op("Add", scores, m), axis=-1)
     if p == 1:
         ctx = g.op("Reshape", g.op("MatMul", probs, v_t), g.ints(1, 1, spec.q_dim))
     else:
-        ctx = g.op("MatMul", g.op("Reshape", probs, g.ints(n_kv, grp * p, -1)), v_t)  # [n_kv, grp*P, d]
-        ctx = g.op("Transpose", g.op("Reshape", ctx, g.ints(n_kv, grp, p, d)), perm=[2, 0, 1, 3])
-        ctx = g.op("Reshape", ctx, g.ints(1, p, spec.q_dim))
+        t_only = g.op("Slice", p_t, g.ints(1), g.ints(2))
+        ctx = g.op("MatMul", g.op("Reshape", probs, g.op("Concat", g.ints(n_kv, -1), t_only, axis=0)), v_t)  # [n_kv, grp*P, d]
+        ctx = g.op("Transpose", g.op("Reshape", ctx, g.ints(n_kv, grp, -1, d)), perm=[2, 0, 1, 3])
+        ctx = g.op("Reshape", ctx, g.ints(1, -1, spec.q_dim))
     attn = linear(g, ctx, refs["o_proj"])
     if spec.post_attention_norm:
         attn = norm(g, attn, spec.norm, refs["post_attention_layernorm"])

@@ -8,6 +8,7 @@ Values that depend on the checkpoint are expressions over config keys: `{expr: "
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -342,6 +343,11 @@ class Registry:
                              f"To add one, run `make new-recipe` (see ADDING_A_MODEL.md).")
 
 
-@lru_cache(maxsize=4)
 def registry(recipes_dir: str | None = None) -> Registry:
-    return Registry(recipes_dir or RECIPES_DIR)
+    """The registry of `recipes_dir`, else $AXGEN_RECIPES_DIR, else the project's recipes/ (cached)."""
+    return _registry(str(recipes_dir or os.environ.get("AXGEN_RECIPES_DIR") or RECIPES_DIR))
+
+
+@lru_cache(maxsize=8)
+def _registry(recipes_dir: str) -> Registry:
+    return Registry(recipes_dir)

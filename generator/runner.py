@@ -112,17 +112,19 @@ def session_options(threads: int, quantized: bool, shared_pool: bool = False) ->
     return so
 
 
-def _relax_history(path: Path) -> bytes:
-    """The graph with its history dimension symbolic (same nodes, same weights)."""
+def _relaxed(path: Path) -> bytes:
+    """The graph with its history and token dimensions symbolic (same nodes, same weights).
+
+    The graphs take P and T from their inputs' shapes, so the only change is the declared shapes."""
     model = onnx.load(str(path), load_external_data=False)
-    for value in model.graph.input:
+    dims_of = {"K_cache": {1: "history"}, "V_cache": {1: "history"}, "indices": {1: "tokens"}, "input": {1: "tokens"},
+               "mask": {1: "tokens", 2: "total"}, "K_cache_out": {1: "tokens"}, "V_cache_out": {1: "tokens"},
+               "output": {1: "tokens"}}
+    for value in [*model.graph.input, *model.graph.output]:
         dims = value.type.tensor_type.shape.dim
-        if value.name in ("K_cache", "V_cache"):
-            dims[1].ClearField("dim_value")
-            dims[1].dim_param = "history"
-        elif value.name == "mask":
-            dims[2].ClearField("dim_value")
-            dims[2].dim_param = "history_plus_tokens"
+        for axis, name in dims_of.get(value.name, {}).items():
+            dims[axis].ClearField("dim_value")
+            dims[axis].dim_param = name
     return model.SerializeToString()
 
 
@@ -160,9 +162,9 @@ class Engine:
             if not path.is_file():
                 raise GeneratorError(f"Bundle file {path} is missing; rebuild the bundle.")
             so = session_options(self.threads, self.quantized, self.shared_pool)
-            if group == 0 and self.history_mode == "used":
+            if self.history_mode == "used":
                 so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-                self._sessions[key] = ort.InferenceSession(_relax_history(path), so, providers=["CPUExecutionProvider"])
+                self._sessions[key] = ort.InferenceSession(_relaxed(path), so, providers=["CPUExecutionProvider"])
             else:
                 self._sessions[key] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         return self._sessions[key]
@@ -244,20 +246,28 @@ class Engine:
         return out
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
-        """Prefill `tokens` after the cached ones; returns the last token's final hidden state."""
+        """Prefill `tokens` after the cached ones in chunks of prefill_len; returns the last token's
+        final hidden state.
+
+        board: each chunk runs the contract's group with its static shapes (history rows of the
+        group, the chunk padded to prefill_len, new K/V rows copied into the cache).
+        used: the same graphs with only the rows in use bound (history = the cached tokens, the chunk
+        unpadded, K/V written straight into the cache); one prefill graph serves every chunk."""
         n = len(tokens)
         if n == 0:
             raise GeneratorError("nothing to prefill")
         if self.precompute_len + n > self.C:
             raise GeneratorError(f"Conversation too long: {self.precompute_len} cached + {n} new tokens exceed "
                                  f"--kv_cache_len {self.C}; reset the conversation.")
-        P = self.P
-        plan = self.pick_group(n)
+        P, used = self.P, self.history_mode == "used"
+        first_prefill = next(g for g in self.b.groups if g.index > 0)
+        plan = [first_prefill] * -(-n // P) if used else self.pick_group(n)
         mask_fill = MASK_BITS[self.opts.hidden_state_type]
         h = [np.zeros((1, P, self.H), self.dtype) for _ in range(2)]
         k_out = np.zeros((1, P, self.kv), self.dtype)
         v_out = np.zeros((1, P, self.kv), self.dtype)
         idx = np.zeros((1, P), np.uint32)
+        row = self.kv * self.k_cache.itemsize
         last = None
         for c, group in enumerate(plan):
             start = self.precompute_len
@@ -267,29 +277,41 @@ class Engine:
                     last = self.decode(tok).copy()
                 continue
             m = len(chunk)
-            rows = group.history_rows
-            mask = np.full((1, P, rows + P), mask_fill, self.dtype)
-            if not group.dummy_history:
+            if used:
+                rows, width = max(start, 1), m
+            else:
+                rows, width = group.history_rows, P
+            mask = np.full((1, width, rows + width), mask_fill, self.dtype)
+            if start and (used or not group.dummy_history):
                 mask[0, :, :start] = 0
-            mask[0, :, rows:][np.tril(np.ones((P, P), bool))] = 0
+            mask[0, :, rows:][np.tril(np.ones((width, width), bool))] = 0
             idx[:] = 0
             idx[0, :m] = np.arange(start, start + m, dtype=np.uint32)
             h[0][:] = 0
             self._embed_into(h[0][0, :m], chunk)
+            tok_shape = (1, width)
             for i in range(self.L):
                 sess = self.session(i, group.index)
                 io = sess.io_binding()
                 self._bind(io, "K_cache", self.k_cache[i], shape=(1, rows, self.kv))
                 self._bind(io, "V_cache", self.v_cache[i], shape=(1, rows, self.kv))
-                self._bind(io, "indices", idx, elem=TensorProto.UINT32)
-                self._bind(io, "input", h[i % 2])
+                self._bind(io, "indices", idx, shape=tok_shape, elem=TensorProto.UINT32)
+                self._bind(io, "input", h[i % 2], shape=(*tok_shape, self.H))
                 self._bind(io, "mask", mask)
-                self._bind(io, "K_cache_out", k_out, output=True)
-                self._bind(io, "V_cache_out", v_out, output=True)
-                self._bind(io, "output", h[(i + 1) % 2], output=True)
+                self._bind(io, "output", h[(i + 1) % 2], shape=(*tok_shape, self.H), output=True)
+                if used:  # the new rows go straight to their place in the cache
+                    kv_shape = [1, m, self.kv]
+                    io._iobinding.bind_output("K_cache_out", self._device, self.onnx_type, kv_shape,
+                                              self.k_cache[i].ctypes.data + start * row)
+                    io._iobinding.bind_output("V_cache_out", self._device, self.onnx_type, kv_shape,
+                                              self.v_cache[i].ctypes.data + start * row)
+                else:
+                    self._bind(io, "K_cache_out", k_out, output=True)
+                    self._bind(io, "V_cache_out", v_out, output=True)
                 sess._sess.run_with_iobinding(io._iobinding, None)
-                self.k_cache[i, start:start + m] = k_out[0, :m]
-                self.v_cache[i, start:start + m] = v_out[0, :m]
+                if not used:
+                    self.k_cache[i, start:start + m] = k_out[0, :m]
+                    self.v_cache[i, start:start + m] = v_out[0, :m]
             last = h[self.L % 2][0, m - 1].copy()
             self.precompute_len = start + m
             self.cached_ids.extend(chunk)

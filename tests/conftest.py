@@ -23,3 +23,14 @@ def tiny_llama(tmp_path_factory, tiny_tok):
 
     tok_dir, vocab = tiny_tok
     return save_tiny(tiny_llama_config(vocab), tmp_path_factory.mktemp("tiny_llama"), tok_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_bundle(tmp_path_factory):
+    """The embedded default model built for AX650 at s8 with check level 2 (once per test worker;
+    mark users with @pytest.mark.xdist_group("smollm2") so they share one worker)."""
+    from models import quiet_build
+
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct_ax650"
+    manifest = quiet_build(model="smollm2-135m-instruct", chip="AX650", output_path=str(out), check_level=2)
+    return out, manifest
