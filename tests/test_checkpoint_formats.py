@@ -1,0 +1,100 @@
+"""Checkpoint formats give identical bundles; the graphs are plain, checkable ONNX."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from generator.runner import Bundle
+from models import SMALL_GROUPS, quiet_build
+
+OPTS = dict(weight_type="s8", hidden_state_type="bf16", **SMALL_GROUPS)
+
+
+def weights_digest(bundle: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(bundle.glob("*.data"))}
+
+
+@pytest.fixture(scope="module")
+def reference_bundle(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fmt") / "single"
+    quiet_build(input_path=str(tiny_llama), output_path=str(out), **OPTS)
+    return out
+
+
+def test_sharded_safetensors_give_the_same_bundle(tiny_llama, reference_bundle, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_llama).save_pretrained(sharded, max_shard_size="100KB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (sharded / f).write_bytes((tiny_llama / f).read_bytes())
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(set(json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"].values())) > 2
+    quiet_build(input_path=str(sharded), output_path=str(tmp_path / "out"), **OPTS)
+    assert weights_digest(tmp_path / "out") == weights_digest(reference_bundle)
+
+
+def test_pytorch_bin_is_read_weights_only(tiny_llama, reference_bundle, tmp_path, monkeypatch):
+    ckpt = tmp_path / "bin"
+    ckpt.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (ckpt / f).write_bytes((tiny_llama / f).read_bytes())
+    torch.save(load_file(tiny_llama / "model.safetensors"), ckpt / "pytorch_model.bin")
+    seen = []
+    original = torch.load
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("weights_only"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    quiet_build(input_path=str(ckpt), output_path=str(tmp_path / "out"), **OPTS)
+    assert seen and all(seen)
+    assert weights_digest(tmp_path / "out") == weights_digest(reference_bundle)
+
+
+def test_a_pickle_with_code_is_refused(tiny_llama, tmp_path):
+    from generator.errors import GeneratorError
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+
+    ckpt = tmp_path / "evil"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_bytes((tiny_llama / "config.json").read_bytes())
+    torch.save({"x": Evil()}, ckpt / "pytorch_model.bin")
+    with pytest.raises(GeneratorError, match="weights-only"):
+        quiet_build(input_path=str(ckpt), output_path=str(tmp_path / "out"), **OPTS)
+    assert not (tmp_path / "out").exists()
+
+
+def test_graphs_are_standard_onnx_with_the_contract_io(reference_bundle):
+    bundle = Bundle(reference_bundle)
+    spec, opts = bundle.spec, bundle.opts
+    for g in bundle.groups:
+        path = bundle.layer_file(0, g.index)
+        onnx.checker.check_model(str(path), full_check=True)
+        model = onnx.load(str(path), load_external_data=False)
+        assert {op.domain for op in model.opset_import} == {""} and model.opset_import[0].version == 21
+        assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+        dims = lambda v: [d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+        ins = {v.name: dims(v) for v in model.graph.input}
+        outs = {v.name: dims(v) for v in model.graph.output}
+        assert list(ins) == ["K_cache", "V_cache", "indices", "input", "mask"]
+        assert list(outs) == ["K_cache_out", "V_cache_out", "output"]
+        rows, p = g.history_rows, g.tokens
+        assert ins == {"K_cache": [1, rows, spec.kv_dim], "V_cache": [1, rows, spec.kv_dim], "indices": [1, p],
+                       "input": [1, p, spec.hidden_size], "mask": [1, p, rows + p]}
+        assert outs == {"K_cache_out": [1, p, spec.kv_dim], "V_cache_out": [1, p, spec.kv_dim],
+                        "output": [1, p, spec.hidden_size]}
+        assert model.graph.input[2].type.tensor_type.elem_type == onnx.TensorProto.UINT32
+        # every group of a layer points at the same weights file
+        locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations == {f"llama_p{opts.prefill_len}_l0_together.data"}
+    assert [g.history for g in bundle.groups] == [opts.kv_cache_len, 0, *opts.last_kv_cache_len]
