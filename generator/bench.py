@@ -35,7 +35,7 @@ def measure_bundle(path: Path, ids: list[int], tokens: int, runs: int, threads: 
     from .runner import Bundle, Engine, Generator, Sampler
 
     t0 = time.perf_counter()
-    engine = Engine(Bundle(path), threads=threads)
+    engine = Engine(Bundle(path), threads=threads, shared_pool=True)
     load_s = time.perf_counter() - t0
     gen = Generator(engine, [], Sampler(Sampling()))
     gen.generate(ids[:8], 4)  # warm-up: sessions, pages, thread pool

@@ -82,8 +82,10 @@ _GLOBAL_POOL: int | None = None
 def use_global_pool(threads: int) -> bool:
     """One process-wide intra-op pool shared by every layer session (set once per process).
 
-    Per-session pools would leave ~30 pools whose threads spin after each run; one shared pool may
-    spin between runs without starving anything, which keeps small per-layer runs fast."""
+    Per-session pools would leave ~30 pools whose threads must spin (or be woken) around each run;
+    one shared pool's worker stays warm from layer to layer, which keeps small per-layer runs fast.
+    onnxruntime then refuses sessions with their own pools in this process, so this is for
+    processes that exist to run a bundle (`generator run`, `serve`, `bench`), not for libraries."""
     global _GLOBAL_POOL
     if _GLOBAL_POOL is None:
         try:
@@ -97,7 +99,7 @@ def use_global_pool(threads: int) -> bool:
 def session_options(threads: int, quantized: bool, shared_pool: bool = False) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if shared_pool:
+    if shared_pool or _GLOBAL_POOL:  # once a process has the global pool, every session must use it
         so.use_per_session_threads = False
         so.add_session_config_entry("session.intra_op.allow_spinning", "1")
     else:
@@ -131,13 +133,14 @@ def _relaxed(path: Path) -> bytes:
 class Engine:
     """Owns the sessions, the KV cache and the buffers; prefill / decode / post as on the board."""
 
-    def __init__(self, bundle: Bundle, *, threads: int = 2, history: str = "used", mmap_embed: bool = True):
+    def __init__(self, bundle: Bundle, *, threads: int = 2, history: str = "used", mmap_embed: bool = True,
+                 shared_pool: bool = False):
         if history not in ("used", "board"):
             raise GeneratorError(f"history must be 'used' or 'board', got {history!r}")
         self.b, self.spec, self.opts = bundle, bundle.spec, bundle.opts
         self.history_mode = history
         self.threads = threads
-        self.shared_pool = threads > 1 and use_global_pool(threads)
+        self.shared_pool = shared_pool and threads > 1 and use_global_pool(threads)
         self.dtype, self.onnx_type = STORAGE[self.opts.hidden_state_type]
         s, o = self.spec, self.opts
         self.L, self.C, self.P, self.H, self.kv = s.num_hidden_layers, o.kv_cache_len, o.prefill_len, s.hidden_size, s.kv_dim

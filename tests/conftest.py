@@ -27,10 +27,21 @@ def tiny_llama(tmp_path_factory, tiny_tok):
 
 @pytest.fixture(scope="session")
 def smollm2_bundle(tmp_path_factory):
-    """The embedded default model built for AX650 at s8 with check level 2 (once per test worker;
-    mark users with @pytest.mark.xdist_group("smollm2") so they share one worker)."""
+    """The embedded default model built for AX650 at s8 with check level 2, once per test session:
+    pytest-xdist workers share one build through a lock in the session's common temp directory."""
+    import fcntl
+    import json
+
     from models import quiet_build
 
-    out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct_ax650"
-    manifest = quiet_build(model="smollm2-135m-instruct", chip="AX650", output_path=str(out), check_level=2)
-    return out, manifest
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if base.name.startswith("popen-gw") else base
+    out = shared / "smollm2_shared" / "smollm2-135m-instruct_ax650"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = out.parent / "manifest.json"
+    with open(out.parent / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record.is_file():
+            manifest = quiet_build(model="smollm2-135m-instruct", chip="AX650", output_path=str(out), check_level=2)
+            record.write_text(json.dumps(manifest))
+    return out, json.loads(record.read_text())

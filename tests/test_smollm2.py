@@ -29,9 +29,9 @@ def test_build_verifies_and_lists_every_file(smollm2_bundle):
     assert "pulsar2 llm_build" in build and "--weight_type s8" in build and "--last_kv_cache_len 512" in build
 
 
-def test_run_script_with_local_override_answers(smollm2_bundle):
+def test_run_script_with_local_override_answers(smollm2_bundle, tmp_path):
     out, _ = smollm2_bundle
-    env = dict(os.environ, AXGEN_LOCAL="1")
+    env = dict(os.environ, AXGEN_LOCAL="1", KVCACHE_PATH=str(tmp_path / "kvcache"))
     proc = subprocess.run([str(out / "run_smollm2-135m-instruct_ax650.sh"), "--prompt", "What is the capital of France?",
                            "--max_new_tokens", "24"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
