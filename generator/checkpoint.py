@@ -2,7 +2,8 @@
 
 safetensors (single or sharded) are opened lazily and tensors read one at a time;
 `pytorch_model.bin` is read only with `weights_only=True` (no pickled code runs). Every problem
-names the file and what was expected.
+names the file and what was expected. A pre-quantized GPTQ checkpoint (generator/gptq.py) shows a
+float `<prefix>.weight` per packed module and hides its qweight/qzeros/scales/g_idx.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 from .errors import GeneratorError
 from .gguf_import import import_gguf
+from .gptq import attach as attach_gptq
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt",
@@ -47,6 +49,7 @@ class Checkpoint:
         self._handles: dict[Path, Any] = {}
         self._bin: dict[str, Any] | None = None
         self._index()
+        self.gptq = attach_gptq(self)  # None unless the checkpoint is GPTQ-packed
 
     # -- discovery ---------------------------------------------------------------------------
     def _index(self):
@@ -111,14 +114,19 @@ class Checkpoint:
 
     # -- access ------------------------------------------------------------------------------
     def names(self) -> set[str]:
-        return set(self._where)
+        return self.gptq.names() if self.gptq else set(self._where)
 
     def has(self, name: str) -> bool:
-        return name in self._where
+        return self.gptq.has(name) if self.gptq else name in self._where
 
     def torch_tensor(self, name: str):
-        if name not in self._where:
+        if not self.has(name):
             raise GeneratorError(f"Checkpoint '{self.source}' has no tensor '{name}'.")
+        if self.gptq and self.gptq.is_packed(name):
+            return self.gptq.weight(name)
+        return self._raw_tensor(name)
+
+    def _raw_tensor(self, name: str):
         if self._bin is not None:
             return self._bin[name]
         try:
@@ -131,12 +139,19 @@ class Checkpoint:
         return t.float().numpy() if t.is_floating_point() else t.numpy()
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if self.gptq and self.gptq.is_packed(name):
+            return self.gptq.shape(name)
+        return self._raw_shape(name)
+
+    def _raw_shape(self, name: str) -> tuple[int, ...]:
         if self._bin is not None:
             return tuple(self._bin[name].shape)
         return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
     def fingerprint(self) -> dict[str, str]:
         files = [self.dir / "config.json", *self.weight_files]
+        if (self.dir / "quantize_config.json").is_file():
+            files.append(self.dir / "quantize_config.json")
         return {f.name: sha256_file(f) for f in files}
 
     def tokenizer_files(self) -> list[Path]:
