@@ -63,7 +63,8 @@ EMBED_FILE = "model.embed_tokens.weight.bfloat16.bin"
 def template_env() -> Environment:
     env = Environment(loader=FileSystemLoader(str(TEMPLATES)), undefined=StrictUndefined, keep_trailing_newline=True,
                       autoescape=False)
-    env.filters["q"] = lambda v: shlex.quote(str(v))
+    env.filters["q"] = lambda v: shlex.quote(str(v))  # every value that reaches a shell
+    env.filters["c"] = lambda v: "".join(" " if ord(ch) < 32 or ord(ch) == 127 else ch for ch in str(v))  # comments
     return env
 
 
@@ -171,13 +172,19 @@ def write_tokenizer(ctx: BuildContext, tmp: Path) -> dict[str, str]:
 
 
 def write_scripts(ctx: BuildContext, tmp: Path, files: dict, tok: dict) -> list[str]:
+    """run_<model>_<target>.sh for each of the chip's run targets (contract section 5), then the build script.
+
+    Every value from the recipe, the checkpoint or the user reaches the shell through the `q` filter
+    (shlex.quote); values shown in comments go through `c` (control characters, newlines included,
+    become spaces, so nothing can end the comment)."""
     env = template_env()
     spec, opts = ctx.spec, ctx.opts
     common = dict(model=ctx.model, recipe=ctx.recipe.name, chip=ctx.chip.name, chip_lower=ctx.chip.name.lower(),
                   system_prompt=ctx.system_prompt, num_layers=spec.num_hidden_layers, vocab_size=spec.vocab_size,
                   hidden_size=spec.hidden_size, layer_template=files["axmodel_template"], post_file=files["post_axmodel"],
-                  embed_file=files["embed"], tokenizer_script=tok["server"], tokenizer_host="127.0.0.1",
-                  tokenizer_port=12345, use_mmap_load_embed=0, python=sys.executable, project_root=str(PROJECT_ROOT))
+                  embed_file=files["embed"], tokenizer_script=tok["server"], tokenizer_dir=tok["dir"],
+                  tokenizer_host="127.0.0.1", tokenizer_port=12345, use_mmap_load_embed=0, python=sys.executable,
+                  project_root=str(PROJECT_ROOT))
     written = []
     for target in ctx.chip.run_scripts:
         title, binary, devices = RUN_TARGETS[target]

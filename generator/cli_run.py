@@ -1,13 +1,25 @@
-"""`python -m generator run`: the board runtime's command line (main_ax650 flags) on the local runner."""
+"""`python -m generator run`: the board runtime's command line (main_ax650 flags) on the local runner.
+
+Same flags, same flow and the same log lines as ax-llm's ``main_ax650`` / ``main_axcl_*`` (contract
+section 5): the system prompt is prefilled once (``precompute_len``), or loaded from / saved to
+``--kvcache_path``; then an interactive loop (``q`` exits, ``reset`` starts over, Ctrl+C stops the
+answer being generated) or, with ``--prompt``, one answer. ``--tokenizer_type 2
+--url_tokenizer_model URL`` talks to the bundle's tokenizer server over HTTP with the uid protocol,
+as the board does; without ``--tokenizer_type`` the bundle's tokenizer runs in-process.
+Answers go to stdout, ``[I] ...`` log lines (``ttft: <ms> ms``, ``avg <x> token/s``) to stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 from .errors import GeneratorError
 from .runner import Bundle, Chat, Engine
+
+DEFAULT_TOKENIZER_URL = "http://127.0.0.1:12345"
 
 
 def add_run_args(p: argparse.ArgumentParser):
@@ -15,23 +27,31 @@ def add_run_args(p: argparse.ArgumentParser):
     p.add_argument("--prompt", help="answer this one prompt and exit (else interactive: 'q' exits, 'reset' resets)")
     p.add_argument("--system_prompt", help="system prompt (default: the bundle's)")
     p.add_argument("--max_new_tokens", type=int, default=None, help="cap on generated tokens per turn")
-    p.add_argument("--threads", type=int, default=2, help="intra-op threads, one pool shared by all sessions (default 2)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="intra-op threads, one pool shared by all sessions (default 2)")
     p.add_argument("--history", choices=["used", "board"], default="used",
                    help="decode with only the cache rows in use (default, same results) or the full static shapes")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     board = p.add_argument_group("board runtime flags (main_ax650 / main_axcl_*), same meaning")
-    board.add_argument("--template_filename_axmodel")
-    board.add_argument("--axmodel_num", type=int)
-    board.add_argument("--filename_post_axmodel")
-    board.add_argument("--filename_tokens_embed")
-    board.add_argument("--tokens_embed_num", type=int)
-    board.add_argument("--tokens_embed_size", type=int)
-    board.add_argument("--tokenizer_type", type=int, default=None, help="2 = HTTP tokenizer server")
-    board.add_argument("--url_tokenizer_model", help="tokenizer server URL (with --tokenizer_type 2)")
-    board.add_argument("--use_mmap_load_embed", type=int, default=1)
-    board.add_argument("--live_print", type=int, default=1)
-    board.add_argument("--kvcache_path", help="save/load the system-prompt KV cache here")
-    board.add_argument("--devices", help="AXCL card ids (accepted; the local runner uses the CPU)")
+    board.add_argument("--template_filename_axmodel",
+                       help="<dir>/<type>_p<P>_l%%d_together.axmodel (selects the bundle)")
+    board.add_argument("--axmodel_num", type=int, help="number of layers (checked against the bundle)")
+    board.add_argument("--filename_post_axmodel", help="<dir>/<type>_post.axmodel (checked against the bundle)")
+    board.add_argument("--filename_tokens_embed", help="<dir>/model.embed_tokens.weight.bfloat16.bin")
+    board.add_argument("--tokens_embed_num", type=int, help="vocabulary size (checked)")
+    board.add_argument("--tokens_embed_size", type=int, help="hidden size (checked)")
+    board.add_argument("--tokenizer_type", type=int, default=None,
+                       help="2 = HTTP tokenizer server (uid protocol); omit to tokenize in-process")
+    board.add_argument("--url_tokenizer_model", help=f"tokenizer server URL (with --tokenizer_type 2; default "
+                                                     f"{DEFAULT_TOKENIZER_URL})")
+    board.add_argument("--use_mmap_load_embed", type=int, default=1, choices=[0, 1],
+                       help="1: read embedding rows from the file (mmap), 0: load the table into memory")
+    board.add_argument("--live_print", type=int, default=1, choices=[0, 1],
+                       help="1: print the answer as it is generated, 0: print it when complete")
+    board.add_argument("--kvcache_path", help="directory: load the system prompt's KV cache from here, or prefill "
+                                              "and save it here (k_cache_<i>.bin, v_cache_<i>.bin, config.json)")
+    board.add_argument("--devices", help="AXCL card ids, e.g. 0 or 0,1 (accepted and checked; the local runner "
+                                         "uses the CPU)")
 
 
 def bundle_dir(args) -> Path:
@@ -54,59 +74,123 @@ def check_board_flags(args, bundle: Bundle):
     tpl = args.template_filename_axmodel
     if tpl and "%d" not in tpl:
         raise GeneratorError(f"--template_filename_axmodel {tpl!r} must contain %d (the layer index).")
+    graphs = bundle.manifest.get("graphs", {})
+    expected = {"template_filename_axmodel": graphs.get("axmodel_template"),
+                "filename_post_axmodel": graphs.get("post_axmodel"), "filename_tokens_embed": graphs.get("embed")}
+    here = bundle.dir.resolve()
+    for flag, name in expected.items():
+        value = getattr(args, flag)
+        if not value or not name:
+            continue
+        path = Path(value)
+        if path.name != name or path.parent.resolve() != here:
+            raise GeneratorError(f"--{flag} {value!r} is not this bundle's file: expected {bundle.dir / name}.")
+    if args.tokenizer_type not in (None, 2):
+        raise GeneratorError(f"--tokenizer_type {args.tokenizer_type} is not supported by the local runner: use 2 "
+                             f"(the bundle's HTTP tokenizer server) or leave it out to tokenize in-process.")
+    if args.devices is not None and not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", args.devices):
+        raise GeneratorError(f"--devices {args.devices!r} must be card ids separated by commas, e.g. 0 or 0,1.")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise GeneratorError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}.")
 
 
 def log(msg: str):
     print(f"[I] {msg}", file=sys.stderr, flush=True)
 
 
+def make_tokenizer(args):
+    if args.tokenizer_type != 2:
+        return None
+    from .tokenizer_client import HttpTokenizer
+
+    url = args.url_tokenizer_model or DEFAULT_TOKENIZER_URL
+    tok = HttpTokenizer(url)
+    log(f"connect {url} ok")
+    log(f"uid: {tok.uid}")
+    log(f"bos_id: {tok.bos_id}, eos_id: {tok.eos_id}")
+    return tok
+
+
 def run(args) -> int:
     bundle = Bundle(bundle_dir(args))
     check_board_flags(args, bundle)
-    tokenizer = None
-    if args.tokenizer_type == 2:
-        from .tokenizer_client import HttpTokenizer
-
-        tokenizer = HttpTokenizer(args.url_tokenizer_model or "http://127.0.0.1:12345")
+    tokenizer = make_tokenizer(args)
     engine = Engine(bundle, threads=args.threads, history=args.history, mmap_embed=bool(args.use_mmap_load_embed))
     chat = Chat(bundle, engine, tokenizer, system_prompt=args.system_prompt, seed=args.seed)
-    if args.kvcache_path:
-        from .kvcache import restore_or_prefill
 
-        n = restore_or_prefill(chat, Path(args.kvcache_path), log)
-    else:
-        n = chat.reset()
+    def start_over() -> int:
+        if args.kvcache_path:
+            from .kvcache import restore_or_prefill
+
+            return restore_or_prefill(chat, Path(args.kvcache_path), log)
+        return chat.reset()
+
+    n = start_over()
     log(f"precompute_len: {n}")
     log(f"system_prompt: {chat.system_prompt}")
 
     def answer(text: str):
-        pieces = []
-        for piece in chat.turn(text, args.max_new_tokens):
-            pieces.append(piece)
-            if args.live_print:
-                print(piece, end="", flush=True)
+        pieces: list[str] = []
+        ttft_logged = False
+        cached_before = engine.precompute_len
+        try:
+            for piece in chat.turn(text, args.max_new_tokens):
+                pieces.append(piece)
+                if not ttft_logged:  # the board logs ttft when the first token is out
+                    ttft_logged = True
+                    if args.live_print:
+                        log(f"ttft: {chat.stats.ttft_ms:.2f} ms")
+                if args.live_print:
+                    print(piece, end="", flush=True)
+        except KeyboardInterrupt:  # Ctrl+C stops this answer, as on the board
+            chat.last_reply = "".join(pieces)  # the history holds what was generated so far
+            if not args.live_print:
+                print(chat.last_reply, end="")
+            print(flush=True)
+            log("stopped")
+            return
         if not args.live_print:
             print("".join(pieces), end="")
         print(flush=True)
         st = chat.stats
-        log(f"ttft: {st.ttft_ms:.2f} ms")
+        if not (ttft_logged and args.live_print):
+            log(f"ttft: {st.ttft_ms:.2f} ms")
+        log(f"input token num : {st.prefilled}, reused from the cache: {st.prompt_tokens - st.prefilled} "
+            f"(cached before the turn: {cached_before})")
         log(f"{'hit eos,' if st.hit_eos else ''}avg {st.decode_tok_s:.2f} token/s")
         log(f"precompute_len:{engine.precompute_len}, remaining:{engine.C - engine.precompute_len}")
 
+    def guarded(text: str):
+        """One turn; if the tokenizer server forgot our session (restarted), start a new one."""
+        from .tokenizer_client import SessionLostError
+
+        try:
+            answer(text)
+        except SessionLostError as exc:
+            log(f"{exc}; new tokenizer session, conversation reset")
+            chat.tok.new_session()
+            log(f"reset, precompute_len: {start_over()}")
+            answer(text)
+
     if args.prompt is not None:
-        answer(args.prompt)
+        guarded(args.prompt)
         return 0
-    print('Type "q" to exit, "reset" to clear the conversation', file=sys.stderr)
+    print('Type "q" to exit, Ctrl+c to stop current running, "reset" to clear the conversation', file=sys.stderr)
     while True:
         try:
             line = input("prompt >> ")
         except EOFError:
+            print(file=sys.stderr)
             break
-        if line.strip() == "q":
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
             break
-        if line.strip() == "reset":
-            log(f"reset, precompute_len: {chat.reset()}")
+        command = line.strip()
+        if command == "q":
+            break
+        if command == "reset":
+            log(f"reset, precompute_len: {start_over()}")
             continue
-        if line.strip():
-            answer(line)
+        if command:
+            guarded(line)
     return 0

@@ -1,9 +1,621 @@
-"""`python -m generator serve`: an OpenAI-compatible chat endpoint (placeholder, see issue 4)."""
+"""`python -m generator serve BUNDLE`: an OpenAI-compatible chat endpoint on the local runner.
+
+The counterpart of ax-llm's ``main_api`` (same routes), on the engine ``python -m generator run`` uses.
+Loopback only unless ``--host`` says otherwise; no authentication (put a proxy in front to expose it).
+
+Routes
+------
+``POST /v1/chat/completions``
+    OpenAI chat completions. ``messages`` is the whole conversation (system / developer, user and
+    assistant messages; content a string or a list of ``{"type": "text", "text"}`` parts). Without a
+    system message the server's system prompt is put first (``--system_prompt``, else the bundle's),
+    so every conversation starts with the prefix the server keeps prefilled. The conversation is
+    rendered with the bundle's chat template and only the tokens after the longest prefix already in
+    the KV cache are prefilled (``usage.prompt_tokens_details.cached_tokens`` says how many were
+    reused), as the board does with its tokenizer server.
+    Fields: ``model`` (optional; must be an id of ``/v1/models``), ``stream``, ``stream_options.
+    include_usage``, ``max_tokens`` / ``max_completion_tokens``, ``stop`` (string or up to 4),
+    ``temperature`` (0 = greedy), ``top_p``, ``seed``, ``n`` (1 only), and as in main_api ``top_k``
+    (or ``top-k``; ``top-p`` too) and ``repetition_penalty``. Without sampling fields,
+    post_config.json applies. Other fields are ignored. Streaming sends ``data: {chat.completion.chunk}``
+    server-sent events, then ``data: [DONE]``.
+``GET /v1/models``, ``GET /v1/models/{id}``
+    The one model (id = the bundle's model name).
+``POST /v1/reset {"system_prompt"?}``
+    Clear the KV cache and prefill the system prompt again (the given one becomes the server's
+    default system prompt). Answers ``{"status": "ok", "precompute_len", "system_prompt"}``.
+``POST /v1/stop`` (or GET, as main_api)
+    Stop the answer being generated (it ends with ``finish_reason: "stop"``).
+``GET /health`` (or ``/``)
+    ``{"status": "ok", "model", "busy"}``.
+
+One engine serves all requests, one at a time (a request waits up to ``--queue_timeout`` seconds
+for the one before it, then gets 503). Errors are JSON, OpenAI style: ``{"error": {"message",
+"type", "param", "code"}}`` with 400 (bad JSON or field, named in ``param``), 404, 405, 411, 413 or 503.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import unquote, urlsplit
+
+from .errors import GeneratorError
+
+MAX_BODY_BYTES = 4 << 20
+DEFAULT_PORT = 8000  # main_api's port
 
 
-def add_serve_args(p):
-    p.add_argument("bundle")
+def add_serve_args(p: argparse.ArgumentParser):
+    p.add_argument("bundle", help="bundle directory (out/<model>_<chip>)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default %(default)s, loopback only; 0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default %(default)s; 0 picks a free one)")
+    p.add_argument("--system_prompt", help="system prompt put first when a request has none (default: the bundle's)")
+    p.add_argument("--kvcache_path", help="load/save the system prompt's KV cache here (as `run --kvcache_path`)")
+    p.add_argument("--model_name", help="model id reported and accepted (default: the bundle's model name)")
+    p.add_argument("--max_tokens", type=int, default=None,
+                   help="default and upper limit of generated tokens per request (default: until EOS or the "
+                        "cache is full)")
+    p.add_argument("--queue_timeout", type=float, default=600.0,
+                   help="seconds a request waits for the engine before 503 (default %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    p.add_argument("--history", choices=["used", "board"], default="used", help="as for `run`")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed for requests without one")
+    p.add_argument("--log_requests", action="store_true", help="log every request to stderr")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _number(body: dict, key: str, lo: float, hi: float, *, integer: bool = False, lo_open: bool = False):
+    value = body.get(key)
+    if value is None:
+        return None
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise ApiError(400, f"'{key}' must be {'an integer' if integer else 'a number'}, got {json.dumps(value)}", key)
+    if value < lo or value > hi or (lo_open and value == lo):
+        low = f"> {lo}" if lo_open else f">= {lo}"
+        raise ApiError(400, f"'{key}' must be {low} and <= {hi}, got {value}", key)
+    return value
+
+
+def _text_content(content: Any, where: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ApiError(400, f"{where}.content[{j}]: only text parts are supported (got {kind!r})",
+                               f"{where}.content")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ApiError(400, f"{where}.content must be a string or a list of text parts", f"{where}.content")
+
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def parse_messages(body: dict) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if messages is None:
+        raise ApiError(400, "missing field 'messages'", "messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise ApiError(400, f"{where} must be an object with 'role' and 'content'", where)
+        role = m.get("role")
+        if role not in ROLES:
+            raise ApiError(400, f"{where}.role {role!r} is not supported (use system, developer, user or assistant)",
+                           f"{where}.role")
+        out.append({"role": ROLES[role], "content": _text_content(m.get("content"), where)})
+    if out[-1]["role"] != "user":
+        raise ApiError(400, "the last message must be a user message", f"messages[{len(out) - 1}].role")
+    return out
+
+
+class StopMatcher:
+    """Cuts the text at the first stop string; holds back a tail that may be the start of one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.buf = ""
+        self.hit = False
+
+    def push(self, piece: str) -> str:
+        if not self.stops:
+            return piece
+        self.buf += piece
+        cut = min((i for i in (self.buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.hit = True
+            out, self.buf = self.buf[:cut], ""
+            return out
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.buf)), 0, -1):
+                if self.buf.endswith(s[:k]):
+                    keep = max(keep, k)
+                    break
+        out, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
+class ChatService:
+    """The model behind the HTTP layer: one engine, one request at a time."""
+
+    def __init__(self, bundle_path: str | Path, *, system_prompt: str | None = None, kvcache_path: str | None = None,
+                 model_name: str | None = None, max_tokens: int | None = None, queue_timeout: float = 600.0,
+                 threads: int = 2, history: str = "used", seed: int | None = None, log=None):
+        from .runner import Bundle, Chat, Engine, Sampler
+
+        self.bundle = Bundle(bundle_path)
+        self.engine = Engine(self.bundle, threads=threads, history=history)
+        self.chat = Chat(self.bundle, self.engine, system_prompt=system_prompt, seed=seed)
+        self.tokenizer = self.chat.tok.tokenizer  # the bundle's ChatTokenizer (templates whole conversations)
+        # the tokenizer module is loaded from the bundle's file, not imported: take its exception from it
+        self._template_error = type(self.chat.tok).encode.__globals__.get("TemplateRenderError", ValueError)
+        self.default_sampler = self.chat.gen.sampler
+        self._Sampler = Sampler
+        self.model_id = model_name or self.bundle.model
+        self.aliases = {self.model_id, self.bundle.model, self.bundle.dir.name}
+        self.max_tokens = max_tokens
+        self.queue_timeout = queue_timeout
+        self.kvcache_path = Path(kvcache_path) if kvcache_path else None
+        self.log = log or (lambda msg: print(f"[I] {msg}", file=sys.stderr, flush=True))
+        self.lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.created = int(time.time())
+        with self.lock:
+            self.precompute_len = self._start_over()
+
+    # -- state ----------------------------------------------------------------------------------
+    @property
+    def system_prompt(self) -> str:
+        return self.chat.system_prompt
+
+    @property
+    def busy(self) -> bool:
+        return self.lock.locked()
+
+    def _start_over(self) -> int:
+        if self.kvcache_path is not None:
+            from .kvcache import restore_or_prefill
+
+            return restore_or_prefill(self.chat, self.kvcache_path, self.log)
+        return self.chat.reset()
+
+    def _acquire(self):
+        if not self.lock.acquire(timeout=self.queue_timeout):
+            raise ApiError(503, f"the model is busy (waited {self.queue_timeout:g} s for the request before)",
+                           code="busy", kind="server_error")
+
+    def reset(self, system_prompt: str | None = None) -> dict:
+        self._acquire()
+        try:
+            if system_prompt is not None:
+                self.chat.system_prompt = system_prompt
+            self.precompute_len = self._start_over()
+            return {"status": "ok", "precompute_len": self.precompute_len, "system_prompt": self.chat.system_prompt}
+        finally:
+            self.lock.release()
+
+    def stop(self) -> dict:
+        self.stop_event.set()
+        return {"status": "ok", "was_running": self.busy}
+
+    def model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "axgen",
+                "context_length": self.engine.C}
+
+    # -- requests ---------------------------------------------------------------------------------
+    def prepare(self, body: dict) -> dict:
+        """Validate a chat completion request; returns what `generate` needs (raises ApiError)."""
+        model = body.get("model")
+        if model is not None:
+            if not isinstance(model, str):
+                raise ApiError(400, "'model' must be a string", "model")
+            if model not in self.aliases:
+                raise ApiError(404, f"model {model!r} does not exist here; this server has {self.model_id!r} "
+                                    f"(GET /v1/models)", "model", "model_not_found")
+        messages = parse_messages(body)
+        stream = body.get("stream", False)
+        if stream is None:
+            stream = False
+        if not isinstance(stream, bool):
+            raise ApiError(400, "'stream' must be true or false", "stream")
+        opts = body.get("stream_options") or {}
+        if not isinstance(opts, dict):
+            raise ApiError(400, "'stream_options' must be an object", "stream_options")
+        _number(body, "n", 1, 1, integer=True)
+        limit = None
+        for key in ("max_completion_tokens", "max_tokens"):
+            value = _number(body, key, 1, 1 << 30, integer=True)
+            if value is not None:
+                limit = value
+                break
+        if self.max_tokens is not None:
+            limit = self.max_tokens if limit is None else min(limit, self.max_tokens)
+        stop = body.get("stop")
+        if stop is None:
+            stops = []
+        elif isinstance(stop, str):
+            stops = [stop]
+        elif isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop):
+            stops = list(stop)
+        else:
+            raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", "stop")
+        sampler = self._sampler_for(body)
+        if messages[0]["role"] != "system" and self.chat.system_prompt:
+            messages = [{"role": "system", "content": self.chat.system_prompt}] + messages
+        try:
+            ids = self.tokenizer.encode_messages(messages, add_generation_prompt=True)
+        except self._template_error as exc:
+            raise ApiError(400, f"the chat template refused the conversation: {exc}", "messages") from None
+        if len(ids) >= self.engine.C:
+            raise ApiError(400, f"the conversation is {len(ids)} tokens; this bundle's KV cache holds "
+                                f"{self.engine.C} (--kv_cache_len) including the answer", "messages",
+                           "context_length_exceeded")
+        return {"ids": ids, "stream": stream, "include_usage": bool(opts.get("include_usage")), "limit": limit,
+                "stops": stops, "sampler": sampler}
+
+    def _sampler_for(self, body: dict):
+        for name, alias in (("top_p", "top-p"), ("top_k", "top-k")):  # main_api's spellings
+            if body.get(name) is None and body.get(alias) is not None:
+                body[name] = body[alias]
+        temperature = _number(body, "temperature", 0, 2)
+        top_p = _number(body, "top_p", 0, 1, lo_open=True)
+        top_k = _number(body, "top_k", 1, 1 << 20, integer=True)
+        penalty = _number(body, "repetition_penalty", 0, 10, lo_open=True)
+        seed = _number(body, "seed", -(1 << 63), (1 << 64) - 1, integer=True)
+        seed = None if seed is None else seed & ((1 << 64) - 1)
+        if all(v is None for v in (temperature, top_p, top_k, penalty, seed)):
+            return self.default_sampler
+        cfg = self.bundle.sampling.model_dump()
+        if temperature is not None:
+            if temperature == 0:  # OpenAI: deterministic
+                cfg.update(enable_temperature=False, enable_top_p_sampling=False, enable_top_k_sampling=True, top_k=1)
+            else:
+                cfg.update(enable_temperature=True, temperature=float(temperature))
+        if top_p is not None and temperature != 0:
+            cfg.update(enable_top_p_sampling=top_p < 1, top_p=float(top_p))
+        if top_k is not None and temperature != 0:
+            cfg.update(enable_top_k_sampling=True, top_k=top_k)
+        if penalty is not None:
+            cfg.update(enable_repetition_penalty=penalty != 1, repetition_penalty=float(penalty))
+        return self._Sampler(type(self.bundle.sampling)(**cfg), seed)
+
+    def generate(self, req: dict) -> Iterator[str]:
+        """Text pieces of the answer; afterwards `req` holds finish_reason and usage. Holds the engine
+        lock while it runs (close the iterator to release it early)."""
+        from .runner import StreamDecoder
+
+        self._acquire()
+        try:
+            self.stop_event.clear()
+            gen = self.chat.gen
+            gen.sampler = req["sampler"]
+            decoder = StreamDecoder(self.tokenizer.decode, gen.eos)
+            stops = StopMatcher(req["stops"])
+            finish = "length"
+            try:
+                for tok in gen.stream(req["ids"], req["limit"]):
+                    piece = stops.push(decoder.push(tok))
+                    if piece:
+                        yield piece
+                    if stops.hit:
+                        finish = "stop"
+                        break
+                    if self.stop_event.is_set():
+                        finish = "stop"
+                        break
+                else:
+                    if gen.stats.hit_eos:
+                        finish = "stop"
+                    tail = stops.flush()
+                    if tail:
+                        yield tail
+            finally:
+                gen.sampler = self.default_sampler
+            st = gen.stats
+            req["finish_reason"] = finish
+            req["usage"] = {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.generated,
+                            "total_tokens": st.prompt_tokens + st.generated,
+                            "prompt_tokens_details": {"cached_tokens": st.prompt_tokens - st.prefilled}}
+            req["timings"] = {"ttft_ms": round(st.ttft_ms, 2), "decode_tok_s": round(st.decode_tok_s, 2)}
+        finally:
+            self.lock.release()
+
+
+# ----------------------------------------------------------------------------------------------
+# HTTP
+# ----------------------------------------------------------------------------------------------
+
+
+class ApiHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "axgen-serve"
+    timeout = 300
+    server: "ApiServer"
+
+    def setup(self):
+        super().setup()
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+    def log_message(self, format: str, *args: Any):
+        if self.server.log_requests:
+            super().log_message(format, *args)
+
+    # -- output ----------------------------------------------------------------------------------
+    def send_json(self, status: int, payload: dict, headers: dict | None = None):
+        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None):
+        """http.server's own errors (bad request line, unsupported method) as JSON too."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "error"
+        self.send_json(code, ApiError(code, message or phrase).body())
+
+    def _chunk(self, data: bytes):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _event(self, payload: dict | str):
+        text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+        self._chunk(f"data: {text}\n\n".encode("utf-8"))
+
+    # -- input -----------------------------------------------------------------------------------
+    def read_json(self) -> dict:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise ApiError(411, "chunked request bodies are not supported: send Content-Length")
+        raw_length = self.headers.get("Content-Length")
+        if raw_length is None:
+            self.close_connection = True
+            raise ApiError(411, "POST needs a Content-Length header")
+        try:
+            length = int(raw_length)
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            raise ApiError(400, f"invalid Content-Length {raw_length!r}") from None
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True
+            raise ApiError(413, f"request body of {length} bytes is over the limit of {MAX_BODY_BYTES} bytes")
+        raw = self.rfile.read(length) if length else b""
+        self._body_unread = False
+        if len(raw) != length:
+            self.close_connection = True
+            raise ApiError(400, "request body shorter than its Content-Length")
+        if not raw.strip():
+            return {}
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        return body
+
+    # -- routing ---------------------------------------------------------------------------------
+    def dispatch(self):
+        self._body_unread = self.headers.get("Content-Length") not in (None, "0") or \
+            "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+        allowed = "GET"
+        try:
+            path = urlsplit(self.path).path.rstrip("/") or "/"
+            if path.startswith("/v1/models/"):
+                handler = lambda body: self.model_get(unquote(path[len("/v1/models/"):]))  # noqa: E731
+            elif path in ROUTES:
+                allowed, handler = ROUTES[path], getattr(self, HANDLERS[path])
+            else:
+                raise ApiError(404, f"no route {path} (see /v1/models, /v1/chat/completions, /v1/reset, /v1/stop)",
+                               code="not_found")
+            if self.command not in allowed.split(", "):
+                raise ApiError(405, f"{self.command} is not allowed on {path} (use {allowed})")
+            body = {}
+            if self.command == "POST":
+                body = self.read_json()
+            if self._body_unread:  # a GET with a body: not read, so the connection cannot be reused
+                self.close_connection = True
+            handler(body)
+        except ApiError as exc:
+            if self._body_unread:
+                self.close_connection = True
+            self.send_json(exc.status, exc.body(), {"Allow": allowed} if exc.status == 405 else None)
+        except GeneratorError as exc:
+            self.send_json(400, ApiError(400, str(exc)).body())
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as exc:  # a bug: 500 JSON, keep serving
+            traceback.print_exc(file=sys.stderr)
+            self.close_connection = True
+            self.send_json(500, ApiError(500, f"internal server error: {type(exc).__name__}: {exc}",
+                                         kind="server_error").body())
+
+    def finish(self):
+        if getattr(self, "_body_unread", False) and self.close_connection:
+            # We answered without reading the body: closing with unread data would reset the
+            # connection and could destroy the answer. Half close, then drain briefly.
+            try:
+                self.connection.shutdown(socket.SHUT_WR)
+                self.connection.settimeout(1.0)
+                for _ in range(128):
+                    if not self.connection.recv(65536):
+                        break
+            except OSError:
+                pass
+        super().finish()
+
+    do_GET = do_POST = dispatch
+
+    def __getattr__(self, name: str):
+        if name.startswith("do_"):  # PUT, DELETE, ...: JSON 405/404 instead of http.server's 501 page
+            return self.dispatch
+        raise AttributeError(name)
+
+    # -- handlers --------------------------------------------------------------------------------
+    def health(self, body: dict):
+        svc = self.server.service
+        self.send_json(200, {"status": "ok", "model": svc.model_id, "busy": svc.busy})
+
+    def models(self, body: dict):
+        self.send_json(200, {"object": "list", "data": [self.server.service.model_card()]})
+
+    def model_get(self, model_id: str):
+        svc = self.server.service
+        if model_id not in svc.aliases:
+            raise ApiError(404, f"model {model_id!r} does not exist here; this server has {svc.model_id!r}",
+                           "model", "model_not_found")
+        self.send_json(200, svc.model_card())
+
+    def reset(self, body: dict):
+        system_prompt = body.get("system_prompt")
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise ApiError(400, "'system_prompt' must be a string", "system_prompt")
+        self.send_json(200, self.server.service.reset(system_prompt))
+
+    def stop(self, body: dict):
+        self.send_json(200, self.server.service.stop())
+
+    def chat_completions(self, body: dict):
+        svc = self.server.service
+        req = svc.prepare(body)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        base = {"id": rid, "created": created, "model": svc.model_id}
+        pieces = svc.generate(req)
+        if not req["stream"]:
+            text = "".join(pieces)
+            self.send_json(200, {**base, "object": "chat.completion", "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                 "finish_reason": req["finish_reason"]}], "usage": req["usage"], "axgen": req["timings"]})
+            return
+        try:
+            first = next(pieces, None)  # errors before the first token still get a JSON status
+        except BaseException:
+            pieces.close()
+            raise
+        chunk = {**base, "object": "chat.completion.chunk"}
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self._event({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                               "logprobs": None, "finish_reason": None}]})
+            if first is not None:
+                self._event({**chunk, "choices": [{"index": 0, "delta": {"content": first}, "logprobs": None,
+                                                   "finish_reason": None}]})
+                for piece in pieces:
+                    self._event({**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "logprobs": None,
+                                                       "finish_reason": None}]})
+            self._event({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                               "finish_reason": req["finish_reason"]}]})
+            if req["include_usage"]:
+                self._event({**chunk, "choices": [], "usage": req["usage"]})
+            self._event("[DONE]")
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            self.close_connection = True  # the client went away: stop generating
+        except Exception:  # headers are out: all we can do is log and end the stream
+            traceback.print_exc(file=sys.stderr)
+            self.close_connection = True
+        finally:
+            pieces.close()
+
+
+ROUTES = {"/": "GET", "/health": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/reset": "POST",
+          "/v1/stop": "GET, POST"}
+HANDLERS = {"/": "health", "/health": "health", "/v1/models": "models", "/v1/chat/completions": "chat_completions",
+            "/v1/reset": "reset", "/v1/stop": "stop"}
+
+
+class ApiServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, address: tuple[str, int], service: ChatService, log_requests: bool = False):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.service = service
+        self.log_requests = log_requests
+        super().__init__(address, ApiHandler)
 
 
 def serve(args) -> int:
-    raise NotImplementedError("serve is being written")
+    if not 0 <= args.port <= 65535:
+        raise GeneratorError(f"--port must be in 0..65535, got {args.port}.")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise GeneratorError(f"--max_tokens must be >= 1, got {args.max_tokens}.")
+    service = ChatService(args.bundle, system_prompt=args.system_prompt, kvcache_path=args.kvcache_path,
+                          model_name=args.model_name, max_tokens=args.max_tokens, queue_timeout=args.queue_timeout,
+                          threads=args.threads, history=args.history, seed=args.seed)
+    try:
+        server = ApiServer((args.host, args.port), service, log_requests=args.log_requests)
+    except OSError as exc:
+        raise GeneratorError(f"Cannot listen on {args.host}:{args.port} (--host/--port): {exc}.") from None
+    host, port = server.server_address[:2]
+    print(f"[I] model {service.model_id}: precompute_len {service.precompute_len}, kv_cache_len {service.engine.C}",
+          file=sys.stderr, flush=True)
+    print(f"Server running at http://{host}:{port}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
