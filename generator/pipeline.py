@@ -83,9 +83,13 @@ def build(*, model: str | None = None, input_path: str | None = None, output_pat
     check_options(opts)
     ckpt = resolve_input(recipe, variant, input_path, synthetic) if recipe else open_input(input_path)
     if recipe is None:
-        recipe = reg.by_architecture(ckpt.config.get("architectures") or [], ckpt.config.get("model_type"))
+        recipe = reg.by_architecture(ckpt.config.get("architectures") or [], ckpt.config.get("model_type"), ckpt.config)
         opts = make_options(recipe.build_defaults(None), chip, **flags)
     check_variant_config(recipe, variant, ckpt)
+    if getattr(ckpt, "synthetic", False):
+        console.print(f"[bold yellow]SYNTHETIC=1:[/] random weights with the exact config of '{variant}' and a generated "
+                      f"byte-level tokenizer ({ckpt.dir}); the bundle exercises the toolchain and the checks, it has "
+                      f"learned nothing.", highlight=False)
     name = variant or model_name_for(input_path)
     spec = resolve_spec(recipe, ckpt.config, model_name=name, max_positions=opts.kv_cache_len,
                         where=f"{ckpt.source}/config.json" if not str(ckpt.source).endswith(".gguf") else ckpt.source)
@@ -99,6 +103,14 @@ def build(*, model: str | None = None, input_path: str | None = None, output_pat
                        extra_manifest={"synthetic": bool(synthetic)})
     bar = Progress(console, enabled=progress)
     check = None
+    if check_level > 0:
+        from .verify import reference_fits
+
+        fits, why = reference_fits(spec)
+        if not fits:  # build anyway, and say loudly that nothing was verified
+            console.print(f"[bold yellow]verification skipped:[/] {why}", highlight=False)
+            ctx.extra_manifest["checks_skipped"] = why
+            check_level = 0
     if check_level > 0:
         from .verify import run_checks
 

@@ -25,6 +25,14 @@ def load_reference(ckpt: Checkpoint, recipe: Recipe):
         from .relayout import relayout_reference
 
         return relayout_reference(ckpt, recipe)
+    if getattr(ckpt, "synthetic", False):  # SYNTHETIC=1: tensors exist only on demand
+        from .relayout import reference_from_tensors
+
+        return reference_from_tensors(ckpt)
+    if getattr(ckpt, "gptq", None) is not None:  # GPTQ input: transformers gets the dequantized weights
+        from .gptq import dequantized_reference
+
+        return dequantized_reference(ckpt)
     try:
         model = AutoModelForCausalLM.from_pretrained(ckpt.dir, dtype=torch.float32, attn_implementation="eager")
     except Exception as exc:
@@ -69,7 +77,7 @@ def bf16_embedding_input(model):
 
 def capture(model, ids: list[int]) -> dict[str, np.ndarray]:
     """One forward pass over `ids`: every layer's input/output hidden states, post-RoPE keys and
-    values ([L, T, kv_dim]), the final hidden state before the final norm and the logits."""
+    values ([L, T, kv_dim]), the final hidden state before the final norm and the last position's logits."""
     import torch
     from transformers import DynamicCache
 
@@ -87,7 +95,7 @@ def capture(model, ids: list[int]) -> dict[str, np.ndarray]:
     try:
         cache = DynamicCache()  # no config: every layer keeps every key (no window truncation)
         with torch.no_grad():
-            res = model(torch.tensor([ids]), past_key_values=cache, use_cache=True)
+            res = model(torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1)
     finally:
         for h in hooks:
             h.remove()

@@ -113,6 +113,23 @@ def _normalise_rope(cfg_in: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None and cfg_in.get(k) is None}
 
 
+def _rope_scaling_with_original(cfg: dict[str, Any]):
+    """transformers' rule for scaled RoPE kinds that need the pre-training context: a top-level
+    `original_max_position_embeddings` (Phi-3 writes it there) wins, else the dict's own, else
+    max_position_embeddings."""
+    scaling = cfg.get("rope_scaling")
+    if not isinstance(scaling, dict):
+        return scaling
+    scaling = dict(scaling)
+    kind = scaling.get("rope_type") or scaling.get("type")
+    if kind in ("llama3", "yarn", "longrope", "su"):
+        if cfg.get("original_max_position_embeddings") is not None:
+            scaling["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+        elif cfg.get("max_position_embeddings") is not None:
+            scaling.setdefault("original_max_position_embeddings", cfg["max_position_embeddings"])
+    return scaling
+
+
 def read_config(recipe: Recipe, raw: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
     """Apply the recipe's reading rules (section, aliases, defaults) and transformers' conventions."""
     cfg_in = raw
@@ -130,6 +147,7 @@ def read_config(recipe: Recipe, raw: dict[str, Any], where: str = "config.json")
     cfg: dict[str, Any] = dict(recipe.config.defaults)
     cfg.update(present)
     cfg.setdefault("rope_scaling", None)
+    cfg["rope_scaling"] = _rope_scaling_with_original(cfg)
     cfg.setdefault("partial_rotary_factor", 1.0)
     if cfg.get("num_key_value_heads") is None and "num_attention_heads" in cfg:
         cfg["num_key_value_heads"] = cfg["num_attention_heads"]
@@ -171,7 +189,9 @@ def _norm(n: Norm, cfg, field, recipe) -> NormSpec:
 def resolve_spec(recipe: Recipe, raw_config: dict[str, Any], *, model_name: str, max_positions: int,
                  where: str = "config.json") -> ArchSpec:
     cfg = read_config(recipe, raw_config, where)
-    archs = raw_config.get("architectures") or []
+    # a recipe reading a section (InternVL's llm_config) names the architectures found there
+    section = raw_config.get(recipe.config.section) if recipe.config.section else None
+    archs = (section if isinstance(section, dict) else raw_config).get("architectures") or []
     arch = next((a for a in archs if a in recipe.architectures), None)
     if archs and arch is None:
         raise GeneratorError(f"{where} declares architectures {archs}, but recipe '{recipe.name}' is for "
@@ -218,7 +238,7 @@ def resolve_spec(recipe: Recipe, raw_config: dict[str, Any], *, model_name: str,
 
     softcap = val(b.attention.logit_softcap, "block.attention.logit_softcap")
     final_softcap = val(recipe.head.final_logit_softcap, "head.final_logit_softcap")
-    eos = raw_config.get("eos_token_id", cfg.get("eos_token_id"))
+    eos = cfg.get("eos_token_id")
     eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
     have = recipe.tensors.provides()
     tie = val(recipe.head.tie_word_embeddings, "head.tie_word_embeddings")

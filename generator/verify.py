@@ -50,6 +50,32 @@ def thresholds(weight_type: str, hidden_state_type: str) -> dict[str, dict[str, 
     return out
 
 
+def parameter_count(spec) -> int:
+    h, i, kv, q = spec.hidden_size, spec.intermediate_size, spec.kv_dim, spec.q_dim
+    per_layer = h * (q + 2 * kv) + q * h + h * i * (3 if spec.mlp_gated else 2)
+    return spec.num_hidden_layers * per_layer + spec.vocab_size * h * (1 if spec.tie_word_embeddings else 2)
+
+
+# Bytes of memory per model parameter a level-1/2 check needs: the fp32 transformers reference (4)
+# plus the runner's sessions and their working memory (measured ~5-8 on 0.5B-1.5B models).
+CHECK_BYTES_PER_PARAMETER = 10
+
+
+def reference_fits(spec) -> tuple[bool, str]:
+    """Whether this machine has the memory to verify against an fp32 transformers reference."""
+    import psutil
+
+    params = parameter_count(spec)
+    need = params * CHECK_BYTES_PER_PARAMETER + (1 << 30)
+    avail = psutil.virtual_memory().available
+    if need <= avail:
+        return True, ""
+    return False, (f"checking {spec.model_name} against transformers needs about {need / 2**30:.0f} GiB of memory "
+                   f"({params / 1e9:.2f}B parameters: the fp32 reference plus the runner), and this machine has "
+                   f"{avail / 2**30:.0f} GiB available. The bundle is built but NOT verified; verify it on a larger "
+                   f"machine with `python -m generator verify <bundle> -c 2`.")
+
+
 def compare(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     a, b = ours.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
     denom = np.linalg.norm(a) * np.linalg.norm(b)
