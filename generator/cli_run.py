@@ -115,7 +115,8 @@ def run(args) -> int:
     bundle = Bundle(bundle_dir(args))
     check_board_flags(args, bundle)
     tokenizer = make_tokenizer(args)
-    engine = Engine(bundle, threads=args.threads, history=args.history, mmap_embed=bool(args.use_mmap_load_embed))
+    engine = Engine(bundle, threads=args.threads, history=args.history, mmap_embed=bool(args.use_mmap_load_embed),
+                    shared_pool=True)  # this process exists to run the bundle
     chat = Chat(bundle, engine, tokenizer, system_prompt=args.system_prompt, seed=args.seed)
 
     def start_over() -> int:

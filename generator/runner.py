@@ -198,6 +198,9 @@ class Engine:
                 self._bind(io, "V_cache", self.v_cache[i], shape=(1, self.C, self.kv))
                 self._bind(io, "mask", self.mask_dec)
             self._dec_io.append((sess._sess, io))
+        # per layer, the C-level calls decode() makes for each token (no per-token Python wrappers)
+        self._dec_calls = [(sess, io._iobinding.bind_input, io._iobinding.bind_output, self.k_cache[i].ctypes.data,
+                            self.v_cache[i].ctypes.data) for i, (sess, io) in enumerate(self._dec_io)]
         self.h_final_dec = self.h_dec[self.L % 2]
 
     def decode(self, token: int) -> np.ndarray:
@@ -211,19 +214,18 @@ class Engine:
         if not used:
             self.mask_dec[0, 0, :pos] = 0  # columns [0, pos) attend (rewind re-blocks the rest)
         row = self.kv * self.k_cache.itemsize
-        kv_shape = (1, 1, self.kv)
-        for i, (sess, io) in enumerate(self._dec_io):
+        dev, ot, kv_shape = self._device, self.onnx_type, [1, 1, self.kv]
+        n = max(pos, 1)  # a 0-row history is not allowed: row 0 is then masked
+        hist_shape, mask_shape = [1, n, self.kv], [1, 1, n + 1]
+        mask_ptr = (self.zeros_mask if pos else self.mask_dec).ctypes.data
+        for sess, bind_in, bind_out, k_base, v_base in self._dec_calls:
             if used:
-                n = max(pos, 1)  # a 0-row history is not allowed: row 0 is then masked
-                self._bind(io, "K_cache", self.k_cache[i], shape=(1, n, self.kv))
-                self._bind(io, "V_cache", self.v_cache[i], shape=(1, n, self.kv))
-                mask = self.zeros_mask if pos else self.mask_dec
-                self._bind(io, "mask", mask, shape=(1, 1, n + 1))
-            k_ptr = self.k_cache[i].ctypes.data + pos * row
-            v_ptr = self.v_cache[i].ctypes.data + pos * row
-            io._iobinding.bind_output("K_cache_out", self._device, self.onnx_type, kv_shape, k_ptr)
-            io._iobinding.bind_output("V_cache_out", self._device, self.onnx_type, kv_shape, v_ptr)
-            sess.run_with_iobinding(io._iobinding, None)
+                bind_in("K_cache", dev, ot, hist_shape, k_base)
+                bind_in("V_cache", dev, ot, hist_shape, v_base)
+                bind_in("mask", dev, ot, mask_shape, mask_ptr)
+            bind_out("K_cache_out", dev, ot, kv_shape, k_base + pos * row)
+            bind_out("V_cache_out", dev, ot, kv_shape, v_base + pos * row)
+            sess.run_with_iobinding(bind_in.__self__, None)
         self.precompute_len = pos + 1
         self.cached_ids.append(token)
         return self.h_final_dec[0, 0]

@@ -175,11 +175,12 @@ class ChatService:
 
     def __init__(self, bundle_path: str | Path, *, system_prompt: str | None = None, kvcache_path: str | None = None,
                  model_name: str | None = None, max_tokens: int | None = None, queue_timeout: float = 600.0,
-                 threads: int = 2, history: str = "used", seed: int | None = None, log=None):
+                 threads: int = 2, history: str = "used", seed: int | None = None, log=None,
+                 shared_pool: bool = False):
         from .runner import Bundle, Chat, Engine, Sampler
 
         self.bundle = Bundle(bundle_path)
-        self.engine = Engine(self.bundle, threads=threads, history=history)
+        self.engine = Engine(self.bundle, threads=threads, history=history, shared_pool=shared_pool)
         self.chat = Chat(self.bundle, self.engine, system_prompt=system_prompt, seed=seed)
         self.tokenizer = self.chat.tok.tokenizer  # the bundle's ChatTokenizer (templates whole conversations)
         # the tokenizer module is loaded from the bundle's file, not imported: take its exception from it
@@ -603,7 +604,7 @@ def serve(args) -> int:
         raise GeneratorError(f"--max_tokens must be >= 1, got {args.max_tokens}.")
     service = ChatService(args.bundle, system_prompt=args.system_prompt, kvcache_path=args.kvcache_path,
                           model_name=args.model_name, max_tokens=args.max_tokens, queue_timeout=args.queue_timeout,
-                          threads=args.threads, history=args.history, seed=args.seed)
+                          threads=args.threads, history=args.history, seed=args.seed, shared_pool=True)
     try:
         server = ApiServer((args.host, args.port), service, log_requests=args.log_requests)
     except OSError as exc:
