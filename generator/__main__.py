@@ -48,7 +48,10 @@ def cmd_build(args) -> int:
     size = sum(f["bytes"] for f in files.values())
     out = Console()
     out.print(f"[bold green]bundle[/] {m['out_dir']}: {len(files)} files, {size / 2**20:.1f} MiB, "
-              f"built in {m['build_seconds']:.1f} s ({m['total_seconds']:.1f} s with checks)")
+              f"built in {m['build_seconds']:.1f} s ({m['total_seconds']:.1f} s "
+              f"{'with checks' if m.get('checks') else 'in total'})")
+    if m.get("checks_skipped"):
+        out.print(f"[bold yellow]checks skipped:[/] {m['checks_skipped']}")
     checks = m.get("checks")
     summary = {"out_dir": m["out_dir"], "files": len(files), "bytes": size, "build_seconds": m["build_seconds"],
                "total_seconds": m["total_seconds"], "checks": checks}
@@ -107,9 +110,15 @@ def cmd_verify(args) -> int:
     from .verify import require_passed, run_checks
 
     bundle = Bundle(args.bundle)
-    src = args.input_path or bundle.manifest["input"]["source"]
-    ckpt = open_input(src)
     recipe = registry().recipes[bundle.manifest["recipe"]["name"]]
+    if args.input_path:
+        ckpt = open_input(args.input_path)
+    elif bundle.manifest.get("synthetic"):  # the same deterministic weights, regenerated on demand
+        from .synthetic import synthetic_checkpoint
+
+        ckpt = synthetic_checkpoint(recipe, bundle.manifest["recipe"]["variant"])
+    else:
+        ckpt = open_input(bundle.manifest["input"]["source"])
     console = Console(stderr=True)
     summary = run_checks(bundle.dir, ckpt, recipe, args.check_level, args.prompt, Progress(console), console)
     Console().print("[bold green]checks passed[/]" if summary["passed"] else "[bold red]checks FAILED[/]")

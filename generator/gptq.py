@@ -35,9 +35,9 @@ the file and the field.
 
 The rest of the pipeline never sees the packing: `Checkpoint` asks `attach` for a view and, when
 there is one, exposes a virtual `<prefix>.weight` (float32) per packed module and hides the packed
-tensors. The transformers reference cannot load GPTQ without optimum/gptqmodel, so
-`dequantized_reference` builds the model from config.json without its quantization_config and
-loads these dequantized weights.
+tensors. The transformers reference cannot load GPTQ without optimum/gptqmodel, so verification
+builds it from config.json without its quantization_config and feeds it these dequantized weights
+(relayout.reference_from_tensors).
 """
 
 from __future__ import annotations
@@ -279,32 +279,3 @@ def attach(ckpt: Checkpoint) -> GptqView | None:
         raise GeneratorError(f"{cfg.where} declares a GPTQ checkpoint, but '{ckpt.source}' has no '.qweight' tensors. "
                              f"Remove quantization_config if the weights are not quantized.")
     return GptqView(ckpt, cfg, prefixes)
-
-
-def dequantized_reference(ckpt: Checkpoint):
-    """The transformers reference for a GPTQ checkpoint: the model built from config.json without its
-    quantization_config (transformers would need optimum/gptqmodel kernels for it) with the exactly
-    dequantized weights loaded, in float32 with eager attention like every other reference."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(ckpt.dir)
-    except Exception as exc:
-        raise GeneratorError(f"transformers cannot read {ckpt.dir / 'config.json'} for the reference ({exc}).") from exc
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    try:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
-    except Exception as exc:
-        raise GeneratorError(f"transformers cannot build the reference for '{ckpt.source}' ({exc}).") from exc
-    state = {name: ckpt.torch_tensor(name).float() for name in ckpt.names()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
-    params = dict(model.named_parameters(remove_duplicate=False))
-    loaded = {params[k].data_ptr() for k in state if k in params}
-    missing = [k for k in missing if k in params and params[k].data_ptr() not in loaded]  # tied copies are loaded
-    if missing or unexpected:
-        raise GeneratorError(f"The dequantized GPTQ checkpoint '{ckpt.source}' does not match transformers' "
-                             f"{type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}.")
-    return model.eval()

@@ -157,15 +157,7 @@ def load(path: Path, bundle, engine, system_prompt: str, token_ids: list[int]) -
 
 def install(chat, k: np.ndarray | None, v: np.ndarray | None, token_ids: list[int]):
     """Make the engine hold `token_ids` with these cache rows, as if it had just prefilled them."""
-    e = chat.engine
-    n = len(token_ids)
-    e.reset()
-    if n:
-        e.k_cache[:, :n] = k
-        e.v_cache[:, :n] = v
-    e.precompute_len = n
-    e.cached_ids = list(token_ids)
-    e.rewind(n)  # lets the engine re-derive its per-length state (the board-mode decode mask)
+    chat.engine.load_prefix(k, v, token_ids)
     chat.system_ids = list(token_ids)
     chat.last_reply = None
 

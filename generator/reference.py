@@ -25,14 +25,11 @@ def load_reference(ckpt: Checkpoint, recipe: Recipe):
         from .relayout import relayout_reference
 
         return relayout_reference(ckpt, recipe)
-    if getattr(ckpt, "synthetic", False):  # SYNTHETIC=1: tensors exist only on demand
+    if getattr(ckpt, "synthetic", False) or getattr(ckpt, "gptq", None) is not None:
+        # SYNTHETIC=1 tensors exist only on demand; GPTQ weights are dequantized by generator/gptq.py
         from .relayout import reference_from_tensors
 
         return reference_from_tensors(ckpt)
-    if getattr(ckpt, "gptq", None) is not None:  # GPTQ input: transformers gets the dequantized weights
-        from .gptq import dequantized_reference
-
-        return dequantized_reference(ckpt)
     try:
         model = AutoModelForCausalLM.from_pretrained(ckpt.dir, dtype=torch.float32, attn_implementation="eager")
     except Exception as exc:

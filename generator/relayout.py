@@ -188,14 +188,18 @@ def relayout_reference(ckpt, recipe: Recipe):
 
 
 def reference_from_tensors(ckpt):
-    """transformers' own architecture for a checkpoint whose tensors are produced on demand
-    (SYNTHETIC=1): config.json -> AutoConfig, every tensor by its HF name."""
+    """transformers' own architecture fed tensor by tensor through the Checkpoint interface: for
+    checkpoints whose float tensors transformers cannot load itself, those produced on demand
+    (SYNTHETIC=1) and GPTQ-packed ones (exactly dequantized by generator/gptq.py; the
+    quantization_config is dropped, transformers would need optimum/gptqmodel kernels for it)."""
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(ckpt.dir)
     except Exception as exc:
         raise GeneratorError(f"transformers cannot read '{ckpt.dir}/config.json' as a reference ({exc}).") from exc
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     model = _build(None, config)
     where = f"reference for '{ckpt.source}'"
     model = fill_model(model, ckpt.torch_tensor, lambda k: k, {}, where, ckpt.has)

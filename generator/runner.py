@@ -363,6 +363,19 @@ class Engine:
     def reset(self):
         self.rewind(0)
 
+    def load_prefix(self, k: np.ndarray | None, v: np.ndarray | None, ids: list[int]):
+        """Hold `ids` with these cache rows ([L, n, kv_dim] each), as if they had just been prefilled
+        (a saved system-prompt cache, --kvcache_path)."""
+        n = len(ids)
+        if n > self.C:
+            raise GeneratorError(f"A cached prefix of {n} tokens does not fit --kv_cache_len {self.C}.")
+        self.rewind(0)
+        if n:
+            self.k_cache[:, :n] = k
+            self.v_cache[:, :n] = v
+        self.precompute_len = n
+        self.cached_ids = list(ids)
+
 
 class Sampler:
     """post_config.json sampling, in the board's order (contract section 4)."""
