@@ -37,6 +37,7 @@ for the one before it, then gets 503). Errors are JSON, OpenAI style: ``{"error"
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import socket
 import sys
@@ -44,8 +45,6 @@ import threading
 import time
 import traceback
 import uuid
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import unquote, urlsplit
@@ -54,6 +53,23 @@ from .errors import GeneratorError
 
 MAX_BODY_BYTES = 4 << 20
 DEFAULT_PORT = 8000  # main_api's port
+# The bundles' tokenizer server (= bundle.TOKENIZER_SERVER; generator.bundle is not imported for it: it
+# pulls in the whole build stack). It holds the HTTP plumbing both servers share: JsonRequestHandler and
+# JsonHTTPServer.
+TOKENIZER_SERVER = Path(__file__).resolve().parent.parent / "templates" / "tokenizer" / "tokenizer_uid.py"
+
+
+def _load_tokenizer_server():
+    """templates/tokenizer/tokenizer_uid.py as a module. It is a standalone script (it must not import
+    this package), so it is loaded by path, as `runner.load_tokenizer_module` loads a bundle's copy."""
+    spec = importlib.util.spec_from_file_location("axgen_tokenizer_server", TOKENIZER_SERVER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_tokenizer_server = _load_tokenizer_server()
+JsonRequestHandler, JsonHTTPServer = _tokenizer_server.JsonRequestHandler, _tokenizer_server.JsonHTTPServer
 
 
 def add_serve_args(p: argparse.ArgumentParser):
@@ -362,51 +378,21 @@ class ChatService:
 # ----------------------------------------------------------------------------------------------
 
 
-class ApiHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class ApiHandler(JsonRequestHandler):
+    """The OpenAI routes on the plumbing shared with the tokenizer server (keep-alive, TCP_NODELAY,
+    JSON answers and errors, body limits, draining an unread body, any method reaching `dispatch`)."""
+
     server_version = "axgen-serve"
     timeout = 300
+    error_type = ApiError  # what read_json raises
+    max_drain_bytes = 8 << 20
     server: "ApiServer"
 
-    def setup(self):
-        super().setup()
-        try:
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+    def error_body(self, status: int, message: str) -> dict:
+        """OpenAI style; a 500 is a bug of ours (server_error), anything else the request's fault."""
+        return ApiError(status, message, kind="server_error" if status == 500 else "invalid_request_error").body()
 
-    def log_message(self, format: str, *args: Any):
-        if self.server.log_requests:
-            super().log_message(format, *args)
-
-    # -- output ----------------------------------------------------------------------------------
-    def send_json(self, status: int, payload: dict, headers: dict | None = None):
-        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None):
-        """http.server's own errors (bad request line, unsupported method) as JSON too."""
-        self.close_connection = True
-        if self.request_version == "HTTP/0.9":
-            self.request_version = "HTTP/1.0"
-        try:
-            phrase = HTTPStatus(code).phrase
-        except ValueError:
-            phrase = "error"
-        self.send_json(code, ApiError(code, message or phrase).body())
-
+    # -- streaming -------------------------------------------------------------------------------
     def _chunk(self, data: bytes):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
@@ -415,44 +401,8 @@ class ApiHandler(BaseHTTPRequestHandler):
         text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
         self._chunk(f"data: {text}\n\n".encode("utf-8"))
 
-    # -- input -----------------------------------------------------------------------------------
-    def read_json(self) -> dict:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            raise ApiError(411, "chunked request bodies are not supported: send Content-Length")
-        raw_length = self.headers.get("Content-Length")
-        if raw_length is None:
-            self.close_connection = True
-            raise ApiError(411, "POST needs a Content-Length header")
-        try:
-            length = int(raw_length)
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            raise ApiError(400, f"invalid Content-Length {raw_length!r}") from None
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True
-            raise ApiError(413, f"request body of {length} bytes is over the limit of {MAX_BODY_BYTES} bytes")
-        raw = self.rfile.read(length) if length else b""
-        self._body_unread = False
-        if len(raw) != length:
-            self.close_connection = True
-            raise ApiError(400, "request body shorter than its Content-Length")
-        if not raw.strip():
-            return {}
-        try:
-            body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object")
-        return body
-
     # -- routing ---------------------------------------------------------------------------------
     def dispatch(self):
-        self._body_unread = self.headers.get("Content-Length") not in (None, "0") or \
-            "chunked" in self.headers.get("Transfer-Encoding", "").lower()
         allowed = "GET"
         try:
             path = urlsplit(self.path).path.rstrip("/") or "/"
@@ -465,46 +415,15 @@ class ApiHandler(BaseHTTPRequestHandler):
                                code="not_found")
             if self.command not in allowed.split(", "):
                 raise ApiError(405, f"{self.command} is not allowed on {path} (use {allowed})")
-            body = {}
-            if self.command == "POST":
-                body = self.read_json()
-            if self._body_unread:  # a GET with a body: not read, so the connection cannot be reused
-                self.close_connection = True
-            handler(body)
+            handler(self.read_body())
         except ApiError as exc:
-            if self._body_unread:
-                self.close_connection = True
             self.send_json(exc.status, exc.body(), {"Allow": allowed} if exc.status == 405 else None)
         except GeneratorError as exc:
-            self.send_json(400, ApiError(400, str(exc)).body())
+            self.send_json(400, self.error_body(400, str(exc)))
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as exc:  # a bug: 500 JSON, keep serving
-            traceback.print_exc(file=sys.stderr)
-            self.close_connection = True
-            self.send_json(500, ApiError(500, f"internal server error: {type(exc).__name__}: {exc}",
-                                         kind="server_error").body())
-
-    def finish(self):
-        if getattr(self, "_body_unread", False) and self.close_connection:
-            # We answered without reading the body: closing with unread data would reset the
-            # connection and could destroy the answer. Half close, then drain briefly.
-            try:
-                self.connection.shutdown(socket.SHUT_WR)
-                self.connection.settimeout(1.0)
-                for _ in range(128):
-                    if not self.connection.recv(65536):
-                        break
-            except OSError:
-                pass
-        super().finish()
-
-    do_GET = do_POST = dispatch
-
-    def __getattr__(self, name: str):
-        if name.startswith("do_"):  # PUT, DELETE, ...: JSON 405/404 instead of http.server's 501 page
-            return self.dispatch
-        raise AttributeError(name)
+            self.send_internal_error(exc)
 
     # -- handlers --------------------------------------------------------------------------------
     def health(self, body: dict):
@@ -585,16 +504,12 @@ HANDLERS = {"/": "health", "/health": "health", "/v1/models": "models", "/v1/cha
             "/v1/reset": "reset", "/v1/stop": "stop"}
 
 
-class ApiServer(ThreadingHTTPServer):
-    daemon_threads = True
+class ApiServer(JsonHTTPServer):
     request_queue_size = 64
 
     def __init__(self, address: tuple[str, int], service: ChatService, log_requests: bool = False):
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
         self.service = service
-        self.log_requests = log_requests
-        super().__init__(address, ApiHandler)
+        super().__init__(address, ApiHandler, log_requests, MAX_BODY_BYTES)
 
 
 def serve(args) -> int:
@@ -609,14 +524,7 @@ def serve(args) -> int:
         server = ApiServer((args.host, args.port), service, log_requests=args.log_requests)
     except OSError as exc:
         raise GeneratorError(f"Cannot listen on {args.host}:{args.port} (--host/--port): {exc}.") from None
-    host, port = server.server_address[:2]
     print(f"[I] model {service.model_id}: precompute_len {service.precompute_len}, kv_cache_len {service.engine.C}",
           file=sys.stderr, flush=True)
-    print(f"Server running at http://{host}:{port}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    server.serve_until_interrupted()
     return 0

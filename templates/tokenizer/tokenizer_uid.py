@@ -695,6 +695,8 @@ class SessionTable:
 # ----------------------------------------------------------------------------------------------
 # HTTP layer
 # ----------------------------------------------------------------------------------------------
+# JsonRequestHandler and JsonHTTPServer are generic (no tokenizer in them): generator/serve.py loads this
+# file to build the OpenAI-compatible server on them. Keep them standard library only.
 
 
 def _field(body: dict, key: str, kind: type, required: bool = False) -> Any:
@@ -830,31 +832,66 @@ class TokenizerApp:
         return {"text": text, "pending_ids": pending}
 
 
-class TokenizerRequestHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: ax-llm's client reuses its connection
-    server_version = "ax-tokenizer"
-    timeout = 60  # seconds an idle keep-alive connection (or a slow body) may hold a thread
-    server: "TokenizerHTTPServer"
+class JsonRequestHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1 plumbing of a JSON API, shared by two servers: ``TokenizerRequestHandler`` below and
+    the generator's OpenAI-compatible ``python -m generator serve`` (``generator/serve.py`` loads
+    this file by path to subclass it). This file is a standalone script copied into every bundle,
+    so this class uses the standard library only and knows nothing of tokenizers or models.
+
+    What it does:
+
+    * keep-alive connections with ``TCP_NODELAY`` (headers and body are two writes; without it
+      Nagle + the client's delayed ACK add ~40 ms to every answer on a kept-alive connection);
+    * ``send_json``; http.server's own errors (bad request line, HTTP version...) are JSON too
+      (``send_error``), and a bug in a handler becomes a JSON 500 (``send_internal_error``);
+    * request lines are logged only when ``server.log_requests`` is true (the server is a
+      ``JsonHTTPServer``, below);
+    * ``read_json`` / ``read_body``: the body of a POST as a JSON object, Content-Length checked
+      against ``max_body_bytes`` before anything is read; no chunked bodies;
+    * every method (``do_GET``, ``do_PUT``, ``do_HEAD``, made-up ones) reaches ``dispatch``, so an
+      unknown method gets the subclass's JSON 404/405 instead of http.server's 501 HTML page;
+    * a request body that is not read (refused, too large, sent with a GET) closes the connection
+      after the answer, with a half close and a bounded drain (``finish``) so that the unread data
+      does not make the kernel reset the connection and destroy the answer before the client reads it.
+
+    What a subclass provides (the hooks):
+
+    ``dispatch()``
+        The route table: answer ``self.command`` on ``self.path``, taking the body from
+        ``read_body()`` and answering with ``send_json``.
+    ``error_body(status, message)``
+        The JSON of an error answer. Default ``{"error": message}``.
+    ``error_type``
+        What ``read_json`` raises, called as ``error_type(status, message)``; ``dispatch`` catches
+        it. Default ``RequestError``.
+    ``max_body_bytes``
+        The body size limit. Default ``server.max_body_bytes``.
+    ``max_drain_bytes``, ``server_version``, ``timeout``
+        At most this much of an unread body is discarded before closing; http.server's own settings.
+    """
+
+    protocol_version = "HTTP/1.1"  # keep-alive: clients (ax-llm, openai) reuse their connection
+    error_type: Callable[[int, str], Exception] = RequestError
+    max_drain_bytes = 4 << 20
+    server: Any  # a JsonHTTPServer (below): log_requests, max_body_bytes
 
     def setup(self) -> None:
         super().setup()
-        self._body_unread = False
-        # Headers and body are two writes: without TCP_NODELAY, Nagle + the client's delayed ACK
-        # add ~40 ms to every answer on a kept-alive connection.
+        self._body_unread = False  # the request carries a body that was not (or not yet) read
         try:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
 
     def finish(self) -> None:
-        if self._body_unread:
+        if self._body_unread and self.close_connection:
             # We answered without reading the request body. Closing a socket with unread data
             # sends a TCP reset, which can destroy our answer before the client reads it: half
             # close, then discard what the client still sends (briefly, bounded).
             try:
                 self.connection.shutdown(socket.SHUT_WR)
                 self.connection.settimeout(1.0)
-                for _ in range(64):  # at most 4 MiB
+                for _ in range(self.max_drain_bytes // 65536):
                     if not self.connection.recv(65536):
                         break
             except OSError:
@@ -863,8 +900,10 @@ class TokenizerRequestHandler(BaseHTTPRequestHandler):
 
     # -- responses -------------------------------------------------------------------------------
 
-    def _send_json(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
+    def send_json(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        if self._body_unread:  # its bytes would be read as the next request: this answer is the last
+            self.close_connection = True
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json; charset=utf-8")
@@ -879,6 +918,10 @@ class TokenizerRequestHandler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
+    def error_body(self, status: int, message: str) -> dict:
+        """The JSON body of an error answer (hook)."""
+        return {"error": message}
+
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Errors raised inside http.server (bad request line, unknown method...) as JSON too."""
         self.close_connection = True
@@ -888,7 +931,13 @@ class TokenizerRequestHandler(BaseHTTPRequestHandler):
             phrase = HTTPStatus(code).phrase
         except ValueError:
             phrase = "error"
-        self._send_json(code, {"error": message or phrase})
+        self.send_json(code, self.error_body(code, message or phrase))
+
+    def send_internal_error(self, exc: BaseException) -> None:
+        """A bug in a handler: log the traceback, answer 500 JSON, close the connection, keep serving."""
+        traceback.print_exc(file=sys.stderr)
+        self.close_connection = True
+        self.send_json(500, self.error_body(500, f"internal server error: {type(exc).__name__}: {exc}"))
 
     def log_message(self, format: str, *args: Any) -> None:
         if self.server.log_requests:
@@ -896,105 +945,146 @@ class TokenizerRequestHandler(BaseHTTPRequestHandler):
 
     # -- request body ------------------------------------------------------------------------------
 
-    def _body_too_large(self, length: int) -> bool:
-        return length > self.server.max_body_bytes
+    @property
+    def max_body_bytes(self) -> int:
+        return self.server.max_body_bytes
 
-    def handle_expect_100(self) -> bool:
-        length = self._content_length(quiet=True)
-        if length is not None and self._body_too_large(length):
-            self.close_connection = True
-            self._body_unread = True
-            self._send_json(413, {"error": f"request body over {self.server.max_body_bytes} bytes"})
-            return False
-        return super().handle_expect_100()
+    def has_body(self) -> bool:
+        return (self.headers.get("Content-Length") not in (None, "0")
+                or "chunked" in self.headers.get("Transfer-Encoding", "").lower())
 
-    def _content_length(self, quiet: bool = False) -> int | None:
+    def content_length(self) -> int | None:
+        """The Content-Length header: None when absent, -1 when it is not a non-negative integer."""
         raw = self.headers.get("Content-Length")
         if raw is None:
             return None
         try:
             length = int(raw)
         except ValueError:
-            length = -1
-        if length < 0 and not quiet:
-            raise RequestError(400, f"invalid Content-Length {raw!r}")
-        return length
+            return -1
+        return length if length >= 0 else -1
 
-    def _read_body(self) -> dict:
+    def read_json(self) -> dict:
+        """The request body as a JSON object (``{}`` when empty). Raises ``error_type``: 411 for a
+        chunked body or no Content-Length, 400 for a bad Content-Length, a short body or anything but
+        a JSON object, 413 over ``max_body_bytes`` (checked first: such a body is never read)."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self.close_connection = self._body_unread = True
-            raise RequestError(411, "chunked bodies are not supported: send Content-Length")
-        try:
-            length = self._content_length()
-        except RequestError:
-            self.close_connection = self._body_unread = True
-            raise
+            raise self.error_type(411, "chunked bodies are not supported: send Content-Length")
+        length = self.content_length()
         if length is None:
             self.close_connection = True
-            raise RequestError(411, "POST needs a Content-Length header")
-        if self._body_too_large(length):
+            raise self.error_type(411, "POST needs a Content-Length header")
+        if length < 0:
             self.close_connection = self._body_unread = True
-            raise RequestError(413, f"request body of {length} bytes is over the limit of "
-                                    f"{self.server.max_body_bytes} bytes")
+            raise self.error_type(400, f"invalid Content-Length {self.headers.get('Content-Length')!r}")
+        if length > self.max_body_bytes:
+            self.close_connection = self._body_unread = True
+            raise self.error_type(413, f"request body of {length} bytes is over the limit of "
+                                       f"{self.max_body_bytes} bytes")
         raw = self.rfile.read(length) if length else b""
+        self._body_unread = False
         if len(raw) != length:
             self.close_connection = True
-            raise RequestError(400, "request body shorter than its Content-Length")
+            raise self.error_type(400, "request body shorter than its Content-Length")
         if not raw.strip():
             return {}
         try:
             body = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise RequestError(400, f"request body is not valid JSON: {exc}") from None
+            raise self.error_type(400, f"request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
-            raise RequestError(400, "request body must be a JSON object")
+            raise self.error_type(400, "request body must be a JSON object")
         return body
+
+    def read_body(self) -> dict:
+        """``read_json()`` for a POST; ``{}`` for other methods, whose body (if any) is not read, so
+        the connection closes after the answer."""
+        if self.command == "POST":
+            return self.read_json()
+        if self._body_unread:
+            self.close_connection = True
+        return {}
 
     # -- dispatch ----------------------------------------------------------------------------------
 
-    def _dispatch(self) -> None:
+    def dispatch(self) -> None:
+        """Answer the request (hook: the subclass's routes)."""
+        raise NotImplementedError
+
+    def _dispatch_any_method(self) -> None:
+        self._body_unread = self.has_body()  # until read_json reads it
+        self.dispatch()
+
+    def __getattr__(self, name: str) -> Any:
+        # http.server calls do_<METHOD>: every method (GET, POST, PUT, DELETE, HEAD, made-up ones)
+        # reaches dispatch, which answers a JSON 405 (or 404) instead of http.server's 501 HTML page.
+        if name.startswith("do_"):
+            return self._dispatch_any_method
+        raise AttributeError(name)
+
+
+class TokenizerRequestHandler(JsonRequestHandler):
+    server_version = "ax-tokenizer"
+    timeout = 60  # seconds an idle keep-alive connection (or a slow body) may hold a thread
+    server: "TokenizerHTTPServer"
+
+    def handle_expect_100(self) -> bool:
+        # A client that waits for "100 Continue" learns that its body is too large before sending it.
+        length = self.content_length()
+        if length is not None and length > self.max_body_bytes:
+            self.close_connection = self._body_unread = True
+            self.send_json(413, self.error_body(413, f"request body over {self.max_body_bytes} bytes"))
+            return False
+        return super().handle_expect_100()
+
+    def dispatch(self) -> None:
         try:
             parts = urlsplit(self.path)
             path = parts.path.rstrip("/") or "/"
             query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-            if self.command == "POST":
-                body = self._read_body()
-            else:
-                body = {}
-                if self.headers.get("Content-Length") not in (None, "0"):
-                    self.close_connection = self._body_unread = True  # a body on GET: not read
-            payload = self.server.app.handle(self.command, path, query, body)
-            self._send_json(200, payload)
+            body = self.read_body()  # read before routing: a bad body is a 400 whatever the path
+            self.send_json(200, self.server.app.handle(self.command, path, query, body))
         except RequestError as exc:
-            self._send_json(exc.status, {"error": exc.message}, exc.headers)
+            self.send_json(exc.status, self.error_body(exc.status, exc.message), exc.headers)
         except Exception as exc:  # a bug: answer 500 JSON, keep serving, log the traceback
-            traceback.print_exc(file=sys.stderr)
-            self.close_connection = True
-            self._send_json(500, {"error": f"internal server error: {type(exc).__name__}: {exc}"})
-
-    do_GET = _dispatch
-    do_POST = _dispatch
-
-    def __getattr__(self, name: str) -> Any:
-        # Any other method (PUT, DELETE, HEAD, made-up ones) reaches the router too and gets a
-        # JSON 405 (or 404) instead of http.server's 501 HTML page.
-        if name.startswith("do_"):
-            return self._dispatch
-        raise AttributeError(name)
+            self.send_internal_error(exc)
 
 
-class TokenizerHTTPServer(ThreadingHTTPServer):
+class JsonHTTPServer(ThreadingHTTPServer):
+    """The server half of ``JsonRequestHandler`` (shared the same way): a thread per connection, an
+    IPv6 address when the host has a ":", and the settings the handler reads."""
+
     daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler_class: type[JsonRequestHandler],
+                 log_requests: bool = False, max_body_bytes: int = MAX_BODY_BYTES):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.log_requests = log_requests
+        self.max_body_bytes = max_body_bytes
+        super().__init__(address, handler_class)
+
+    def serve_until_interrupted(self) -> None:
+        """Print ``Server running at http://HOST:PORT`` (what launch scripts wait for), serve until
+        Ctrl-C, then close the socket."""
+        host, port = self.server_address[:2]
+        print(f"Server running at http://{host}:{port}", flush=True)
+        try:
+            self.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.server_close()
+
+
+class TokenizerHTTPServer(JsonHTTPServer):
     request_queue_size = 128  # many boards/threads connecting at once
 
     def __init__(self, address: tuple[str, int], app: TokenizerApp, log_requests: bool = False,
                  max_body_bytes: int = MAX_BODY_BYTES):
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
         self.app = app
-        self.log_requests = log_requests
-        self.max_body_bytes = max_body_bytes
-        super().__init__(address, TokenizerRequestHandler)
+        super().__init__(address, TokenizerRequestHandler, log_requests, max_body_bytes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1057,14 +1147,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tokenizer {info['tokenizer_dir']}: vocab {info['vocab_size']}, template "
           f"{info['chat_template'] or 'none'}, bos_id {info['bos_id']}, eos_ids {info['eos_ids']}",
           file=sys.stderr, flush=True)
-    host, port = server.server_address[:2]
-    print(f"Server running at http://{host}:{port}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    server.serve_until_interrupted()
     return 0
 
 
