@@ -15,7 +15,7 @@ from .errors import GeneratorError
 from .gguf_import import packaged_gguf
 from .options import check_options, make_options
 from .progress import Progress
-from .recipe import Recipe, registry
+from .recipe import BuildDefaults, Recipe, registry
 from .spec import read_config, resolve_spec
 
 OUT_DIR = PROJECT_ROOT / "out"
@@ -79,7 +79,7 @@ def build(*, model: str | None = None, input_path: str | None = None, output_pat
         raise GeneratorError("Nothing to build: name a model (see `make list`) or pass --input_path.")
 
     # fail fast on flags before touching the checkpoint
-    opts = make_options((recipe.build_defaults(variant) if recipe else reg_default_build()), chip, **flags)
+    opts = make_options(recipe.build_defaults(variant) if recipe else BuildDefaults(), chip, **flags)
     check_options(opts)
     ckpt = resolve_input(recipe, variant, input_path, synthetic) if recipe else open_input(input_path)
     if recipe is None:
@@ -120,8 +120,3 @@ def build(*, model: str | None = None, input_path: str | None = None, output_pat
     manifest["total_seconds"] = round(time.time() - started, 2)
     return manifest
 
-
-def reg_default_build():
-    from .recipe import BuildDefaults
-
-    return BuildDefaults()

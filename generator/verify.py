@@ -113,7 +113,7 @@ def run_graph(sess: ort.InferenceSession, feeds: dict[str, tuple[np.ndarray, int
     return result
 
 
-def test_sequence(bundle: Bundle, tokenizer_mod, prompt: str, length: int) -> list[int]:
+def check_sequence(bundle: Bundle, tokenizer_mod, prompt: str, length: int) -> list[int]:
     tok = tokenizer_mod.ChatTokenizer(bundle.tokenizer_dir)
     ids = list(tok.encode_messages([{"role": "user", "content": prompt}], add_generation_prompt=True))
     rng = np.random.default_rng(1234)
@@ -262,7 +262,7 @@ def run_checks(bundle_dir: Path, ckpt, recipe, level: int, prompt: str | None, p
     model = load_reference(ckpt, recipe)
     if level >= 1:
         length = max(opts.last_kv_cache_len or [0]) + opts.prefill_len
-        ids = test_sequence(bundle, tok_mod, prompt, length)
+        ids = check_sequence(bundle, tok_mod, prompt, length)
         cap = capture(model, ids)
         rows = layer_check(bundle, cap, progress)
         lim = limits["layer"]
