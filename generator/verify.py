@@ -223,6 +223,43 @@ def generate_check(bundle: Bundle, model, tokenizer_mod, prompt: str, max_new_to
             "matching_prefix": prefix, "teacher_forced_agreement": agreement, "ttft_ms": round(ttft, 2)}
 
 
+def conversation_check(bundle: Bundle, model, *, system: int = 11, turns=((40, 6), (20, 5)), seed: int = 1,
+                       history: str = "used", threads: int = 1) -> dict[str, Any]:
+    """The local runner end to end over a conversation, against transformers.
+
+    A system prompt of `system` random tokens is prefilled once; each turn adds (new, forced)
+    random tokens: `new` are prefilled on top of what is cached (several chunks when longer than
+    prefill_len), then `forced` tokens are teacher-forced through decode. Every step's logits are
+    compared with one transformers forward over the whole sequence (with the contract's bf16
+    embedding table, see reference.bf16_embedding_input). Returns the worst cosine and relative
+    error, and per turn how many tokens were prefilled."""
+    import torch
+
+    from .reference import bf16_embedding_input
+
+    vocab = bundle.spec.vocab_size
+    seeds = iter(range(seed, seed + 1 + 2 * len(turns)))  # one seed per draw, in order
+    draw = lambda n: np.random.default_rng(next(seeds)).integers(0, vocab, n).tolist()  # noqa: E731
+    engine = Engine(bundle, threads=threads, history=history)
+    gen = Generator(engine, [], Sampler(Sampling()))
+    ids = draw(system)
+    engine.prefill(ids)
+    worst_cos, worst_rel, prefilled = 1.0, 0.0, []
+    for new, n_forced in turns:
+        ids = ids + draw(new)
+        forced = draw(n_forced)
+        logits: list = []
+        gen.generate(ids, forced=forced, logits_out=logits)
+        prefilled.append(gen.stats.prefilled)
+        with torch.no_grad(), bf16_embedding_input(model):
+            ref = model(torch.tensor([ids + forced])).logits[0].float().numpy()
+        for step, ours in enumerate(logits):
+            m = compare(ours, ref[len(ids) - 1 + step])
+            worst_cos, worst_rel = min(worst_cos, m["cosine"]), max(worst_rel, m["max_rel_err"])
+        ids = ids + forced
+    return {"worst_cosine": worst_cos, "worst_rel_err": worst_rel, "prefilled": prefilled}
+
+
 def plot(rows: list[dict], path: Path, title: str):
     import matplotlib
 

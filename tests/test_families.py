@@ -62,10 +62,10 @@ from generator import conformance
 from generator.checkpoint import open_input
 from generator.errors import GeneratorError
 from generator.progress import Progress
-from generator.recipe import Sampling, registry
-from generator.reference import bf16_embedding_input, capture, load_reference
-from generator.runner import Bundle, Engine, Generator, Sampler
-from generator.verify import compare, layer_check, logits_check, thresholds
+from generator.recipe import registry
+from generator.reference import capture, load_reference
+from generator.runner import Bundle
+from generator.verify import conversation_check, layer_check, logits_check, thresholds
 from models import SMALL_GROUPS, TOKENIZER_FILES, quiet_build, randomize
 
 BUILDS = {"fp32": ("fp32", "fp32", "fp32"), "s8": ("s8", "bf16", "s8")}  # weight, hidden state, post weight
@@ -438,28 +438,11 @@ def test_runner_end_to_end_matches_reference(family, build, tiny_tok):
     the cache. Every step's logits against one reference forward over the whole sequence."""
     name, fam, _, bundles, ref = family
     bundle = bundles[build]
-    vocab = tiny_tok[1]
     lim = thresholds(*BUILDS[build][:2])["end_to_end"]
     n_sys, n1, f1, n2, f2 = fam.e2e
-    ids = lambda n, seed: np.random.default_rng(seed).integers(0, vocab, n).tolist()  # noqa: E731
-    engine = Engine(bundle, threads=1)
-    gen = Generator(engine, [], Sampler(Sampling()))
-    system = ids(n_sys, 1)
-    engine.prefill(system)
-    turn1 = system + ids(n1, 2)
-    forced1 = ids(f1, 3)
-    turn2 = turn1 + forced1 + ids(n2, 4)
-    forced2 = ids(f2, 5)
-    assert len(turn2 + forced2) <= bundle.opts.kv_cache_len
-    worst_cos, worst_rel = 1.0, 0.0
-    for seq, forced in ((turn1, forced1), (turn2, forced2)):
-        logits = []
-        gen.generate(seq, forced=forced, logits_out=logits)
-        with torch.no_grad(), bf16_embedding_input(ref):  # the board's embedding table is bf16
-            want = ref(torch.tensor([seq + forced])).logits[0].numpy()
-        for step, ours in enumerate(logits):
-            m = compare(ours, want[len(seq) - 1 + step])
-            worst_cos, worst_rel = min(worst_cos, m["cosine"]), max(worst_rel, m["max_rel_err"])
+    assert n_sys + n1 + f1 + n2 + f2 <= bundle.opts.kv_cache_len
+    res = conversation_check(bundle, ref, system=n_sys, turns=((n1, f1), (n2, f2)))
+    worst_cos, worst_rel = res["worst_cosine"], res["worst_rel_err"]
     ok = worst_cos >= lim["min_cosine"] and worst_rel <= lim["max_rel_err"]
     _record(name, fam, build, "end_to_end", worst_cos, worst_rel, lim, ok)
     assert ok, (worst_cos, worst_rel, lim)

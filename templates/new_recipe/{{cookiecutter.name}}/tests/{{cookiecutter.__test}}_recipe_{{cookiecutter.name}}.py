@@ -18,11 +18,11 @@ import torch
 
 from generator.checkpoint import open_input
 from generator.progress import Progress
-from generator.recipe import Sampling, registry
-from generator.reference import bf16_embedding_input, capture, load_reference
-from generator.runner import Bundle, Engine, Generator, Sampler
+from generator.recipe import registry
+from generator.reference import capture, load_reference
+from generator.runner import Bundle
 from generator.spec import resolve_spec
-from generator.verify import compare, layer_check, logits_check, thresholds
+from generator.verify import conversation_check, layer_check, logits_check, thresholds
 from models import SMALL_GROUPS, quiet_build, save_tiny, tiny_tokenizer
 {% endraw %}
 NAME = "{{ cookiecutter.name }}"
@@ -100,21 +100,7 @@ def test_end_to_end_logits_match(built, reference):
     """System prompt prefilled once; a 40-token prompt (3 chunks of 16) on top, then a second turn
     reusing the cache; every step's logits against one transformers forward pass."""
     bundle, limits = built
-    vocab = bundle.spec.vocab_size
-    engine = Engine(bundle, threads=1)
-    gen = Generator(engine, [], Sampler(Sampling()))
-    system = token_ids(11, vocab, 1)
-    engine.prefill(system)
-    turn1 = system + token_ids(40, vocab, 2)
-    forced1 = token_ids(6, vocab, 3)
-    turn2 = turn1 + forced1 + token_ids(20, vocab, 4)
+    res = conversation_check(bundle, reference, system=11, turns=((40, 6), (20, 5)))
     lim = limits["end_to_end"]
-    for ids, forced in ((turn1, forced1), (turn2, token_ids(5, vocab, 5))):
-        logits = []
-        gen.generate(ids, forced=forced, logits_out=logits)
-        with torch.no_grad(), bf16_embedding_input(reference):  # the board's embedding table is bf16
-            ref = reference(torch.tensor([ids + forced])).logits[0].numpy()
-        for step, ours in enumerate(logits):
-            m = compare(ours, ref[len(ids) - 1 + step])
-            assert m["cosine"] >= lim["min_cosine"] and m["max_rel_err"] <= lim["max_rel_err"], (step, m)
+    assert res["worst_cosine"] >= lim["min_cosine"] and res["worst_rel_err"] <= lim["max_rel_err"], res
 {% endraw %}
