@@ -60,13 +60,22 @@ def E(text: str) -> Expr:
     return Expr(expr=text)
 
 
+class Refusal(Strict):
+    """A config switch the family has but the generic block does not build: refuse, never guess."""
+
+    when: Expr  # true for a checkpoint that uses the switch (config keys after aliases/defaults)
+    reason: StrictStr  # what the checkpoint uses, in words, for the error message
+
+
 class ConfigReading(Strict):
-    """How to read config.json: canonical key <- the family's key(s), and defaults for absent keys."""
+    """How to read config.json: canonical key <- the family's key(s), defaults for absent keys, and
+    the switches that make a checkpoint unbuildable."""
 
     # Multimodal checkpoints nest the language model's config (InternVL: llm_config).
     section: Union[StrictStr, None] = None
     aliases: dict[str, Union[str, list[str]]] = {}
     defaults: dict[str, Any] = {}
+    refuse: list[Refusal] = []
 
 
 class Norm(Strict):

@@ -189,6 +189,11 @@ def _norm(n: Norm, cfg, field, recipe) -> NormSpec:
 def resolve_spec(recipe: Recipe, raw_config: dict[str, Any], *, model_name: str, max_positions: int,
                  where: str = "config.json") -> ArchSpec:
     cfg = read_config(recipe, raw_config, where)
+    for k, refusal in enumerate(recipe.config.refuse):
+        if _value(refusal.when, cfg, f"config.refuse[{k}].when", recipe):
+            raise GeneratorError(f"{where}: {refusal.reason} ({refusal.when.expr}), which recipe '{recipe.name}' "
+                                 f"does not build. Use a checkpoint without it, or extend the recipe and the "
+                                 f"generic block (see ADDING_A_MODEL.md).")
     # a recipe reading a section (InternVL's llm_config) names the architectures found there
     section = raw_config.get(recipe.config.section) if recipe.config.section else None
     archs = (section if isinstance(section, dict) else raw_config).get("architectures") or []

@@ -108,3 +108,29 @@ def test_architecture_contradicting_recipe_is_an_error():
     cfg = dict(recipe.variants["smollm2-135m-instruct"].config, architectures=["Qwen2ForCausalLM"])
     with pytest.raises(GeneratorError, match="Qwen2ForCausalLM"):
         resolve_spec(recipe, cfg, model_name="x", max_positions=128)
+
+
+@pytest.mark.parametrize("recipe_name, variant, switch", [
+    ("phi", "phi2", {"qk_layernorm": True}),
+    ("gemma3", "gemma3-270m", {"use_bidirectional_attention": True}),
+    ("chatglm", "chatglm3-6b", {"rmsnorm": False}),
+    ("chatglm", "chatglm3-6b", {"multi_query_attention": False}),
+])
+def test_config_switches_the_block_cannot_build_are_refused(recipe_name, variant, switch):
+    recipe = registry().recipes[recipe_name]
+    cfg = dict(recipe.variants[variant].config)
+    resolve_spec(recipe, cfg, model_name="x", max_positions=128)  # the shipped config builds
+    key = next(iter(switch))
+    with pytest.raises(GeneratorError, match=rf"config.json: .*\({'not ' if switch[key] is False else ''}{key}\)"):
+        resolve_spec(recipe, dict(cfg, **switch), model_name="x", max_positions=128)
+
+
+def test_a_refusal_is_recipe_data(tmp_path):
+    text = LLAMA.replace("config:\n", "config:\n  refuse:\n    - {when: {expr: \"hidden_size > 100\"}, reason: wide}\n", 1)
+    recipe = load_recipe(write(tmp_path, "llama", text))
+    cfg = dict(recipe.variants["smollm2-135m-instruct"].config)
+    with pytest.raises(GeneratorError, match=r"wide \(hidden_size > 100\)"):
+        resolve_spec(recipe, cfg, model_name="x", max_positions=128)
+    bad = LLAMA.replace("config:\n", "config:\n  refuse:\n    - {when: {expr: \"__import__('os')\"}, reason: x}\n", 1)
+    with pytest.raises(GeneratorError, match="refuse"):
+        load_recipe(write(tmp_path, "llama", bad))
