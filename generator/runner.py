@@ -167,7 +167,13 @@ class Engine:
             so = session_options(self.threads, self.quantized, self.shared_pool)
             if self.history_mode == "used":
                 so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-                self._sessions[key] = ort.InferenceSession(_relaxed(path), so, providers=["CPUExecutionProvider"])
+                sess = ort.InferenceSession(_relaxed(path), so, providers=["CPUExecutionProvider"])
+                fixed = [o.name for o in sess.get_outputs() if group > 0 and not isinstance(o.shape[1], str)]
+                if fixed:  # a graph that bakes its token count into its nodes cannot run unpadded chunks
+                    raise GeneratorError(f"{path}: outputs {fixed} have a fixed token dimension, so this graph "
+                                         f"cannot run with only the rows in use (history 'used'). The bundle was "
+                                         f"built by an older generator: rebuild it, or run with --history board.")
+                self._sessions[key] = sess
             else:
                 self._sessions[key] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         return self._sessions[key]

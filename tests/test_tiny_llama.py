@@ -120,3 +120,30 @@ def test_post_topk_returns_the_reference_top_k(tiny_llama, reference, tmp_path):
     with torch.no_grad(), bf16_embedding_input(reference):
         ref = reference.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)[0, len(ids):].tolist()
     assert got == ref
+
+
+def test_a_graph_with_a_fixed_token_count_is_refused_for_used_history(tiny_llama, tmp_path):
+    """The runner binds unpadded chunks only to graphs whose token dimension is symbolic once relaxed;
+    a graph that bakes prefill_len into a node (an older generator's) gets a clear error, and the
+    board's static shapes still run it."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from generator.errors import GeneratorError
+
+    out = tmp_path / "b"
+    quiet_build(input_path=str(tiny_llama), output_path=str(out), weight_type="fp32", hidden_state_type="fp32",
+                post_weight_type="fp32", **SMALL_GROUPS)
+    bundle = Bundle(out)
+    path = bundle.layer_file(0, 1)
+    model = onnx.load(str(path), load_external_data=False)
+    last = next(n for n in model.graph.node if "output" in n.output)
+    last.output[list(last.output).index("output")] = "output_unfixed"
+    fixed = [1, bundle.opts.prefill_len, bundle.spec.hidden_size]
+    model.graph.initializer.append(numpy_helper.from_array(np.array(fixed, np.int64), "fixed_shape"))
+    model.graph.node.append(helper.make_node("Reshape", ["output_unfixed", "fixed_shape"], ["output"]))
+    onnx.save(model, str(path))
+    ids = token_ids(5, bundle.spec.vocab_size, 3)
+    with pytest.raises(GeneratorError, match=r"g1\.onnx: outputs \['output'\] have a fixed token dimension.*--history board"):
+        Engine(Bundle(out), threads=1).prefill(ids)
+    assert Engine(Bundle(out), threads=1, history="board").prefill(ids).shape == (bundle.spec.hidden_size,)
