@@ -192,6 +192,8 @@ class Engine:
         self.mask_dec = np.full((1, 1, self.C + 1), MASK_BITS[self.opts.hidden_state_type], self.dtype)
         self.mask_dec[0, 0, self.C] = 0
         self.zeros_mask = np.zeros((1, 1, self.C + 1), self.dtype)
+        # history 'used' at position 0: one (masked) history row, then the token itself
+        self.first_mask = self.mask_dec[0, 0, self.C - 1:]
         self._dec_io = []
         for i in range(self.L):
             sess = self.session(i, 0)
@@ -223,7 +225,7 @@ class Engine:
         dev, ot, kv_shape = self._device, self.onnx_type, [1, 1, self.kv]
         n = max(pos, 1)  # a 0-row history is not allowed: row 0 is then masked
         hist_shape, mask_shape = [1, n, self.kv], [1, 1, n + 1]
-        mask_ptr = (self.zeros_mask if pos else self.mask_dec).ctypes.data
+        mask_ptr = (self.zeros_mask if pos else self.first_mask).ctypes.data
         for sess, bind_in, bind_out, k_base, v_base in self._dec_calls:
             if used:
                 bind_in("K_cache", dev, ot, hist_shape, k_base)

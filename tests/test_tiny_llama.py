@@ -90,6 +90,19 @@ def test_board_and_used_history_agree(built):
     np.testing.assert_allclose(outs[0], outs[1], rtol=tol, atol=tol * np.abs(outs[1]).max())
 
 
+@pytest.mark.parametrize("history", ["used", "board"])
+def test_decoding_the_first_token_ignores_stale_cache_rows(built, history):
+    """A decode at position 0 (after a reset, with old rows still in the cache) attends to the new
+    token only, as a one-token prefill does."""
+    bundle, _ = built
+    tok = token_ids(1, bundle.spec.vocab_size, 11)
+    engine = Engine(bundle, threads=1, history=history)
+    engine.prefill(token_ids(6, bundle.spec.vocab_size, 12))
+    engine.reset()
+    decoded = engine.decode(tok[0]).copy()
+    prefilled = Engine(bundle, threads=1, history=history).prefill(tok)
+    np.testing.assert_array_equal(decoded, prefilled)
+
 def test_group_selection_follows_the_contract(built):
     bundle, _ = built
     engine = Engine(bundle, threads=1)
