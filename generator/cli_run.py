@@ -15,9 +15,12 @@ import argparse
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import GeneratorError
-from .runner import Bundle, Chat, Engine
+
+if TYPE_CHECKING:
+    from .runner import Bundle
 
 DEFAULT_TOKENIZER_URL = "http://127.0.0.1:12345"
 
@@ -112,6 +115,8 @@ def make_tokenizer(args):
 
 
 def run(args) -> int:
+    from .runner import Bundle, Chat, Engine  # onnxruntime: only for the command that runs a bundle
+
     bundle = Bundle(bundle_dir(args))
     check_board_flags(args, bundle)
     tokenizer = make_tokenizer(args)

@@ -489,15 +489,20 @@ class Generator:
         return list(self.stream(ids, max_new_tokens, **kw))
 
 
-def load_tokenizer_module(bundle: Bundle):
-    """Import the bundle's tokenizer server file (the same code serves the board over HTTP)."""
+def load_script(path: Path, name: str):
+    """Import a standalone script (the tokenizer server, which must not import this package) by path."""
     import importlib.util
 
-    path = bundle.tokenizer_server
-    spec = importlib.util.spec_from_file_location(f"axgen_tokenizer_{abs(hash(str(path)))}", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_tokenizer_module(bundle: Bundle):
+    """Import the bundle's tokenizer server file (the same code serves the board over HTTP)."""
+    path = bundle.tokenizer_server
+    return load_script(path, f"axgen_tokenizer_{abs(hash(str(path)))}")
 
 
 def eos_ids_of(tokenizer) -> list[int]:

@@ -32,44 +32,24 @@ Routes
 One engine serves all requests, one at a time (a request waits up to ``--queue_timeout`` seconds
 for the one before it, then gets 503). Errors are JSON, OpenAI style: ``{"error": {"message",
 "type", "param", "code"}}`` with 400 (bad JSON or field, named in ``param``), 404, 405, 411, 413 or 503.
+
+The routes and the HTTP plumbing are in generator/serve_http.py; this module holds the request
+parsing and the service on the runner.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import socket
 import sys
 import threading
 import time
-import traceback
-import uuid
 from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import unquote, urlsplit
 
 from .errors import GeneratorError
 
-MAX_BODY_BYTES = 4 << 20
 DEFAULT_PORT = 8000  # main_api's port
-# The bundles' tokenizer server (= bundle.TOKENIZER_SERVER; generator.bundle is not imported for it: it
-# pulls in the whole build stack). It holds the HTTP plumbing both servers share: JsonRequestHandler and
-# JsonHTTPServer.
-TOKENIZER_SERVER = Path(__file__).resolve().parent.parent / "templates" / "tokenizer" / "tokenizer_uid.py"
-
-
-def _load_tokenizer_server():
-    """templates/tokenizer/tokenizer_uid.py as a module. It is a standalone script (it must not import
-    this package), so it is loaded by path, as `runner.load_tokenizer_module` loads a bundle's copy."""
-    spec = importlib.util.spec_from_file_location("axgen_tokenizer_server", TOKENIZER_SERVER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_tokenizer_server = _load_tokenizer_server()
-JsonRequestHandler, JsonHTTPServer = _tokenizer_server.JsonRequestHandler, _tokenizer_server.JsonHTTPServer
 
 
 def add_serve_args(p: argparse.ArgumentParser):
@@ -373,145 +353,6 @@ class ChatService:
             self.lock.release()
 
 
-# ----------------------------------------------------------------------------------------------
-# HTTP
-# ----------------------------------------------------------------------------------------------
-
-
-class ApiHandler(JsonRequestHandler):
-    """The OpenAI routes on the plumbing shared with the tokenizer server (keep-alive, TCP_NODELAY,
-    JSON answers and errors, body limits, draining an unread body, any method reaching `dispatch`)."""
-
-    server_version = "axgen-serve"
-    timeout = 300
-    error_type = ApiError  # what read_json raises
-    max_drain_bytes = 8 << 20
-    server: "ApiServer"
-
-    def error_body(self, status: int, message: str) -> dict:
-        """OpenAI style; a 500 is a bug of ours (server_error), anything else the request's fault."""
-        return ApiError(status, message, kind="server_error" if status == 500 else "invalid_request_error").body()
-
-    # -- streaming -------------------------------------------------------------------------------
-    def _chunk(self, data: bytes):
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
-
-    def _event(self, payload: dict | str):
-        text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-        self._chunk(f"data: {text}\n\n".encode("utf-8"))
-
-    # -- routing ---------------------------------------------------------------------------------
-    def dispatch(self):
-        allowed = "GET"
-        try:
-            path = urlsplit(self.path).path.rstrip("/") or "/"
-            if path.startswith("/v1/models/"):
-                handler = lambda body: self.model_get(unquote(path[len("/v1/models/"):]))  # noqa: E731
-            elif path in ROUTES:
-                allowed, handler = ROUTES[path], getattr(self, HANDLERS[path])
-            else:
-                raise ApiError(404, f"no route {path} (see /v1/models, /v1/chat/completions, /v1/reset, /v1/stop)",
-                               code="not_found")
-            if self.command not in allowed.split(", "):
-                raise ApiError(405, f"{self.command} is not allowed on {path} (use {allowed})")
-            handler(self.read_body())
-        except ApiError as exc:
-            self.send_json(exc.status, exc.body(), {"Allow": allowed} if exc.status == 405 else None)
-        except GeneratorError as exc:
-            self.send_json(400, self.error_body(400, str(exc)))
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception as exc:  # a bug: 500 JSON, keep serving
-            self.send_internal_error(exc)
-
-    # -- handlers --------------------------------------------------------------------------------
-    def health(self, body: dict):
-        svc = self.server.service
-        self.send_json(200, {"status": "ok", "model": svc.model_id, "busy": svc.busy})
-
-    def models(self, body: dict):
-        self.send_json(200, {"object": "list", "data": [self.server.service.model_card()]})
-
-    def model_get(self, model_id: str):
-        svc = self.server.service
-        if model_id not in svc.aliases:
-            raise ApiError(404, f"model {model_id!r} does not exist here; this server has {svc.model_id!r}",
-                           "model", "model_not_found")
-        self.send_json(200, svc.model_card())
-
-    def reset(self, body: dict):
-        system_prompt = body.get("system_prompt")
-        if system_prompt is not None and not isinstance(system_prompt, str):
-            raise ApiError(400, "'system_prompt' must be a string", "system_prompt")
-        self.send_json(200, self.server.service.reset(system_prompt))
-
-    def stop(self, body: dict):
-        self.send_json(200, self.server.service.stop())
-
-    def chat_completions(self, body: dict):
-        svc = self.server.service
-        req = svc.prepare(body)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        base = {"id": rid, "created": created, "model": svc.model_id}
-        pieces = svc.generate(req)
-        if not req["stream"]:
-            text = "".join(pieces)
-            self.send_json(200, {**base, "object": "chat.completion", "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                 "finish_reason": req["finish_reason"]}], "usage": req["usage"], "axgen": req["timings"]})
-            return
-        try:
-            first = next(pieces, None)  # errors before the first token still get a JSON status
-        except BaseException:
-            pieces.close()
-            raise
-        chunk = {**base, "object": "chat.completion.chunk"}
-        try:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            self._event({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                               "logprobs": None, "finish_reason": None}]})
-            if first is not None:
-                self._event({**chunk, "choices": [{"index": 0, "delta": {"content": first}, "logprobs": None,
-                                                   "finish_reason": None}]})
-                for piece in pieces:
-                    self._event({**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "logprobs": None,
-                                                       "finish_reason": None}]})
-            self._event({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                               "finish_reason": req["finish_reason"]}]})
-            if req["include_usage"]:
-                self._event({**chunk, "choices": [], "usage": req["usage"]})
-            self._event("[DONE]")
-            self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
-            self.close_connection = True  # the client went away: stop generating
-        except Exception:  # headers are out: all we can do is log and end the stream
-            traceback.print_exc(file=sys.stderr)
-            self.close_connection = True
-        finally:
-            pieces.close()
-
-
-ROUTES = {"/": "GET", "/health": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/reset": "POST",
-          "/v1/stop": "GET, POST"}
-HANDLERS = {"/": "health", "/health": "health", "/v1/models": "models", "/v1/chat/completions": "chat_completions",
-            "/v1/reset": "reset", "/v1/stop": "stop"}
-
-
-class ApiServer(JsonHTTPServer):
-    request_queue_size = 64
-
-    def __init__(self, address: tuple[str, int], service: ChatService, log_requests: bool = False):
-        self.service = service
-        super().__init__(address, ApiHandler, log_requests, MAX_BODY_BYTES)
-
-
 def serve(args) -> int:
     if not 0 <= args.port <= 65535:
         raise GeneratorError(f"--port must be in 0..65535, got {args.port}.")
@@ -520,6 +361,8 @@ def serve(args) -> int:
     service = ChatService(args.bundle, system_prompt=args.system_prompt, kvcache_path=args.kvcache_path,
                           model_name=args.model_name, max_tokens=args.max_tokens, queue_timeout=args.queue_timeout,
                           threads=args.threads, history=args.history, seed=args.seed, shared_pool=True)
+    from .serve_http import ApiServer  # the HTTP layer loads the tokenizer server's plumbing: only when serving
+
     try:
         server = ApiServer((args.host, args.port), service, log_requests=args.log_requests)
     except OSError as exc:

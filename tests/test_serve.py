@@ -21,7 +21,8 @@ import psutil
 import pytest
 
 from generator.runner import Bundle, Engine, Generator, Sampler, load_tokenizer_module
-from generator.serve import ApiServer, ChatService, StopMatcher
+from generator.serve import ChatService, StopMatcher
+from generator.serve_http import ApiServer
 from models import SMALL_GROUPS, quiet_build
 
 ROOT = Path(__file__).resolve().parent.parent
