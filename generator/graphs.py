@@ -21,7 +21,6 @@ from .options import BuildOptions, Group
 from .quant import pack_int4, quantize, to_bf16_bits
 from .spec import ArchSpec, NormSpec
 
-MASK_VALUE = {"bf16": -65536.0, "fp32": -65536.0, "fp16": -65504.0}
 WINDOW_BLOCK = -1.0e9  # added on top of the mask for keys outside a sliding window
 
 
@@ -46,7 +45,7 @@ def weight_type_for(opts: BuildOptions, key: str, default: str) -> str:
 
 def store_linear(wf: WeightsFile, inits: list, name: str, w_out_in: np.ndarray, bias: np.ndarray | None,
                  wtype: str, group: int) -> Linear:
-    w = np.ascontiguousarray(w_out_in.T.astype(np.float32))  # [K, N]
+    w = np.ascontiguousarray(w_out_in.T, dtype=np.float32)  # [K, N], one copy
     k, n = w.shape
     if wtype in ("s8", "s4"):
         q, scale = quantize(w, wtype, group)

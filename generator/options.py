@@ -118,12 +118,10 @@ def check_options(opts: BuildOptions, spec: ArchSpec | None = None) -> Chip:
 
 
 def estimate_bytes(spec: ArchSpec, opts: BuildOptions) -> float:
-    h, i, kv, q = spec.hidden_size, spec.intermediate_size, spec.kv_dim, spec.q_dim
-    per_layer = h * (q + 2 * kv) + q * h + h * i * (3 if spec.mlp_gated else 2)
     wb = BYTES_PER_WEIGHT[opts.weight_type]
     if opts.weight_type in ("s8", "s4"):
         wb += 2.0 / opts.group_size  # one scale per group
-    layers = spec.num_hidden_layers * per_layer * wb
-    post = spec.vocab_size * h * BYTES_PER_WEIGHT[opts.post_weight_type]
-    kv_cache = 2 * spec.num_hidden_layers * opts.kv_cache_len * kv * 2
+    layers = spec.num_hidden_layers * spec.layer_params * wb
+    post = spec.vocab_size * spec.hidden_size * BYTES_PER_WEIGHT[opts.post_weight_type]
+    kv_cache = 2 * spec.num_hidden_layers * opts.kv_cache_len * spec.kv_dim * 2
     return layers + post + kv_cache

@@ -28,13 +28,28 @@ from onnx import TensorProto
 
 from .errors import GeneratorError
 from .options import BuildOptions, Group
-from .quant import from_bf16_bits
+from .quant import from_bf16_bits, to_bf16_bits
 from .recipe import Sampling
 from .spec import ArchSpec
 
 STORAGE = {"bf16": (np.uint16, TensorProto.BFLOAT16), "fp16": (np.float16, TensorProto.FLOAT16),
            "fp32": (np.float32, TensorProto.FLOAT)}
-MASK_BITS = {"bf16": np.uint16(0xC780), "fp16": np.float16(-65504.0), "fp32": np.float32(-65536.0)}  # bf16 0xC780 = -65536
+
+
+def to_storage(x: np.ndarray, hidden: str) -> np.ndarray:
+    """fp32 values as the graph boundary stores them (bf16 as uint16 bits)."""
+    if hidden == "bf16":
+        return to_bf16_bits(x)
+    return np.ascontiguousarray(x.astype(STORAGE[hidden][0]))
+
+
+def from_storage(x: np.ndarray, hidden: str) -> np.ndarray:
+    return from_bf16_bits(x) if hidden == "bf16" else x.astype(np.float32)
+
+
+# the mask's "blocked" value per hidden_state_type (fp16 cannot hold -65536), and its stored form
+MASK_VALUE = {"bf16": -65536.0, "fp16": -65504.0, "fp32": -65536.0}
+MASK_BITS = {hidden: to_storage(np.full(1, v, np.float32), hidden)[0] for hidden, v in MASK_VALUE.items()}
 
 
 class Bundle:
@@ -355,8 +370,7 @@ class Engine:
         """Post graph on one hidden state: (fp32 logits or top-k values, top-k indices or None)."""
         self.post_in[0, 0] = hidden
         self.post._sess.run_with_iobinding(self._post_io._iobinding, None)
-        out = self.post_out[0, 0]
-        vals = from_bf16_bits(out) if self.opts.hidden_state_type == "bf16" else out.astype(np.float32)
+        vals = from_storage(self.post_out[0, 0], self.opts.hidden_state_type)
         return vals, (self.post_idx[0, 0].copy() if self.post_idx is not None else None)
 
     # -- cache state ---------------------------------------------------------------------------
@@ -385,6 +399,16 @@ class Engine:
         self.cached_ids = list(ids)
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two sequences share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class Sampler:
     """post_config.json sampling, in the board's order (contract section 4)."""
 
@@ -394,8 +418,8 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, history: list[int], indices: np.ndarray | None = None) -> int:
         c = self.cfg
-        x = logits.astype(np.float32).copy()
-        ids = indices if indices is not None else None
+        x = logits.astype(np.float32)  # a copy: the caller's logits stay as they are
+        ids = indices
         if c.enable_temperature and c.temperature > 0:
             x /= c.temperature
         if c.enable_repetition_penalty and history:
@@ -448,12 +472,7 @@ class Generator:
         With `forced`, those tokens are fed instead of sampled ones (teacher forcing); with
         `logits_out`, the logits of every step are appended to it. Stats land in self.stats."""
         e = self.engine
-        common = 0
-        for a, b in zip(e.cached_ids, ids):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(ids) - 1)  # the last prompt token always runs, for its logits
+        common = min(common_prefix(e.cached_ids, ids), len(ids) - 1)  # the last prompt token always runs, for its logits
         e.rewind(common)
         t0 = time.perf_counter()
         hidden = e.prefill(ids[common:])

@@ -78,6 +78,12 @@ class ArchSpec(BaseModel):
     def q_dim(self) -> int:
         return self.num_attention_heads * self.head_dim
 
+    @property
+    def layer_params(self) -> int:
+        """Matmul weights of one decoder layer (q/k/v, o, MLP)."""
+        h = self.hidden_size
+        return h * (self.q_dim + 2 * self.kv_dim) + self.q_dim * h + h * self.intermediate_size * (3 if self.mlp_gated else 2)
+
     def pretty(self) -> str:
         rows = []
         for key, value in self.model_dump().items():

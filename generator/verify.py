@@ -24,9 +24,9 @@ from rich.table import Table
 
 from .errors import GeneratorError
 from .progress import Progress
-from .quant import from_bf16_bits, to_bf16_bits
 from .recipe import Sampling
-from .runner import STORAGE, Bundle, Engine, Generator, Sampler, eos_ids_of, load_tokenizer_module, session_options
+from .runner import (MASK_VALUE, STORAGE, Bundle, Engine, Generator, Sampler, common_prefix, eos_ids_of,
+                     from_storage, load_tokenizer_module, session_options, to_storage)
 
 TOLERANCES = Path(__file__).resolve().parent / "data" / "tolerances.yaml"
 GENERATE_TOKENS = 16
@@ -51,9 +51,8 @@ def thresholds(weight_type: str, hidden_state_type: str) -> dict[str, dict[str, 
 
 
 def parameter_count(spec) -> int:
-    h, i, kv, q = spec.hidden_size, spec.intermediate_size, spec.kv_dim, spec.q_dim
-    per_layer = h * (q + 2 * kv) + q * h + h * i * (3 if spec.mlp_gated else 2)
-    return spec.num_hidden_layers * per_layer + spec.vocab_size * h * (1 if spec.tie_word_embeddings else 2)
+    head = spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2)
+    return spec.num_hidden_layers * spec.layer_params + head
 
 
 # Bytes of memory per model parameter a level-1/2 check needs: the fp32 transformers reference (4)
@@ -85,16 +84,6 @@ def compare(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     return {"cosine": cos, "max_abs_err": err, "max_rel_err": err / scale}
 
 
-def to_storage(x: np.ndarray, hidden: str) -> np.ndarray:
-    if hidden == "bf16":
-        return to_bf16_bits(x)
-    return np.ascontiguousarray(x.astype(STORAGE[hidden][0]))
-
-
-def from_storage(x: np.ndarray, hidden: str) -> np.ndarray:
-    return from_bf16_bits(x) if hidden == "bf16" else x.astype(np.float32)
-
-
 def run_graph(sess: ort.InferenceSession, feeds: dict[str, tuple[np.ndarray, int]],
               outputs: dict[str, tuple[tuple[int, ...], np.dtype, int]]) -> dict[str, np.ndarray]:
     """Run with IO binding (bf16 arrays are passed as uint16 bits with their ONNX type)."""
@@ -113,8 +102,8 @@ def run_graph(sess: ort.InferenceSession, feeds: dict[str, tuple[np.ndarray, int
     return result
 
 
-def check_sequence(bundle: Bundle, tokenizer_mod, prompt: str, length: int) -> list[int]:
-    tok = tokenizer_mod.ChatTokenizer(bundle.tokenizer_dir)
+def check_sequence(bundle: Bundle, tok, prompt: str, length: int) -> list[int]:
+    """The chat-templated prompt (tok: the bundle's ChatTokenizer), padded with random ids to length."""
     ids = list(tok.encode_messages([{"role": "user", "content": prompt}], add_generation_prompt=True))
     rng = np.random.default_rng(1234)
     while len(ids) < length:
@@ -129,7 +118,7 @@ def layer_check(bundle: Bundle, cap: dict[str, np.ndarray], progress: Progress, 
     P, C, kv, H = opts.prefill_len, opts.kv_cache_len, spec.kv_dim, spec.hidden_size
     T = cap["inputs"].shape[1]
     quantized = opts.weight_type in ("s8", "s4")
-    mask_value = -65504.0 if hidden == "fp16" else -65536.0
+    mask_value = MASK_VALUE[hidden]
     rows = []
     with progress.task("layer check", spec.num_hidden_layers) as step:
         for i in range(spec.num_hidden_layers):
@@ -193,11 +182,11 @@ def logits_check(bundle: Bundle, cap: dict[str, np.ndarray]) -> dict[str, Any]:
     return result
 
 
-def generate_check(bundle: Bundle, model, tokenizer_mod, prompt: str, max_new_tokens: int = GENERATE_TOKENS) -> dict[str, Any]:
+def generate_check(bundle: Bundle, model, session, prompt: str, max_new_tokens: int = GENERATE_TOKENS) -> dict[str, Any]:
+    """Greedy answer to `prompt` through the runner vs transformers (session: a fresh ChatSession)."""
     from .reference import greedy
 
-    tok = tokenizer_mod.ChatTokenizer(bundle.tokenizer_dir)
-    session = tokenizer_mod.ChatSession(tok)
+    tok = session.tokenizer
     eos = eos_ids_of(session) or bundle.spec.eos_token_ids
     engine = Engine(bundle, threads=2)
     gen = Generator(engine, eos, Sampler(Sampling()))  # greedy, whatever post_config says
@@ -208,11 +197,7 @@ def generate_check(bundle: Bundle, model, tokenizer_mod, prompt: str, max_new_to
     ours = gen.generate(ids, max_new_tokens)
     ttft = gen.stats.ttft_ms
     ref = greedy(model, ids, max_new_tokens, eos)
-    prefix = 0
-    for a, b in zip(ours, ref):
-        if a != b:
-            break
-        prefix += 1
+    prefix = common_prefix(ours, ref)
     logits: list = []
     gen.generate(ids, forced=ref, logits_out=logits)
     argmax = [int(l[1][np.argmax(l[0])]) if isinstance(l, tuple) else int(np.argmax(l)) for l in logits]
@@ -294,12 +279,13 @@ def run_checks(bundle_dir: Path, ckpt, recipe, level: int, prompt: str | None, p
     report_dir = bundle.dir / "report"
     report_dir.mkdir(exist_ok=True)
     tok_mod = load_tokenizer_module(bundle)
+    tok = tok_mod.ChatTokenizer(bundle.tokenizer_dir)
     prompt = prompt or recipe.chat.check_prompt
     summary: dict[str, Any] = {"level": level, "thresholds": limits, "passed": True, "failures": []}
     model = load_reference(ckpt, recipe)
     if level >= 1:
         length = max(opts.last_kv_cache_len or [0]) + opts.prefill_len
-        ids = check_sequence(bundle, tok_mod, prompt, length)
+        ids = check_sequence(bundle, tok, prompt, length)
         cap = capture(model, ids)
         rows = layer_check(bundle, cap, progress)
         lim = limits["layer"]
@@ -325,7 +311,7 @@ def run_checks(bundle_dir: Path, ckpt, recipe, level: int, prompt: str | None, p
             summary["failures"].append(f"post graph: cosine {post['cosine']:.6f}, rel err {post['max_rel_err']:.2e} "
                                        f"(limits {lp['min_cosine']}, {lp['max_rel_err']})")
     if level >= 2:
-        res = generate_check(bundle, model, tok_mod, prompt)
+        res = generate_check(bundle, model, tok_mod.ChatSession(tok), prompt)
         lg = limits["generate"]
         need = min(int(lg["min_prefix"]), len(res["reference"]))
         res["passed"] = res["matching_prefix"] >= need and res["teacher_forced_agreement"] >= lg["min_agreement"]
