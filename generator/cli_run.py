@@ -124,12 +124,10 @@ def run(args) -> int:
                     shared_pool=True)  # this process exists to run the bundle
     chat = Chat(bundle, engine, tokenizer, system_prompt=args.system_prompt, seed=args.seed)
 
-    def start_over() -> int:
-        if args.kvcache_path:
-            from .kvcache import restore_or_prefill
+    from .kvcache import start_over as start_over_with
 
-            return restore_or_prefill(chat, Path(args.kvcache_path), log)
-        return chat.reset()
+    def start_over() -> int:
+        return start_over_with(chat, args.kvcache_path, log)
 
     n = start_over()
     log(f"precompute_len: {n}")

@@ -155,11 +155,10 @@ def load(path: Path, bundle, engine, system_prompt: str, token_ids: list[int]) -
     return k, v
 
 
-def install(chat, k: np.ndarray | None, v: np.ndarray | None, token_ids: list[int]):
-    """Make the engine hold `token_ids` with these cache rows, as if it had just prefilled them."""
-    chat.engine.load_prefix(k, v, token_ids)
-    chat.system_ids = list(token_ids)
-    chat.last_reply = None
+def start_over(chat, path: str | Path | None, log: Callable[[str], None]) -> int:
+    """A new conversation: through the KV cache files at `path` (--kvcache_path) when given, else
+    with the system prompt prefilled. Returns precompute_len."""
+    return restore_or_prefill(chat, Path(path), log) if path else chat.reset()
 
 
 def restore_or_prefill(chat, path: Path, log: Callable[[str], None]) -> int:
@@ -175,10 +174,10 @@ def restore_or_prefill(chat, path: Path, log: Callable[[str], None]) -> int:
         else:
             log(f"no kvcache at {path}, generating it")
     else:
-        install(chat, k, v, token_ids)
-        log(f"load kvcache from path: {path} success, precompute_len: {len(token_ids)}")
-        return len(token_ids)
-    n = chat.reset()
+        n = chat.start(token_ids, k, v)
+        log(f"load kvcache from path: {path} success, precompute_len: {n}")
+        return n
+    n = chat.start(token_ids)  # the tokenizer session was reset above
     try:
         save(path, chat.b, chat.engine, chat.system_prompt, chat.system_ids)
         log(f"generate kvcache to path: {path}")

@@ -570,14 +570,21 @@ class Chat:
     def stats(self) -> TurnStats:
         return self.gen.stats
 
-    def reset(self) -> int:
-        """Start over with the system prompt prefilled once (and kept as the cached prefix)."""
-        self.system_ids = list(self.tok.reset(self.system_prompt))
-        self.engine.reset()
+    def start(self, system_ids: list[int], k: np.ndarray | None = None, v: np.ndarray | None = None) -> int:
+        """Start over from the system prompt's tokens (kept as the cached prefix): their cache rows
+        `k`, `v` installed when given (a saved --kvcache_path), else prefilled once. Returns their count."""
+        self.system_ids = list(system_ids)
         self.last_reply = None
-        if self.system_ids:
+        if k is not None or not self.system_ids:
+            self.engine.load_prefix(k, v, self.system_ids)
+        else:
+            self.engine.reset()
             self.engine.prefill(self.system_ids)
         return len(self.system_ids)
+
+    def reset(self) -> int:
+        """Start over with a new tokenizer session and the system prompt prefilled once."""
+        return self.start(self.tok.reset(self.system_prompt))
 
     def turn(self, text: str, max_new_tokens: int | None = None) -> Iterator[str]:
         """Send a user message; yields text pieces as they complete."""

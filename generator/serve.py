@@ -205,11 +205,9 @@ class ChatService:
         return self.lock.locked()
 
     def _start_over(self) -> int:
-        if self.kvcache_path is not None:
-            from .kvcache import restore_or_prefill
+        from .kvcache import start_over
 
-            return restore_or_prefill(self.chat, self.kvcache_path, self.log)
-        return self.chat.reset()
+        return start_over(self.chat, self.kvcache_path, self.log)
 
     def _acquire(self):
         if not self.lock.acquire(timeout=self.queue_timeout):
