@@ -6,10 +6,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import get_args
 
 from rich.console import Console
 
 from .errors import GeneratorError
+from .recipe import HiddenType, WeightType
+
+WEIGHT_TYPES, HIDDEN_TYPES = get_args(WeightType), get_args(HiddenType)
 
 
 def add_build_args(p: argparse.ArgumentParser):
@@ -17,14 +21,14 @@ def add_build_args(p: argparse.ArgumentParser):
     p.add_argument("--input_path", help="HF model directory or .gguf file (default: the variant's embedded weights)")
     p.add_argument("--output_path", help="bundle directory (default: out/<model>_<chip>)")
     p.add_argument("--chip", default="AX650", help="AX650 (default) or AX620E / AX630C")
-    p.add_argument("-w", "--weight_type", choices=["s8", "s4", "bf16", "fp16", "fp32"])
-    p.add_argument("-t", "--hidden_state_type", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("-w", "--weight_type", choices=WEIGHT_TYPES)
+    p.add_argument("-t", "--hidden_state_type", choices=HIDDEN_TYPES)
     p.add_argument("--prefill_len", type=int)
     p.add_argument("--kv_cache_len", type=int)
     p.add_argument("--last_kv_cache_len", type=int, nargs="+", action="extend",
                    help="history lengths of the prefill groups (repeat the flag or list several)")
     p.add_argument("--post_topk", type=int)
-    p.add_argument("--post_weight_type", choices=["s8", "s4", "bf16", "fp16", "fp32"])
+    p.add_argument("--post_weight_type", choices=WEIGHT_TYPES)
     p.add_argument("--group_size", type=int, help="quantization group size along the input dim (default 128)")
     p.add_argument("-c", "--check_level", type=int, default=0, help="0: build only, 1: layer check, 2: + run the check prompt")
     p.add_argument("--prompt", help="prompt for check level 2 (default: the recipe's, 1+1=)")

@@ -149,13 +149,11 @@ def write_tokenizer(ctx: BuildContext, tmp: Path) -> dict[str, str]:
     except Exception:  # a tokenizer transformers cannot load without remote code: ship the files
         for f in files:
             shutil.copy2(f, tok_dir / f.name)
-    for name in ("generation_config.json",):
-        if (ctx.ckpt.dir / name).is_file():
-            shutil.copy2(ctx.ckpt.dir / name, tok_dir / name)
     chat = ctx.recipe.chat
     eos = list(dict.fromkeys(ctx.spec.eos_token_ids))
     gen_cfg = ctx.ckpt.dir / "generation_config.json"
     if gen_cfg.is_file():
+        shutil.copy2(gen_cfg, tok_dir / gen_cfg.name)
         extra = json.loads(gen_cfg.read_text()).get("eos_token_id")
         for e in extra if isinstance(extra, list) else [extra]:
             if isinstance(e, int) and e not in eos:

@@ -57,9 +57,7 @@ def evaluate(text: str, env: Mapping[str, Any]) -> Any:
             return ev(node.body)
         if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str, bool, type(None))):
             return node.value
-        if isinstance(node, ast.Name):
-            if node.id in ("True", "False", "None"):
-                return {"True": True, "False": False, "None": None}[node.id]
+        if isinstance(node, ast.Name):  # True / False / None parse as ast.Constant
             if node.id not in env:
                 raise ExprError(f"unknown name '{node.id}' in {text!r}")
             return env[node.id]

@@ -20,6 +20,7 @@ from .onnx_graph import DTYPES, Graph, WeightsFile
 from .options import BuildOptions, Group
 from .quant import pack_int4, quantize, to_bf16_bits
 from .spec import ArchSpec, NormSpec
+from .weights import ALL_NORMS
 
 WINDOW_BLOCK = -1.0e9  # added on top of the mask for keys outside a sliding window
 
@@ -93,8 +94,7 @@ def store_layer(wf: WeightsFile, spec: ArchSpec, opts: BuildOptions, i: int, w: 
     else:
         refs["up_proj"] = store_linear(wf, inits, "up_proj", w["up_proj.weight"], w.get("up_proj.bias"), wt("up_proj"), opts.group_size)
     refs["down_proj"] = store_linear(wf, inits, "down_proj", w["down_proj.weight"], w.get("down_proj.bias"), wt("down_proj"), opts.group_size)
-    for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
-                 "q_norm", "k_norm"):
+    for norm in ALL_NORMS:
         if f"{norm}.weight" in w:
             refs[norm] = (store_vector(wf, inits, f"{norm}.weight", w[f"{norm}.weight"]),
                           store_vector(wf, inits, f"{norm}.bias", w[f"{norm}.bias"]) if f"{norm}.bias" in w else None)

@@ -14,8 +14,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 21  # blocked DequantizeLinear (int4/int8 with block_size) is opset 21
 DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
-NP_OF = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.UINT32: np.uint32,
-         TensorProto.INT64: np.int64, TensorProto.INT32: np.int32}
 ALIGN = 64
 
 

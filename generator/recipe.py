@@ -23,7 +23,7 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 WeightType = Literal["s8", "s4", "bf16", "fp16", "fp32"]
 HiddenType = Literal["bf16", "fp16", "fp32"]
-PostWeightType = Literal["s8", "s4", "bf16", "fp16", "fp32"]
+PostWeightType = WeightType
 
 # The canonical per-layer tensor names (HF names where they are unambiguous). Llama's
 # `post_attention_layernorm` is applied *before* the MLP, so recipes map it to

@@ -111,7 +111,7 @@ def fill_model(model, get: Callable[[str], Any], mapping: Callable[[str], str | 
     tied = set()
     tied_keys = getattr(model, "_tied_weights_keys", None) or {}
     if getattr(model.config, "tie_word_embeddings", False):
-        tied = set(tied_keys) if isinstance(tied_keys, dict) else set(tied_keys)
+        tied = set(tied_keys)  # a dict (names -> their source) or a list of names
     missing, loaded = [], {}
     for key, param in state.items():
         src = mapping(key)

@@ -30,9 +30,13 @@ class RopeTable(BaseModel):
     long_from: int | None = None
 
 
+def _base_freq(theta: float, dim: int) -> np.ndarray:
+    """theta ** (2j / dim) for each rotated pair j (float32, as transformers computes it)."""
+    return np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+
+
 def _base_inv_freq(theta: float, dim: int) -> np.ndarray:
-    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
-    return (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+    return (1.0 / _base_freq(theta, dim)).astype(np.float32)
 
 
 def _get(params: dict, key: str, where: str):
@@ -131,7 +135,7 @@ def resolve_rope(
         if attn is None:
             attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
         factor_attn = float(attn)
-        base = np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+        base = _base_freq(theta, dim)
         inv = (1.0 / (short * base)).astype(np.float32)
         long_inv = (1.0 / (long * base)).astype(np.float32).tolist()
         long_from = original

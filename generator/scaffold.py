@@ -121,8 +121,7 @@ def new_recipe(args) -> int:
     try:
         project = render(context, no_input=not interactive, staging=staging)
         name = project.name
-        recipe_src = project / "recipes" / f"{name}.yaml"
-        test_src = project / "tests" / f"test_recipe_{name}.py"
+        recipe_src, test_src = targets(project, name)
         check_name(name, root)  # interactive answers are checked here
         recipe = load_recipe(recipe_src)  # the rendered skeleton must be a valid recipe
         arch = recipe.architectures[0]

@@ -197,10 +197,6 @@ class ChatService:
 
     # -- state ----------------------------------------------------------------------------------
     @property
-    def system_prompt(self) -> str:
-        return self.chat.system_prompt
-
-    @property
     def busy(self) -> bool:
         return self.lock.locked()
 

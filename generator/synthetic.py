@@ -39,11 +39,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, sha256_file
 from .errors import GeneratorError
 from .recipe import ChatTemplate, Recipe
 from .spec import ArchSpec, resolve_spec
-from .weights import NORMS, _bias_expected, expected_shapes
+from .weights import ALL_NORMS, _bias_expected, expected_shapes
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "synthetic"
 FORMAT = 2
@@ -90,7 +90,7 @@ def tensor_plan(recipe: Recipe, spec: ArchSpec) -> dict[str, tuple[tuple[int, ..
                 continue
             base = path.format(i=i)
             rows = sum(shapes[p][0] for p in parts)
-            if key in NORMS or key in ("q_norm", "k_norm"):
+            if key in ALL_NORMS:
                 plan[f"{base}.weight"] = ((rows,), "norm", spec.norm.weight_offset)
             else:
                 plan[f"{base}.weight"] = ((rows, shapes[parts[0]][1]), "linear", 0.0)
@@ -154,8 +154,7 @@ class SyntheticCheckpoint(Checkpoint):
         return torch.from_numpy(self.tensor(name))
 
     def fingerprint(self) -> dict[str, str]:
-        digest = hashlib.sha256((self.dir / "config.json").read_bytes()).hexdigest()
-        return {"config.json": digest, "weights": f"synthetic (format {FORMAT}, seed {self.seed}): generated on demand"}
+        return {"config.json": sha256_file(self.dir / "config.json"), "weights": f"synthetic (format {FORMAT}, seed {self.seed}): generated on demand"}
 
 
 # -- tokenizer -------------------------------------------------------------------------------------
@@ -200,7 +199,7 @@ def write_tokenizer(target: Path, template: ChatTemplate, config: dict, vocab_si
             vocab[token] = next(free)
     for token, i in specials.items():
         vocab[token] = i if i is not None else next(free)
-    final = {t: i for t, i in vocab.items()}
+    final = vocab
     for i in free:
         final[f"<|synthetic_{i}|>"] = i
     if len(final) != vocab_size:

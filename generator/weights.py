@@ -17,6 +17,7 @@ from .recipe import Recipe
 from .spec import ArchSpec
 
 NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+ALL_NORMS = (*NORMS, "q_norm", "k_norm")  # the block norms and the per-head q/k norms
 
 
 def expected_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
@@ -56,8 +57,8 @@ class WeightSource:
         self.ckpt, self.recipe, self.spec = ckpt, recipe, spec
         self.shapes = expected_shapes(spec)
 
-    def _name(self, path: str, i: int | None, suffix: str) -> str:
-        return (path.format(i=i) if i is not None else path) + "." + suffix
+    def _name(self, path: str, i: int, suffix: str) -> str:
+        return path.format(i=i) + "." + suffix
 
     def _read(self, name: str, shape: tuple[int, ...] | None, what: str) -> np.ndarray:
         if not self.ckpt.has(name):
@@ -135,7 +136,7 @@ class WeightSource:
     def _rewrite_layer(self, w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = self.spec
         if spec.norm.weight_offset:
-            for n in (*NORMS, "q_norm", "k_norm"):
+            for n in ALL_NORMS:
                 if f"{n}.weight" in w:
                     w[f"{n}.weight"] = w[f"{n}.weight"] + np.float32(spec.norm.weight_offset)
         if spec.residual_scale != 1.0:

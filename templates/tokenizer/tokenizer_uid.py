@@ -595,17 +595,6 @@ class ChatSession:
         self._sent: list[int] = []
         self.reset(system_prompt)
 
-    @property
-    def messages(self) -> list[dict[str, str]]:
-        with self.lock:
-            return [dict(m) for m in self._messages]
-
-    @property
-    def sent_ids(self) -> list[int]:
-        """The token ids the client is assumed to hold (the last ``reset``/``encode`` answer)."""
-        with self.lock:
-            return list(self._sent)
-
     def reset(self, system_prompt: str | None = None) -> list[int]:
         """Start over with just the system message; return its tokens without generation prompt."""
         with self.lock:
@@ -743,10 +732,6 @@ class TokenizerApp:
             "/encode": {"POST": self.encode},
             "/decode": {"POST": self.decode},
         }
-
-    def allowed_methods(self, path: str) -> list[str] | None:
-        methods = self.routes.get(path)
-        return sorted(methods) if methods is not None else None
 
     def handle(self, method: str, path: str, query: dict, body: dict) -> dict:
         methods = self.routes.get(path)
