@@ -50,6 +50,16 @@ def thresholds(weight_type: str, hidden_state_type: str) -> dict[str, dict[str, 
     return out
 
 
+def within(cosine: float, rel_err: float, limit: dict) -> bool:
+    """A comparison passes one thresholds entry (min_cosine, max_rel_err); NaN never passes."""
+    return cosine >= limit["min_cosine"] and rel_err <= limit["max_rel_err"]
+
+
+def failing_rows(rows: list[dict[str, Any]], limit: dict) -> list[dict[str, Any]]:
+    """The layer-check rows outside `limit`."""
+    return [r for r in rows if not within(r["cosine"], r["max_rel_err"], limit)]
+
+
 def parameter_count(spec) -> int:
     head = spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2)
     return spec.num_hidden_layers * spec.layer_params + head
@@ -289,11 +299,11 @@ def run_checks(bundle_dir: Path, ckpt, recipe, level: int, prompt: str | None, p
         cap = capture(model, ids)
         rows = layer_check(bundle, cap, progress)
         lim = limits["layer"]
-        bad = [r for r in rows if r["cosine"] < lim["min_cosine"] or r["max_rel_err"] > lim["max_rel_err"]]
+        bad = failing_rows(rows, lim)
         worst = min(rows, key=lambda r: r["cosine"])
         post = logits_check(bundle, cap)
         lp = limits["logits"]
-        post_ok = post["cosine"] >= lp["min_cosine"] and post["max_rel_err"] <= lp["max_rel_err"]
+        post_ok = within(post["cosine"], post["max_rel_err"], lp)
         (report_dir / "layer_check.json").write_text(json.dumps({"thresholds": lim, "rows": rows, "post": post}, indent=1))
         plot(rows, report_dir / "layer_check.png", f"{bundle.model} {opts.weight_type}/{opts.hidden_state_type} layer check")
         print_layer_table(console, rows, lim, bundle.spec.num_hidden_layers)

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from rich.console import Console
 
-from tokenizer_fixtures import make_qwen_style_dir
+from tokenizer_fixtures import copy_tokenizer_files, make_qwen_style_dir
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 SMALL_GROUPS = dict(prefill_len=16, kv_cache_len=96, last_kv_cache_len=[16, 32, 64], group_size=16)
 
 
@@ -39,18 +38,37 @@ def randomize(model: torch.nn.Module, seed: int = 0, norm_noise: float = 0.3):
                 p.copy_(torch.randn(p.shape, generator=g) * (1.0 / np.sqrt(p.shape[-1])))
 
 
-def save_tiny(config, target: Path, tokenizer_dir: Path, seed: int = 0, model_cls=None) -> Path:
-    """Save a random model of `config` as safetensors + the tokenizer files into `target`."""
+def save_tiny(config, target: Path, tokenizer_dir: Path, seed: int = 0, model_cls=None,
+              edit: Callable[[dict], None] | None = None) -> Path:
+    """Save a random model of `config` as safetensors + the tokenizer files into `target`; `edit`
+    may rewrite the saved config.json (to drop keys real Hub configs do not have)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config) if model_cls is None else model_cls(config)
     randomize(model, seed)
     model.save_pretrained(target, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (tokenizer_dir / name).is_file():
-            shutil.copy2(tokenizer_dir / name, target / name)
+    if edit:
+        path = target / "config.json"
+        cfg = json.loads(path.read_text())
+        edit(cfg)
+        path.write_text(json.dumps(cfg, indent=2))
+    copy_tokenizer_files(tokenizer_dir, target)
     return target
+
+
+def threads() -> int:
+    """Intra-op threads for engines made in this test process: the process-wide pool's size if one
+    exists (onnxruntime then refuses sessions with their own pools), else 1, which creates no global
+    pool (one would break the plain onnxruntime sessions of other tests in this worker)."""
+    from generator import runner
+
+    return runner._GLOBAL_POOL or 1
+
+
+def token_ids(n: int, vocab: int, seed: int) -> list[int]:
+    """n random token ids below vocab."""
+    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
 
 
 def tiny_llama_config(vocab: int, **overrides):

@@ -28,21 +28,12 @@ from generator.__main__ import main as cli_main
 from generator.bundle import write_scripts
 from generator.chips import get_chip
 from generator.runner import Bundle, Chat, Engine
-from models import SMALL_GROUPS, quiet_build
+from models import SMALL_GROUPS, quiet_build, threads
 
 HOSTILE = ("-x Say \"hi\" & it's $(touch PWNED_A) `touch PWNED_B` ${HOME} $HOME \\n; rm -rf /nonexistent | cat\n"
            "second line\twith a tab 'single' \\\" !! * ? ~ {a,b} 你好 😀\n")
 EMBED = "model.embed_tokens.weight.bfloat16.bin"
 AXCL = ("axcl_x86", "axcl_aarch64")
-
-
-def threads() -> int:
-    """Intra-op threads for engines made in this test process: the process-wide pool's size if one
-    exists (onnxruntime then refuses sessions with their own pools), else 1, which creates no global
-    pool (one would break the plain onnxruntime sessions of other tests in this worker)."""
-    from generator import runner
-
-    return runner._GLOBAL_POOL or 1
 
 
 # ------------------------------------------------------------------------------------------------

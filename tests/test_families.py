@@ -48,7 +48,6 @@ generator's own weight conversion). The equivalences:
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -65,38 +64,15 @@ from generator.progress import Progress
 from generator.recipe import registry
 from generator.reference import capture, load_reference
 from generator.runner import Bundle
-from generator.verify import conversation_check, layer_check, logits_check, thresholds
-from models import SMALL_GROUPS, TOKENIZER_FILES, quiet_build, randomize
+from generator.verify import conversation_check, failing_rows, layer_check, logits_check, thresholds, within
+from models import SMALL_GROUPS, quiet_build, randomize, save_tiny, token_ids
+from tokenizer_fixtures import copy_tokenizer_files
 
 BUILDS = {"fp32": ("fp32", "fp32", "fp32"), "s8": ("s8", "bf16", "s8")}  # weight, hidden state, post weight
 LENGTH = SMALL_GROUPS["last_kv_cache_len"][-1] + SMALL_GROUPS["prefill_len"]  # covers every group
 
 
 # -- tiny checkpoints ---------------------------------------------------------------------------------
-
-def _copy_tokenizer(tok_dir: Path, target: Path):
-    for name in TOKENIZER_FILES:
-        if (tok_dir / name).is_file():
-            shutil.copy2(tok_dir / name, target / name)
-
-
-def _save_transformers(config, target: Path, tok_dir: Path, seed: int = 0, edit: Callable[[dict], None] | None = None):
-    """A transformers model of `config` with spread-out random weights, saved; `edit` may rewrite
-    the saved config.json (to drop keys real Hub configs do not have)."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    randomize(model, seed)
-    model.save_pretrained(target, safe_serialization=True)
-    if edit:
-        path = target / "config.json"
-        cfg = json.loads(path.read_text())
-        edit(cfg)
-        path.write_text(json.dumps(cfg, indent=2))
-    _copy_tokenizer(tok_dir, target)
-    return target
-
 
 class Rand:
     """Random tensors for checkpoints written by hand (remote-code layouts)."""
@@ -117,7 +93,7 @@ class Rand:
 def _write_checkpoint(target: Path, config: dict, tensors: dict[str, np.ndarray], tok_dir: Path) -> Path:
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(target / "model.safetensors"))
     (target / "config.json").write_text(json.dumps(config, indent=2))
-    _copy_tokenizer(tok_dir, target)
+    copy_tokenizer_files(tok_dir, target)
     return target
 
 
@@ -129,7 +105,7 @@ def make_llama(target, tok_dir, vocab):
                       mlp_bias=True, bos_token_id=None, eos_token_id=None,
                       rope_parameters={"rope_type": "llama3", "rope_theta": 50000.0, "factor": 4.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
-    return _save_transformers(cfg, target, tok_dir)
+    return save_tiny(cfg, target, tok_dir)
 
 
 def make_qwen2(target, tok_dir, vocab):
@@ -139,7 +115,7 @@ def make_qwen2(target, tok_dir, vocab):
                       vocab_size=vocab, max_position_embeddings=256, tie_word_embeddings=True, use_sliding_window=True,
                       sliding_window=6, max_window_layers=1, bos_token_id=None, eos_token_id=None,
                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
-    return _save_transformers(cfg, target, tok_dir, edit=_drop_layer_types())
+    return save_tiny(cfg, target, tok_dir, edit=_drop_layer_types())
 
 
 def _drop_layer_types(pattern_key: str | None = None, pattern: int | None = None):
@@ -158,7 +134,7 @@ def make_gemma2(target, tok_dir, vocab):
                        attn_logit_softcapping=2.0, final_logit_softcapping=1.5, sliding_window=5,
                        hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, pad_token_id=0, eos_token_id=1,
                        bos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    return _save_transformers(cfg, target, tok_dir, edit=_drop_layer_types())
+    return save_tiny(cfg, target, tok_dir, edit=_drop_layer_types())
 
 
 def make_gemma3(target, tok_dir, vocab):
@@ -170,7 +146,7 @@ def make_gemma3(target, tok_dir, vocab):
                            eos_token_id=1, bos_token_id=2,
                            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
                                             "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})
-    return _save_transformers(cfg, target, tok_dir, edit=_drop_layer_types("sliding_window_pattern", 3))
+    return save_tiny(cfg, target, tok_dir, edit=_drop_layer_types("sliding_window_pattern", 3))
 
 
 def make_phi(target, tok_dir, vocab):
@@ -180,7 +156,7 @@ def make_phi(target, tok_dir, vocab):
                     max_position_embeddings=256, hidden_act="gelu_new", layer_norm_eps=1e-5, tie_word_embeddings=False,
                     bos_token_id=None, eos_token_id=None,
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.4})
-    return _save_transformers(cfg, target, tok_dir)
+    return save_tiny(cfg, target, tok_dir)
 
 
 PHI3_ORIGINAL = 64
@@ -194,7 +170,7 @@ def make_phi3(target, tok_dir, vocab):
                      sliding_window=6, tie_word_embeddings=False, pad_token_id=0, bos_token_id=None, eos_token_id=None,
                      rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                                       "short_factor": [1.0, 1.3, 1.9, 2.6], "long_factor": [1.5, 3.0, 7.0, 13.0]})
-    return _save_transformers(cfg, target, tok_dir)
+    return save_tiny(cfg, target, tok_dir)
 
 
 def make_minicpm(target, tok_dir, vocab):
@@ -391,7 +367,7 @@ def layer_rows(fam: Family, bundle: Bundle, ref, vocab: int):
     reference picks its factors from the largest position of the whole forward, so each group is
     checked against a capture whose length puts it on the same side of `long_from` as the graph."""
     P = bundle.opts.prefill_len
-    ids = np.random.default_rng(0).integers(0, vocab, LENGTH).tolist()
+    ids = token_ids(LENGTH, vocab, 0)
     cap = capture(ref, ids)
     if fam.long_from is None:
         return layer_check(bundle, cap, Progress(enabled=False)), cap
@@ -422,11 +398,11 @@ def test_every_layer_group_and_logits_match_reference(family, build, tiny_tok):
     assert {r["layer"] for r in rows} == set(range(bundle.spec.num_hidden_layers))
     lim = limits["layer"]
     cos, rel = min(r["cosine"] for r in rows), max(r["max_rel_err"] for r in rows)
-    bad = [r for r in rows if r["cosine"] < lim["min_cosine"] or r["max_rel_err"] > lim["max_rel_err"]]
+    bad = failing_rows(rows, lim)
     _record(name, fam, build, "layers", cos, rel, lim, not bad)
     post = logits_check(bundle, cap)
     lp = limits["logits"]
-    post_ok = post["cosine"] >= lp["min_cosine"] and post["max_rel_err"] <= lp["max_rel_err"]
+    post_ok = within(post["cosine"], post["max_rel_err"], lp)
     _record(name, fam, build, "logits", post["cosine"], post["max_rel_err"], lp, post_ok)
     assert not bad, bad[:3]
     assert post_ok, post
@@ -443,7 +419,7 @@ def test_runner_end_to_end_matches_reference(family, build, tiny_tok):
     assert n_sys + n1 + f1 + n2 + f2 <= bundle.opts.kv_cache_len
     res = conversation_check(bundle, ref, system=n_sys, turns=((n1, f1), (n2, f2)))
     worst_cos, worst_rel = res["worst_cosine"], res["worst_rel_err"]
-    ok = worst_cos >= lim["min_cosine"] and worst_rel <= lim["max_rel_err"]
+    ok = within(worst_cos, worst_rel, lim)
     _record(name, fam, build, "end_to_end", worst_cos, worst_rel, lim, ok)
     assert ok, (worst_cos, worst_rel, lim)
 

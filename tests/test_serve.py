@@ -23,18 +23,9 @@ import pytest
 from generator.runner import Bundle, Engine, Generator, Sampler, load_tokenizer_module
 from generator.serve import ChatService, StopMatcher
 from generator.serve_http import ApiServer
-from models import SMALL_GROUPS, quiet_build
+from models import SMALL_GROUPS, quiet_build, threads
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def threads() -> int:
-    """Intra-op threads for engines made in this test process: the process-wide pool's size if one
-    exists (onnxruntime then refuses sessions with their own pools), else 1, which creates no global
-    pool (one would break the plain onnxruntime sessions of other tests in this worker)."""
-    from generator import runner
-
-    return runner._GLOBAL_POOL or 1
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ from generator.recipe import registry
 from generator.reference import bf16_embedding_input, capture, load_reference
 from generator.runner import Bundle, Engine, Generator, Sampler
 from generator.recipe import Sampling
-from generator.verify import conversation_check, layer_check, logits_check, thresholds
+from generator.verify import conversation_check, failing_rows, layer_check, logits_check, thresholds, within
 from generator.progress import Progress
-from models import SMALL_GROUPS, quiet_build
+from models import SMALL_GROUPS, quiet_build, token_ids
 
 BUILDS = {  # name: (weight_type, hidden_state_type, post_weight_type)
     "fp32": ("fp32", "fp32", "fp32"),
@@ -42,10 +42,6 @@ def reference(tiny_llama):
     return load_reference(open_input(tiny_llama), registry().recipes["llama"])
 
 
-def token_ids(n: int, vocab: int, seed: int) -> list[int]:
-    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
-
-
 def test_every_layer_and_group_matches(built, reference):
     bundle, limits = built
     ids = token_ids(SMALL_GROUPS["last_kv_cache_len"][-1] + SMALL_GROUPS["prefill_len"], bundle.spec.vocab_size, 0)
@@ -55,10 +51,10 @@ def test_every_layer_and_group_matches(built, reference):
     assert groups == {g.index for g in bundle.groups} and len(groups) == 5  # decode, no-history, 3 history groups
     assert {r["tensor"] for r in rows} == {"K_cache_out", "V_cache_out", "output"}
     lim = limits["layer"]
-    bad = [r for r in rows if r["cosine"] < lim["min_cosine"] or r["max_rel_err"] > lim["max_rel_err"]]
+    bad = failing_rows(rows, lim)
     assert not bad, bad[:3]
     post = logits_check(bundle, cap)
-    assert post["cosine"] >= limits["logits"]["min_cosine"] and post["max_rel_err"] <= limits["logits"]["max_rel_err"]
+    assert within(post["cosine"], post["max_rel_err"], limits["logits"])
 
 
 @pytest.mark.parametrize("history", ["used", "board"])
@@ -71,7 +67,7 @@ def test_runner_logits_match_over_chunks_and_cached_system_prompt(built, referen
     # only new tokens are prefilled (turn 2: the last forced token, never decoded, + 20 new)
     assert res["prefilled"] == [40, 21]
     lim = limits["end_to_end"]
-    assert res["worst_cosine"] >= lim["min_cosine"] and res["worst_rel_err"] <= lim["max_rel_err"], res
+    assert within(res["worst_cosine"], res["worst_rel_err"], lim), res
 
 
 def test_board_and_used_history_agree(built):

@@ -12,7 +12,6 @@ field that is wrong makes this test fail.
 
 {% raw %}import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -22,8 +21,8 @@ from generator.recipe import registry
 from generator.reference import capture, load_reference
 from generator.runner import Bundle
 from generator.spec import resolve_spec
-from generator.verify import conversation_check, layer_check, logits_check, thresholds
-from models import SMALL_GROUPS, quiet_build, save_tiny, tiny_tokenizer
+from generator.verify import conversation_check, failing_rows, layer_check, logits_check, thresholds, within
+from models import SMALL_GROUPS, quiet_build, save_tiny, tiny_tokenizer, token_ids
 {% endraw %}
 NAME = "{{ cookiecutter.name }}"
 ARCHITECTURE = "{{ cookiecutter.architecture }}"
@@ -72,10 +71,6 @@ def reference(checkpoint, recipe):
     return load_reference(open_input(checkpoint), recipe)
 
 
-def token_ids(n: int, vocab: int, seed: int) -> list[int]:
-    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
-
-
 def test_recipe_declares_the_architecture_and_resolves(checkpoint, recipe):
     cfg = json.loads((checkpoint / "config.json").read_text())
     assert cfg["architectures"] == [ARCHITECTURE] and ARCHITECTURE in recipe.architectures
@@ -90,10 +85,10 @@ def test_every_layer_and_group_matches(built, reference):
     rows = layer_check(bundle, cap, Progress(enabled=False))
     assert {r["group"] for r in rows} == {g.index for g in bundle.groups}
     lim = limits["layer"]
-    bad = [r for r in rows if r["cosine"] < lim["min_cosine"] or r["max_rel_err"] > lim["max_rel_err"]]
+    bad = failing_rows(rows, lim)
     assert not bad, bad[:3]
     post = logits_check(bundle, cap)
-    assert post["cosine"] >= limits["logits"]["min_cosine"] and post["max_rel_err"] <= limits["logits"]["max_rel_err"], post
+    assert within(post["cosine"], post["max_rel_err"], limits["logits"]), post
 
 
 def test_end_to_end_logits_match(built, reference):
@@ -102,5 +97,5 @@ def test_end_to_end_logits_match(built, reference):
     bundle, limits = built
     res = conversation_check(bundle, reference, system=11, turns=((40, 6), (20, 5)))
     lim = limits["end_to_end"]
-    assert res["worst_cosine"] >= lim["min_cosine"] and res["worst_rel_err"] <= lim["max_rel_err"], res
+    assert within(res["worst_cosine"], res["worst_rel_err"], lim), res
 {% endraw %}
