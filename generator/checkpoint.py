@@ -51,7 +51,13 @@ class Checkpoint:
         self._index()
         self.gptq = attach_gptq(self)  # None unless the checkpoint is GPTQ-packed
 
+    @property
+    def config_where(self) -> str:
+        """How messages name this checkpoint's config: its config.json, or the .gguf it was imported from."""
+        return self.source if self.source.endswith(".gguf") else f"{self.source}/config.json"
+
     # -- discovery ---------------------------------------------------------------------------
+
     def _index(self):
         index = self.dir / "model.safetensors.index.json"
         single = self.dir / "model.safetensors"

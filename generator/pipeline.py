@@ -44,7 +44,7 @@ def check_variant_config(recipe: Recipe, variant: str | None, ckpt: Checkpoint):
     if not variant or not recipe.variants[variant].config:
         return
     want = read_config(recipe, recipe.variants[variant].config, f"recipe variant {variant}")
-    have = read_config(recipe, ckpt.config, f"{ckpt.source}/config.json")
+    have = read_config(recipe, ckpt.config, ckpt.config_where)
     diffs = [f"{k} {have.get(k)} (variant says {want[k]})" for k in DIM_KEYS if k in want and have.get(k) != want[k]]
     if diffs:
         raise GeneratorError(f"Input '{ckpt.source}' does not match model '{variant}': its config.json has "
@@ -92,7 +92,7 @@ def build(*, model: str | None = None, input_path: str | None = None, output_pat
                       f"learned nothing.", highlight=False)
     name = variant or model_name_for(input_path)
     spec = resolve_spec(recipe, ckpt.config, model_name=name, max_positions=opts.kv_cache_len,
-                        where=f"{ckpt.source}/config.json" if not str(ckpt.source).endswith(".gguf") else ckpt.source)
+                        where=ckpt.config_where)
     chip_p = check_options(opts, spec)
     console.print(spec.pretty(), highlight=False)
     out_dir = Path(output_path) if output_path else OUT_DIR / f"{name}_{chip_p.name.lower()}"

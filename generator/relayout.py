@@ -137,7 +137,8 @@ def fill_model(model, get: Callable[[str], Any], mapping: Callable[[str], str | 
     return model.eval()
 
 
-def _build(cls_name: str | None, config):
+def _build(cls, config):
+    """An fp32 eager model of `config`: of class `cls`, or the auto class for its model type when None."""
     import torch
     import transformers
 
@@ -145,13 +146,7 @@ def _build(cls_name: str | None, config):
 
     config._attn_implementation = "eager"  # softcaps and windows exactly as written
     with no_init_weights():  # every weight is loaded next; random init would only cost time
-        if cls_name:
-            cls = getattr(transformers, cls_name, None)
-            if cls is None:
-                raise GeneratorError(f"transformers {transformers.__version__} has no class '{cls_name}' (recipe reference.architecture).")
-            model = cls(config)
-        else:
-            model = transformers.AutoModelForCausalLM.from_config(config)
+        model = cls(config) if cls is not None else transformers.AutoModelForCausalLM.from_config(config)
     return model.to(torch.float32)
 
 
@@ -182,7 +177,7 @@ def relayout_reference(ckpt, recipe: Recipe):
             table[key] = src
     star = ref.tensors.get("*")
     mapping = lambda k: table.get(k) or (star.replace("*", k) if star else None)  # noqa: E731
-    model = _build(ref.architecture, config)
+    model = _build(cls, config)
     return fill_model(model, ckpt.torch_tensor, mapping, env, f"Recipe '{recipe.name}' reference ({ref.architecture})",
                       ckpt.has)
 

@@ -168,7 +168,7 @@ class Engine:
         self.precompute_len = 0
         self.cached_ids: list[int] = []
         self._sessions: dict[tuple[int, int], ort.InferenceSession] = {}
-        self._device = None
+        self._device = ort.OrtDevice.make("cpu", 0)._get_c_device()  # where every bound buffer lives
         self._setup_decode()
         self._setup_post()
 
@@ -196,8 +196,6 @@ class Engine:
     def _bind(self, io, name: str, arr: np.ndarray, shape=None, elem=None, output=False):
         shape = list(arr.shape) if shape is None else list(shape)
         elem = self.onnx_type if elem is None else elem
-        if self._device is None:
-            self._device = ort.OrtDevice.make("cpu", 0)._get_c_device()
         (io._iobinding.bind_output if output else io._iobinding.bind_input)(name, self._device, elem, shape, arr.ctypes.data)
 
     # -- decode --------------------------------------------------------------------------------
@@ -209,7 +207,8 @@ class Engine:
         self.zeros_mask = np.zeros((1, 1, self.C + 1), self.dtype)
         # history 'used' at position 0: one (masked) history row, then the token itself
         self.first_mask = self.mask_dec[0, 0, self.C - 1:]
-        self._dec_io = []
+        # per layer, the C-level calls decode() makes for each token (no per-token Python wrappers)
+        self._dec_calls = []
         for i in range(self.L):
             sess = self.session(i, 0)
             io = sess.io_binding()
@@ -220,10 +219,8 @@ class Engine:
                 self._bind(io, "K_cache", self.k_cache[i], shape=(1, self.C, self.kv))
                 self._bind(io, "V_cache", self.v_cache[i], shape=(1, self.C, self.kv))
                 self._bind(io, "mask", self.mask_dec)
-            self._dec_io.append((sess._sess, io))
-        # per layer, the C-level calls decode() makes for each token (no per-token Python wrappers)
-        self._dec_calls = [(sess, io._iobinding.bind_input, io._iobinding.bind_output, self.k_cache[i].ctypes.data,
-                            self.v_cache[i].ctypes.data) for i, (sess, io) in enumerate(self._dec_io)]
+            self._dec_calls.append((sess._sess, io._iobinding.bind_input, io._iobinding.bind_output,
+                                    self.k_cache[i].ctypes.data, self.v_cache[i].ctypes.data))
         self.h_final_dec = self.h_dec[self.L % 2]
 
     def decode(self, token: int) -> np.ndarray:
@@ -557,8 +554,9 @@ class Chat:
     def __init__(self, bundle: Bundle, engine: Engine, tokenizer=None, *, system_prompt: str | None = None,
                  seed: int | None = None):
         self.b, self.engine = bundle, engine
+        self.tok_module = None  # the bundle's tokenizer server module, when tokenizing in-process
         if tokenizer is None:
-            mod = load_tokenizer_module(bundle)
+            self.tok_module = mod = load_tokenizer_module(bundle)
             tokenizer = mod.ChatSession(mod.ChatTokenizer(bundle.tokenizer_dir))
         self.tok = tokenizer
         self.gen = Generator(engine, eos_ids_of(tokenizer) or bundle.spec.eos_token_ids, Sampler(bundle.sampling, seed))

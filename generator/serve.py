@@ -179,8 +179,8 @@ class ChatService:
         self.engine = Engine(self.bundle, threads=threads, history=history, shared_pool=shared_pool)
         self.chat = Chat(self.bundle, self.engine, system_prompt=system_prompt, seed=seed)
         self.tokenizer = self.chat.tok.tokenizer  # the bundle's ChatTokenizer (templates whole conversations)
-        # the tokenizer module is loaded from the bundle's file, not imported: take its exception from it
-        self._template_error = type(self.chat.tok).encode.__globals__.get("TemplateRenderError", ValueError)
+        # the tokenizer module is loaded from the bundle's file, not imported: its exception comes with it
+        self._template_error = self.chat.tok_module.TemplateRenderError
         self.default_sampler = self.chat.gen.sampler
         self._Sampler = Sampler
         self.model_id = model_name or self.bundle.model

@@ -14,6 +14,7 @@ import sys
 import time
 import traceback
 import uuid
+from itertools import chain
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -119,22 +120,21 @@ class ApiHandler(JsonRequestHandler):
             pieces.close()
             raise
         chunk = {**base, "object": "chat.completion.chunk"}
+
+        def delta(d: dict, finish_reason: str | None = None):
+            self._event({**chunk, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish_reason}]})
+
         try:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream; charset=utf-8")
             self.send_header("Cache-Control", "no-cache")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            self._event({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                               "logprobs": None, "finish_reason": None}]})
+            delta({"role": "assistant", "content": ""})
             if first is not None:
-                self._event({**chunk, "choices": [{"index": 0, "delta": {"content": first}, "logprobs": None,
-                                                   "finish_reason": None}]})
-                for piece in pieces:
-                    self._event({**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "logprobs": None,
-                                                       "finish_reason": None}]})
-            self._event({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                               "finish_reason": req["finish_reason"]}]})
+                for piece in chain([first], pieces):
+                    delta({"content": piece})
+            delta({}, req["finish_reason"])
             if req["include_usage"]:
                 self._event({**chunk, "choices": [], "usage": req["usage"]})
             self._event("[DONE]")
