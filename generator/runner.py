@@ -420,7 +420,7 @@ class Sampler:
         if c.enable_temperature and c.temperature > 0:
             x /= c.temperature
         if c.enable_repetition_penalty and history:
-            recent = set(history[-c.penalty_window:])
+            recent = set(history[max(0, len(history) - c.penalty_window):])  # window 0: none (history[-0:] is all)
             if ids is None:
                 sel = np.fromiter(recent, np.int64)
                 sel = sel[(sel >= 0) & (sel < x.size)]
