@@ -4,6 +4,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import ml_dtypes
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from generator.quant import dequantize, from_bf16_bits, pack_int4, quantize, to_bf16_bits
@@ -43,11 +45,33 @@ def test_onnxruntime_dequantizes_our_layout(wtype, onnx_type):
     np.testing.assert_array_equal(got, dequantize(q, s, g))
 
 
+def _bf16_cases() -> np.ndarray:
+    """float32 values where truncation and round-to-nearest-even differ (and where they agree):
+    ties to even and to odd, just above and below ties, subnormals, overflow to Inf, Inf, NaN."""
+    hi = np.array([0x3F80, 0x3F81, 0x4049, 0xC2F7, 0x7F7F, 0x0001, 0x0042, 0x8033, 0x3380], np.uint32) << 16
+    low = np.array([0x8000, 0x7FFF, 0x8001, 0x0001, 0xFFFF, 0x0000], np.uint32)  # tie, below, above, tiny, max, exact
+    bits = (hi[:, None] | low[None, :]).ravel()
+    special = np.array([0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00001, 0x7F800001, 0x00000000, 0x80000000,
+                        0x7F7FFFFF, 0x00000001, 0x007FFFFF], np.uint32)
+    return np.concatenate([bits, special]).view(np.float32)
+
+
 def test_bf16_bits_round_to_nearest_even():
-    x = np.array([1.0, -2.5, 3.14159265, 65504.0, 1e-3, -65536.0], np.float32)
-    bits = to_bf16_bits(x)
+    x = _bf16_cases()
+    with np.errstate(invalid="ignore"):  # casting NaN
+        bits = to_bf16_bits(x)
+        ref_ml = x.astype(ml_dtypes.bfloat16).view(np.uint16)
+    ref_torch = torch.from_numpy(x.copy()).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(bits[~nan], ref_ml[~nan])
+    np.testing.assert_array_equal(bits[~nan], ref_torch[~nan])
     back = from_bf16_bits(bits)
-    assert bits[-1] == 0xC780  # the board's mask value
-    np.testing.assert_allclose(back, x, rtol=2 ** -8)
-    # 1 + 2^-8 is halfway between two bf16 values and rounds to even (1.0)
-    assert from_bf16_bits(to_bf16_bits(np.array([1 + 2 ** -8], np.float32)))[0] == 1.0
+    assert np.isnan(back[nan]).all() and np.array_equal(np.signbit(back[nan]), np.signbit(x[nan]))  # NaN stays NaN
+    truncated = (x.view(np.uint32) >> 16).astype(np.uint16)
+    assert (bits[~nan] != truncated[~nan]).sum() >= 20  # the cases tell rounding from truncation
+    # halfway cases round to the even neighbour: 1 + 2^-8 -> 1.0, 1 + 3 * 2^-8 -> 1 + 2^-6
+    assert to_bf16_bits(np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8], np.float32)).tolist() == [0x3F80, 0x3F82]
+    assert to_bf16_bits(np.array([np.finfo(np.float32).max], np.float32))[0] == 0x7F80  # rounds up to Inf
+    assert to_bf16_bits(np.array([-65536.0], np.float32))[0] == 0xC780  # the board's mask value
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    np.testing.assert_array_equal(from_bf16_bits(every), every.view(ml_dtypes.bfloat16).astype(np.float32))
