@@ -138,10 +138,8 @@ def write_graphs(ctx: BuildContext, tmp: Path, progress: Progress) -> dict[str, 
 def write_tokenizer(ctx: BuildContext, tmp: Path) -> dict[str, str]:
     tok_dir = tmp / f"{ctx.model}_tokenizer"
     tok_dir.mkdir()
+    ctx.ckpt.check_tokenizer()
     files = ctx.ckpt.tokenizer_files()
-    if not any(f.name == "tokenizer.json" for f in files):
-        raise GeneratorError(f"Input '{ctx.ckpt.source}' has no tokenizer.json; the tokenizer server needs the fast "
-                             f"(tokenizers) file. Save it with transformers' AutoTokenizer.save_pretrained.")
     try:  # what transformers itself uses (it may rebuild tokenizer.json from vocab/merges)
         from transformers import AutoTokenizer
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,27 @@ import numpy as np
 from .errors import GeneratorError
 from .gguf_import import import_gguf
 from .gptq import attach as attach_gptq
+from .names import is_safe_name
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt",
                    "added_tokens.json")
+
+
+def why(exc: BaseException) -> str:
+    """An exception's text on one line without terminal escapes, for one-paragraph messages."""
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).split()) or type(exc).__name__
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (config.json, an index), else a GeneratorError naming it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GeneratorError(f"{path}: not valid JSON ({why(exc)}).") from None
+    if not isinstance(data, dict):
+        raise GeneratorError(f"{path}: expected a JSON object ({{...}}), got a JSON {type(data).__name__}.")
+    return data
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -41,10 +59,7 @@ class Checkpoint:
         cfg = self.dir / "config.json"
         if not cfg.is_file():
             raise GeneratorError(f"Input '{self.dir}' has no config.json; expected a Hugging Face model directory.")
-        try:
-            self.config: dict[str, Any] = json.loads(cfg.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise GeneratorError(f"{cfg}: not valid JSON ({exc}).") from None
+        self.config: dict[str, Any] = read_json_object(cfg)
         self._where: dict[str, Path] = {}
         self._handles: dict[Path, Any] = {}
         self._bin: dict[str, Any] | None = None
@@ -62,16 +77,13 @@ class Checkpoint:
         index = self.dir / "model.safetensors.index.json"
         single = self.dir / "model.safetensors"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise GeneratorError(f"{index}: not a valid safetensors index ({exc}).") from None
-            for name, file in weight_map.items():
-                self._where[name] = self.dir / file
+            self._where = self._read_index(index)
             for file in sorted(set(self._where.values())):
-                if not file.is_file():
-                    raise GeneratorError(f"{index} lists shard '{file.name}', which is missing from {self.dir}.")
-                self._open(file)
+                keys = set(self._open(file).keys())
+                lacking = sorted(n for n, f in self._where.items() if f == file and n not in keys)
+                if lacking:
+                    raise GeneratorError(f"{index} puts {', '.join(lacking[:4])}{', ...' if len(lacking) > 4 else ''} "
+                                         f"in shard '{file.name}', which does not have it.")
         elif single.is_file():
             handle = self._open(single)
             for name in handle.keys():
@@ -89,6 +101,23 @@ class Checkpoint:
                                      f"model.safetensors.index.json with shards, or pytorch_model.bin.")
         self.weight_files = sorted(set(self._where.values()))
 
+    def _read_index(self, index: Path) -> dict[str, Path]:
+        """An index's weight_map (tensor name -> shard file name in this directory), every shard present."""
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise GeneratorError(f"{index}: expected a non-empty 'weight_map' object (tensor name -> shard file name), "
+                                 f"got {type(weight_map).__name__ if weight_map is not None else 'none'}.")
+        where = {}
+        for name, file in weight_map.items():
+            if not is_safe_name(file):  # a plain file name: no separator, no '..', nothing outside the checkpoint
+                raise GeneratorError(f"{index}: weight_map['{name}'] is {file!r}; expected the file name of a shard in "
+                                     f"{self.dir} (no path separators or '..').")
+            where[name] = self.dir / file
+        for file in sorted(set(where.values())):
+            if not file.is_file():
+                raise GeneratorError(f"{index} lists shard '{file.name}', which is missing from {self.dir}.")
+        return where
+
     def _open(self, file: Path):
         if file not in self._handles:
             from safetensors import safe_open
@@ -96,24 +125,27 @@ class Checkpoint:
             try:
                 self._handles[file] = safe_open(str(file), framework="pt")
             except Exception as exc:  # safetensors raises its own error types for bad headers
-                raise GeneratorError(f"{file}: not a readable safetensors file ({exc}). Re-download it or check the path.") from None
+                raise GeneratorError(f"{file}: not a readable safetensors file ({why(exc)}). Re-download it or check "
+                                     f"the path.") from None
         return self._handles[file]
 
     def _index_bin(self):
         import torch
 
         index = self.dir / "pytorch_model.bin.index.json"
-        files = ([self.dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-                 if index.is_file() else [self.dir / "pytorch_model.bin"])
+        files = sorted(set(self._read_index(index).values())) if index.is_file() else [self.dir / "pytorch_model.bin"]
         self._bin = {}
         for file in files:
-            if not file.is_file():
-                raise GeneratorError(f"{index} lists '{file.name}', which is missing from {self.dir}.")
             try:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:
-                raise GeneratorError(f"{file}: cannot be read as a weights-only PyTorch checkpoint ({exc}). "
+            except Exception as exc:  # torch's text for a refused global is a page long: keep its reason
+                reason = why(exc).split("WeightsUnpickler error: ")[-1].split(" Please use")[0]
+                raise GeneratorError(f"{file}: cannot be read as a weights-only PyTorch checkpoint ({reason}). "
                                      f"Pickled code is never executed; convert it to safetensors.") from None
+            if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in state.items()):
+                raise GeneratorError(f"{file}: expected a state dict (tensor name -> tensor), got "
+                                     f"{type(state).__name__} with other contents. Save model.state_dict().")
             for name, tensor in state.items():
                 self._bin[name] = tensor
                 self._where[name] = file
@@ -138,7 +170,14 @@ class Checkpoint:
         try:
             return self._handles[self._where[name]].get_tensor(name)
         except Exception as exc:
-            raise GeneratorError(f"{self._where[name]}: cannot read tensor '{name}' ({exc}); the file may be truncated.") from None
+            raise GeneratorError(f"{self._where[name]}: cannot read tensor '{name}' ({why(exc)}); the file may be "
+                                 f"truncated.") from None
+
+    def file_of(self, name: str) -> str:
+        """The file tensor `name` is read from (a GPTQ module's qweight file), for messages."""
+        if self.gptq and self.gptq.is_packed(name):
+            name = self.gptq.modules[name] + ".qweight"
+        return str(self._where.get(name, self.source))
 
     def tensor(self, name: str) -> np.ndarray:
         t = self.torch_tensor(name)
@@ -162,6 +201,21 @@ class Checkpoint:
 
     def tokenizer_files(self) -> list[Path]:
         return [self.dir / n for n in TOKENIZER_FILES if (self.dir / n).is_file()]
+
+    def check_tokenizer(self) -> Path:
+        """tokenizer.json, after loading it with `tokenizers` (what the tokenizer server does)."""
+        from tokenizers import Tokenizer
+
+        path = self.dir / "tokenizer.json"
+        if not path.is_file():
+            raise GeneratorError(f"Input '{self.source}' has no tokenizer.json; the tokenizer server needs the fast "
+                                 f"(tokenizers) file. Save it with transformers' AutoTokenizer.save_pretrained.")
+        try:
+            Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises plain Exceptions for bad JSON / unknown models
+            raise GeneratorError(f"{path}: not a loadable tokenizers file ({why(exc)}). Re-download it or save it "
+                                 f"again with transformers' AutoTokenizer.save_pretrained.") from None
+        return path
 
 
 def open_input(path: str | Path) -> Checkpoint:

@@ -234,6 +234,8 @@ class GptqView:
         t = self.ckpt._raw_tensor(name)
         if kinds == "int" and t.dtype != torch.int32:
             raise GeneratorError(f"{self._file(name)}: GPTQ tensor '{name}' has dtype {t.dtype}; the packing stores int32.")
+        if kinds == "float" and not t.is_floating_point():
+            raise GeneratorError(f"{self._file(name)}: GPTQ tensor '{name}' has dtype {t.dtype}; scales are floats (fp16).")
         return t.float().numpy() if kinds == "float" else t.numpy()
 
     def dequantize(self, prefix: str) -> np.ndarray:
