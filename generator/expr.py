@@ -3,6 +3,9 @@
 Recipes say things like `{expr: "scale_depth / sqrt(num_hidden_layers)"}`. Only arithmetic,
 comparisons, boolean logic, `x if c else y`, a few math functions and names from the resolved
 config are allowed; anything else (attributes, calls to other names, subscripts) is rejected.
+Sizes are bounded (data/limits.yaml `expression`): source length, AST size and depth, integer size
+(checked before `**`), string and list length (checked before repetition), so no expression hangs,
+recurses or allocates without bound.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import ast
 import math
 import operator
 from typing import Any, Mapping
+
+from .limits import limits
 
 _BIN = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -36,17 +41,72 @@ def names_in(text: str) -> set[str]:
     tree = _parse(text)
     for node in ast.walk(tree):
         if not isinstance(node, _ALLOWED):
-            raise ExprError(f"unsupported syntax in {text!r}: {type(node).__name__}")
+            raise ExprError(f"unsupported syntax in {_short(text)}: {type(node).__name__}")
         if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id in _FUNCS and not node.keywords):
-            raise ExprError(f"only {', '.join(sorted(_FUNCS))} may be called in {text!r}")
+            raise ExprError(f"only {', '.join(sorted(_FUNCS))} may be called in {_short(text)}")
     return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id not in _FUNCS}
 
 
+def _limit(key: str) -> int:
+    return limits()["expression"][key]
+
+
+def _short(text: str) -> str:
+    return repr(text) if len(text) <= 60 else repr(text[:57]) + "..."
+
+
 def _parse(text: str) -> ast.Expression:
+    if not isinstance(text, str):
+        raise ExprError(f"an expression must be a string, got {type(text).__name__}")
+    if len(text) > _limit("max_chars"):  # before the parser, which recurses on deep input
+        raise ExprError(f"expression {_short(text)} is {len(text)} characters, more than the limit "
+                        f"{_limit('max_chars')}")
     try:
-        return ast.parse(text, mode="eval")
-    except SyntaxError as exc:
-        raise ExprError(f"invalid expression {text!r}: {exc.msg}") from None
+        tree = ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError, MemoryError, RecursionError) as exc:
+        raise ExprError(f"invalid expression {_short(text)}: {getattr(exc, 'msg', exc)}") from None
+    nodes, depth, todo = 0, 0, [(tree, 1)]
+    while todo:  # iterative: a deep tree must not recurse here either
+        node, d = todo.pop()
+        nodes, depth = nodes + 1, max(depth, d)
+        todo.extend((child, d + 1) for child in ast.iter_child_nodes(node))
+    if nodes > _limit("max_nodes") or depth > _limit("max_depth"):
+        raise ExprError(f"expression {_short(text)} is too large ({nodes} nodes, depth {depth}; limits "
+                        f"{_limit('max_nodes')} nodes, depth {_limit('max_depth')})")
+    return tree
+
+
+def _size(value: Any) -> tuple[str, int, int] | None:
+    """(what, size, limit) of a value that could be huge: an int's bits, a string's or list's length."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return "integer", value.bit_length(), _limit("max_int_bits")
+    if isinstance(value, (str, list, tuple)):
+        return "length", len(value), _limit("max_length")
+    return None
+
+
+def _bounded(value: Any, text: str) -> Any:
+    size = _size(value)
+    if size and size[1] > size[2]:
+        what, n, lim = size
+        raise ExprError(f"{_short(text)} makes a value too large ({what} {n}{' bits' if what == 'integer' else ''}, "
+                        f"limit {lim})")
+    return value
+
+
+def _binop(op: type, left: Any, right: Any, text: str) -> Any:
+    """One arithmetic step, refusing before the work the steps whose result would be too large."""
+    if op is ast.Mod and isinstance(left, (str, bytes)):
+        raise ExprError(f"string formatting with % is not supported in {_short(text)}")
+    if op is ast.Pow and isinstance(left, int) and isinstance(right, int) and right > 0:
+        if abs(left) > 1 and (abs(left).bit_length() - 1) * right + 1 > _limit("max_int_bits"):  # bits, at least
+            raise ExprError(f"{_short(text)}: {left} ** {right} is too large (limit {_limit('max_int_bits')} bits)")
+    if op is ast.Mult:
+        for seq, n in ((left, right), (right, left)):
+            if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * max(n, 0) > _limit("max_length"):
+                raise ExprError(f"{_short(text)} repeats a {type(seq).__name__} to more than "
+                                f"{_limit('max_length')} items")
+    return _bounded(_BIN[op](left, right), text)
 
 
 def evaluate(text: str, env: Mapping[str, Any]) -> Any:
@@ -59,10 +119,10 @@ def evaluate(text: str, env: Mapping[str, Any]) -> Any:
             return node.value
         if isinstance(node, ast.Name):  # True / False / None parse as ast.Constant
             if node.id not in env:
-                raise ExprError(f"unknown name '{node.id}' in {text!r}")
+                raise ExprError(f"unknown name '{node.id}' in {_short(text)}")
             return env[node.id]
         if isinstance(node, ast.BinOp) and type(node.op) in _BIN:
-            return _BIN[type(node.op)](ev(node.left), ev(node.right))
+            return _binop(type(node.op), ev(node.left), ev(node.right), text)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd, ast.Not)):
             v = ev(node.operand)
             return -v if isinstance(node.op, ast.USub) else (+v if isinstance(node.op, ast.UAdd) else not v)
@@ -80,12 +140,12 @@ def evaluate(text: str, env: Mapping[str, Any]) -> Any:
         if isinstance(node, ast.IfExp):
             return ev(node.body) if ev(node.test) else ev(node.orelse)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS and not node.keywords:
-            return _FUNCS[node.func.id](*[ev(a) for a in node.args])
-        raise ExprError(f"unsupported syntax in {text!r}: {ast.dump(node)[:60]}")
+            return _bounded(_FUNCS[node.func.id](*[ev(a) for a in node.args]), text)
+        raise ExprError(f"unsupported syntax in {_short(text)}: {ast.dump(node)[:60]}")
 
     try:
         return ev(_parse(text))
     except ExprError:
         raise
-    except Exception as exc:  # arithmetic on None, division by zero, ...
-        raise ExprError(f"cannot evaluate {text!r}: {exc}") from None
+    except Exception as exc:  # arithmetic on None, division by zero, overflow ...
+        raise ExprError(f"cannot evaluate {_short(text)}: {exc}") from None

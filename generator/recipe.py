@@ -8,18 +8,31 @@ Values that depend on the checkpoint are expressions over config keys: `{expr: "
 
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt,
+                      StrictStr, ValidationError, field_validator, model_validator)
 
 from .errors import GeneratorError
 from .expr import ExprError, names_in
+from .limits import Ranged, limits, shown
+from .names import SAFE_NAME_RULE, is_safe_name
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+def _safe(value: str) -> str:
+    if not is_safe_name(value):
+        raise ValueError(f"{shown(value)} cannot be used in a file name: expected {SAFE_NAME_RULE}")
+    return value
+
+
+# recipe, variant and chat template names become file and make target names
+SafeName = Annotated[StrictStr, AfterValidator(_safe)]
 
 WeightType = Literal["s8", "s4", "bf16", "fp16", "fp32"]
 HiddenType = Literal["bf16", "fp16", "fp32"]
@@ -54,6 +67,11 @@ class Expr(Strict):
 
 
 Value = Union[Expr, StrictBool, StrictInt, StrictFloat, StrictStr, None]
+# Ranged(rule): a literal must satisfy data/limits.yaml's rule now, an expression's value when the spec
+# is resolved (generator/spec.py reads the same metadata)
+Flag = Annotated[Value, Ranged("flag")]
+Scale = Annotated[Value, Ranged("scale")]
+Softcap = Annotated[Value, Ranged("softcap", optional=True)]
 
 
 def E(text: str) -> Expr:
@@ -80,28 +98,28 @@ class ConfigReading(Strict):
 
 class Norm(Strict):
     kind: Literal["rms_norm", "layer_norm"] = "rms_norm"
-    eps: Value = E("rms_norm_eps")
+    eps: Annotated[Value, Ranged("norm_eps")] = E("rms_norm_eps")
     # Gemma computes x * (1 + w): weight_offset 1.0 is folded into the stored weight at conversion.
-    weight_offset: StrictFloat = 0.0
+    weight_offset: Annotated[StrictFloat, Ranged("norm_weight_offset")] = 0.0
 
 
 class Rope(Strict):
-    theta: Value = E("rope_theta")
+    theta: Annotated[Value, Ranged("rope_theta")] = E("rope_theta")
     # rope scaling dict (rope_type + parameters), read from `rope_parameters` / `rope_scaling`.
     scaling: Value = E("rope_scaling")
     # Sliding-window layers may use their own base (Gemma3: rope_local_base_freq) without scaling.
-    local_theta: Value = None
-    partial_rotary_factor: Value = E("partial_rotary_factor")
+    local_theta: Annotated[Value, Ranged("rope_theta", optional=True)] = None
+    partial_rotary_factor: Annotated[Value, Ranged("partial_rotary_factor")] = E("partial_rotary_factor")
     # Rotate interleaved pairs (x0,x1),(x2,x3).. (GLM/ChatGLM) instead of the two halves (Llama).
     interleaved: StrictBool = False
 
 
 class Attention(Strict):
-    qkv_bias: Value = False
-    o_bias: Value = False
-    scale: Value = E("head_dim ** -0.5")
-    logit_softcap: Value = None
-    sliding_window: Value = None
+    qkv_bias: Flag = False
+    o_bias: Flag = False
+    scale: Annotated[Value, Ranged("attention_scale")] = E("head_dim ** -0.5")
+    logit_softcap: Softcap = None
+    sliding_window: Annotated[Value, Ranged("sliding_window", optional=True)] = None
     # Per-layer type: config `layer_types` when present, else this expression of the layer index `i`.
     layer_types_key: Union[StrictStr, None] = "layer_types"
     layer_type_default: Value = "full_attention"
@@ -110,7 +128,7 @@ class Attention(Strict):
 class Mlp(Strict):
     gated: StrictBool = True
     act: Value = E("hidden_act")
-    bias: Value = False
+    bias: Flag = False
 
 
 class Block(Strict):
@@ -121,20 +139,20 @@ class Block(Strict):
     # Phi-2: attention and MLP both read the same input norm; x + attn(h) + mlp(h).
     parallel_residual: StrictBool = False
     # MiniCPM: each branch output is scaled before the residual add (folded into o_proj/down_proj).
-    residual_scale: Value = 1.0
+    residual_scale: Scale = 1.0
 
 
 class Embedding(Strict):
     # Gemma: x sqrt(hidden); MiniCPM: x scale_emb. Applied to the embedding table the board reads.
-    scale: Value = 1.0
+    scale: Scale = 1.0
 
 
 class Head(Strict):
-    tie_word_embeddings: Value = E("tie_word_embeddings")
-    bias: Value = False
+    tie_word_embeddings: Annotated[Value, Ranged("flag", optional=True)] = E("tie_word_embeddings")
+    bias: Flag = False
     # Multiplies the logits (MiniCPM: dim_model_base / hidden_size); folded into lm_head.
-    logit_scale: Value = 1.0
-    final_logit_softcap: Value = None
+    logit_scale: Scale = 1.0
+    final_logit_softcap: Softcap = None
     final_norm: Union[Norm, None] = None  # defaults to the block norm
 
 
@@ -189,7 +207,7 @@ class ChatTemplate(Strict):
     bos_token: Union[StrictStr, None] = None
     eos_token: Union[StrictStr, None] = None
     pad_token: Union[StrictStr, None] = None
-    special_tokens: dict[str, Union[StrictInt, None]] = {}
+    special_tokens: dict[str, Annotated[Union[StrictInt, None], Ranged("token_id", optional=True)]] = {}
 
 
 class Chat(Strict):
@@ -199,10 +217,10 @@ class Chat(Strict):
     img_start_token: Union[StrictStr, None] = None
     img_context_token: Union[StrictStr, None] = None
     img_end_token: Union[StrictStr, None] = None
-    img_token_num: StrictInt = 0
+    img_token_num: Annotated[StrictInt, Ranged("image_tokens")] = 0
     # Chat formats for synthetic tokenizers: `template` names the default, variants may pick another.
     template: Union[StrictStr, None] = None
-    templates: dict[str, ChatTemplate] = {}
+    templates: dict[SafeName, ChatTemplate] = {}
 
     @model_validator(mode="after")
     def _template_known(self):
@@ -216,12 +234,12 @@ class BuildDefaults(Strict):
 
     weight_type: WeightType = "s8"
     hidden_state_type: HiddenType = "bf16"
-    prefill_len: StrictInt = 128
-    kv_cache_len: StrictInt = 1023
-    last_kv_cache_len: list[StrictInt] = [128, 256, 384, 512]
-    post_topk: StrictInt = 0
+    prefill_len: Annotated[StrictInt, Ranged("prefill_len")] = 128
+    kv_cache_len: Annotated[StrictInt, Ranged("kv_cache_len")] = 1023
+    last_kv_cache_len: list[Annotated[StrictInt, Ranged("history_len")]] = [128, 256, 384, 512]
+    post_topk: Annotated[StrictInt, Ranged("post_topk")] = 0
     post_weight_type: PostWeightType = "s8"
-    group_size: StrictInt = 128
+    group_size: Annotated[StrictInt, Ranged("group_size")] = 128
     # Tensors kept in a wider type than weight_type: first matching rule wins (fnmatch on
     # "layers.<i>.<canonical>"), e.g. {"layers.0.down_proj": s8} for an s4 build.
     overrides: dict[str, WeightType] = {}
@@ -231,14 +249,23 @@ class Sampling(Strict):
     """post_config.json (contract section 4)."""
 
     enable_temperature: StrictBool = False
-    temperature: float = 0.9
+    temperature: Annotated[float, Ranged("temperature")] = 0.9
     enable_repetition_penalty: StrictBool = False
-    repetition_penalty: float = 1.2
-    penalty_window: StrictInt = 20
+    repetition_penalty: Annotated[float, Ranged("repetition_penalty")] = 1.2
+    penalty_window: Annotated[StrictInt, Ranged("penalty_window")] = 20
     enable_top_p_sampling: StrictBool = False
-    top_p: float = 0.8
+    top_p: Annotated[float, Ranged("top_p")] = 0.8
     enable_top_k_sampling: StrictBool = True
-    top_k: StrictInt = 1
+    top_k: Annotated[StrictInt, Ranged("top_k")] = 1
+
+    @classmethod
+    def read(cls, path: Path) -> "Sampling":
+        """A bundle's post_config.json, with a clear error for a value out of range."""
+        try:
+            return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:  # ValidationError and JSONDecodeError are ValueErrors
+            text = _format_errors(exc) if isinstance(exc, ValidationError) else str(exc)
+            raise GeneratorError(f"{path}: invalid sampling settings: {text}.") from None
 
 
 class Embedded(Strict):
@@ -272,14 +299,24 @@ class Variant(Strict):
     system_prompt: Union[StrictStr, None] = None
     # name of one of the recipe's chat.templates (synthetic tokenizer); default: chat.template
     chat_template: Union[StrictStr, None] = None
+    # BuildDefaults fields this variant overrides, checked when the registry loads
     build: dict[str, Any] = {}
+
+    @field_validator("build")
+    @classmethod
+    def _build_fields(cls, build: dict[str, Any]) -> dict[str, Any]:
+        try:
+            BuildDefaults.model_validate(build)
+        except ValidationError as exc:
+            raise ValueError(_format_errors(exc)) from None
+        return build
 
 
 class Recipe(Strict):
-    name: StrictStr
+    name: SafeName
     description: StrictStr
     architectures: list[StrictStr] = Field(min_length=1)
-    model_type: Union[StrictStr, None] = None
+    model_type: Union[SafeName, None] = None
     config: ConfigReading = ConfigReading()
     block: Block = Block()
     embedding: Embedding = Embedding()
@@ -289,7 +326,13 @@ class Recipe(Strict):
     chat: Chat = Chat()
     build: BuildDefaults = BuildDefaults()
     sampling: Sampling = Sampling()
-    variants: dict[str, Variant] = {}
+    variants: dict[SafeName, Variant] = {}
+    _path: Union[Path, None] = PrivateAttr(default=None)  # the file it was loaded from
+
+    @property
+    def source(self) -> str:
+        """How errors name this recipe: its file, else its name."""
+        return str(self._path) if self._path else f"recipe '{self.name}'"
 
     @model_validator(mode="after")
     def _block_has_its_tensors(self):
@@ -323,26 +366,108 @@ class Recipe(Strict):
         return BuildDefaults(**data)
 
 
-def _format_validation(path: Path, err: ValidationError) -> str:
+def _format_errors(err: ValidationError, most: int = 6) -> str:
+    """pydantic's errors as 'field.path: message (got value)', at most `most` of them."""
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith(("function-after", "union[")))
         got = e.get("input")
-        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        got_s = "" if isinstance(got, dict) or "got " in e["msg"] else f" (got {shown(got)})"
         parts.append(f"{loc or '<top>'}: {e['msg']}{got_s}")
-    return f"Recipe {path}: invalid: " + "; ".join(parts) + "."
+    more = f"; and {len(parts) - most} more" if len(parts) > most else ""
+    return "; ".join(parts[:most]) + more
+
+
+def _format_validation(path: Path, err: ValidationError) -> str:
+    return f"Recipe {path}: invalid: {_format_errors(err)}."
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses documents too deep or too large once aliases are expanded
+    (data/limits.yaml `yaml`) before building any Python object from them."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.limits, self.depth, self.aliases = limits()["yaml"], 0, 0
+
+    def _refuse(self, what: str):
+        raise yaml.YAMLError(f"{what} (limits in generator/data/limits.yaml)")
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > self.limits["max_aliases"]:
+                self._refuse(f"more than {self.limits['max_aliases']} aliases")
+        self.depth += 1
+        if self.depth > self.limits["max_depth"]:
+            self._refuse(f"nested deeper than {self.limits['max_depth']} levels")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def expanded_size(self, root: yaml.Node) -> int:
+        """Nodes of the document with every alias expanded (each shared node counted per use)."""
+        size: dict[int, int] = {}
+        order, todo = [], [root]
+        while todo:  # iterative post-order over the node graph (aliases make it a DAG)
+            node = todo.pop()
+            if id(node) in size:
+                continue
+            size[id(node)] = 0
+            order.append(node)
+            todo.extend(_children(node))
+        for node in reversed(order):
+            size[id(node)] = min(1 + sum(size[id(c)] for c in _children(node)), 1 << 62)
+        return size[id(root)]
+
+    def load(self):
+        node = self.get_single_node()
+        if node is None:
+            return None
+        if self.expanded_size(node) > self.limits["max_nodes"]:
+            self._refuse(f"more than {self.limits['max_nodes']} nodes once aliases are expanded")
+        return self.construct_document(node)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file, bounded in size, nesting and alias expansion; GeneratorError naming the file."""
+    max_bytes = limits()["yaml"]["max_bytes"]
+    try:
+        with path.open("rb") as f:
+            raw = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise GeneratorError(f"Recipe {path}: cannot read: {exc.strerror or exc}.") from None
+    if len(raw) > max_bytes:
+        raise GeneratorError(f"Recipe {path}: larger than {max_bytes} bytes (limit in generator/data/limits.yaml).")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise GeneratorError(f"Recipe {path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8.") from None
+    loader = _LimitedLoader(text)
+    try:
+        return loader.load()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise GeneratorError(f"Recipe {path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}.") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # a scalar the constructor rejects (a bad date ...)
+        raise GeneratorError(f"Recipe {path}: not valid YAML: {exc}.") from None
+    finally:
+        loader.dispose()
 
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise GeneratorError(f"Recipe {path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}.") from None
-    except OSError as exc:
-        raise GeneratorError(f"Recipe {path}: cannot read: {exc.strerror}.") from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise GeneratorError(f"Recipe {path}: expected a mapping at the top level, got {type(data).__name__}.")
     try:
@@ -351,6 +476,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise GeneratorError(_format_validation(path, exc)) from None
     if recipe.name != path.stem:
         raise GeneratorError(f"Recipe {path}: field 'name' is '{recipe.name}' but must equal the file name '{path.stem}'.")
+    recipe._path = path
     return recipe
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from .errors import GeneratorError
+from .limits import limits, rule, shown
 
 
 class RopeTable(BaseModel):
@@ -45,6 +46,20 @@ def _get(params: dict, key: str, where: str):
     return params[key]
 
 
+def _check_params(params: dict, where: str):
+    """Every scaling parameter present is in its range (data/limits.yaml `rope_scaling`); lists
+    (longrope factors) entry by entry."""
+    for key, name in limits()["rope_scaling"].items():
+        value = params.get(key)
+        if value is None:
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            problem = rule(name).problem(v)
+            if problem:
+                raise GeneratorError(f"{where}: '{key}': {problem}"
+                                     f"{f' (in {shown(value)})' if isinstance(value, list) else ''}.")
+
+
 def resolve_rope(
     params: dict | None,
     *,
@@ -57,7 +72,10 @@ def resolve_rope(
     where: str = "config.json rope_scaling",
 ) -> RopeTable:
     """`params`: the scaling dict (None or rope_type 'default' for plain RoPE)."""
+    if params is not None and not isinstance(params, dict):
+        raise GeneratorError(f"{where}: expected a mapping (rope_type and its parameters) or null, got {shown(params)}.")
     params = dict(params or {})
+    _check_params(params, where)
     kind = params.get("rope_type") or params.get("type") or "default"
     if kind == "su":
         kind = "longrope"
@@ -86,6 +104,8 @@ def resolve_rope(
         low = float(_get(params, "low_freq_factor", where))
         high = float(_get(params, "high_freq_factor", where))
         old = float(_get(params, "original_max_position_embeddings", where))
+        if high <= low:
+            raise GeneratorError(f"{where}: llama3 scaling needs high_freq_factor ({high:g}) > low_freq_factor ({low:g}).")
         wavelen = 2 * math.pi / inv.astype(np.float64)
         low_wl, high_wl = old / low, old / high
         scaled = np.where(wavelen > low_wl, inv / factor, inv)

@@ -69,7 +69,7 @@ class Bundle:
         self.model = self.manifest["model"]
         self.system_prompt = self.manifest.get("system_prompt", "")
         post_cfg = self.dir / "post_config.json"
-        self.sampling = Sampling(**json.loads(post_cfg.read_text())) if post_cfg.is_file() else Sampling()
+        self.sampling = Sampling.read(post_cfg) if post_cfg.is_file() else Sampling()
 
     def layer_file(self, i: int, group: int) -> Path:
         return self.dir / (self.manifest["graphs"]["layer_template"].replace("%d", str(i)).format(group=group))

@@ -40,7 +40,6 @@ parsing and the service on the runner.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import threading
 import time
@@ -81,16 +80,17 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-def _number(body: dict, key: str, lo: float, hi: float, *, integer: bool = False, lo_open: bool = False):
+def _number(body: dict, key: str, rule_name: str | None = None):
+    """body[key] (None if absent), in the range data/limits.yaml gives `rule_name` (default: the key),
+    the same rule post_config.json and recipes are held to."""
+    from .limits import rule
+
     value = body.get(key)
     if value is None:
         return None
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type:
-        raise ApiError(400, f"'{key}' must be {'an integer' if integer else 'a number'}, got {json.dumps(value)}", key)
-    if value < lo or value > hi or (lo_open and value == lo):
-        low = f"> {lo}" if lo_open else f">= {lo}"
-        raise ApiError(400, f"'{key}' must be {low} and <= {hi}, got {value}", key)
+    problem = rule(rule_name or key).problem(value)
+    if problem:
+        raise ApiError(400, f"'{key}': {problem}", key)
     return value
 
 
@@ -247,10 +247,10 @@ class ChatService:
         opts = body.get("stream_options") or {}
         if not isinstance(opts, dict):
             raise ApiError(400, "'stream_options' must be an object", "stream_options")
-        _number(body, "n", 1, 1, integer=True)
+        _number(body, "n")
         limit = None
         for key in ("max_completion_tokens", "max_tokens"):
-            value = _number(body, key, 1, 1 << 30, integer=True)
+            value = _number(body, key, "max_tokens")
             if value is not None:
                 limit = value
                 break
@@ -283,11 +283,13 @@ class ChatService:
         for name, alias in (("top_p", "top-p"), ("top_k", "top-k")):  # main_api's spellings
             if body.get(name) is None and body.get(alias) is not None:
                 body[name] = body[alias]
-        temperature = _number(body, "temperature", 0, 2)
-        top_p = _number(body, "top_p", 0, 1, lo_open=True)
-        top_k = _number(body, "top_k", 1, 1 << 20, integer=True)
-        penalty = _number(body, "repetition_penalty", 0, 10, lo_open=True)
-        seed = _number(body, "seed", -(1 << 63), (1 << 64) - 1, integer=True)
+        temperature = body.get("temperature")
+        if not (type(temperature) in (int, float) and temperature == 0):  # 0: greedy, as OpenAI's API
+            temperature = _number(body, "temperature")
+        top_p = _number(body, "top_p")
+        top_k = _number(body, "top_k")
+        penalty = _number(body, "repetition_penalty")
+        seed = _number(body, "seed")
         seed = None if seed is None else seed & ((1 << 64) - 1)
         if all(v is None for v in (temperature, top_p, top_k, penalty, seed)):
             return self.default_sampler

@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict
 
 from .errors import GeneratorError
 from .expr import ExprError, evaluate
+from .limits import rule, rule_of, shown
+from .names import safe_name
 from .recipe import Expr, Norm, Recipe
 from .rope import RopeTable, resolve_rope
 
@@ -157,8 +159,12 @@ def read_config(recipe: Recipe, raw: dict[str, Any], where: str = "config.json")
     cfg.setdefault("partial_rotary_factor", 1.0)
     if cfg.get("num_key_value_heads") is None and "num_attention_heads" in cfg:
         cfg["num_key_value_heads"] = cfg["num_attention_heads"]
-    if cfg.get("head_dim") is None and "hidden_size" in cfg and cfg.get("num_attention_heads"):
-        cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+    hidden, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
+    if cfg.get("head_dim") is None and all(type(x) is int and x > 0 for x in (hidden, heads)):  # else refused later
+        if hidden % heads:
+            raise GeneratorError(f"{where}: no head_dim, and hidden_size ({hidden}) is not a multiple of "
+                                 f"num_attention_heads ({heads}); set head_dim.")
+        cfg["head_dim"] = hidden // heads
     return cfg
 
 
@@ -170,26 +176,46 @@ def _value(v, cfg: dict, field: str, recipe: Recipe, extra: dict | None = None):
         try:
             return evaluate(v.expr, env)
         except ExprError as exc:
-            raise GeneratorError(f"Recipe '{recipe.name}', field {field}: {exc} (config keys come from config.json "
+            raise GeneratorError(f"{recipe.source}: {field}: {exc} (config keys come from config.json "
                                  f"after the recipe's config.aliases/defaults).") from None
     return v
 
 
-def _require(cfg: dict, key: str, where: str, kind=int):
+def _field(model: BaseModel, name: str, path: str, cfg: dict, recipe: Recipe, where: str):
+    """A recipe field's value (expressions evaluated), checked against the field's range rule."""
+    v = getattr(model, name)
+    value = _value(v, cfg, path, recipe)
+    ranged = rule_of(type(model), name)
+    problem = ranged and ranged.rule.problem(value, ranged.optional)
+    if problem:
+        origin = f" ({{expr: {shown(v.expr)}}} with {where})" if isinstance(v, Expr) else ""
+        raise GeneratorError(f"{recipe.source}: {path}: {problem}{origin}.")
+    return value
+
+
+def _dimension(cfg: dict, key: str, where: str) -> int:
     if cfg.get(key) is None:
         raise GeneratorError(f"{where}: required key '{key}' is missing (the recipe's config.aliases can map it from "
                              f"another name).")
-    try:
-        return kind(cfg[key])
-    except (TypeError, ValueError):
-        raise GeneratorError(f"{where}: key '{key}' should be a {kind.__name__}, got {cfg[key]!r}.") from None
+    problem = rule("dimension").problem(cfg[key])
+    if problem:
+        raise GeneratorError(f"{where}: key '{key}': {problem}.")
+    return cfg[key]
 
 
-def _norm(n: Norm, cfg, field, recipe) -> NormSpec:
-    eps = _value(n.eps, cfg, f"{field}.eps", recipe)
-    if not isinstance(eps, (int, float)):
-        raise GeneratorError(f"Recipe '{recipe.name}', field {field}.eps: expected a number, got {eps!r}.")
-    return NormSpec(kind=n.kind, eps=float(eps), weight_offset=n.weight_offset)
+def _norm(n: Norm, field: str, cfg: dict, recipe: Recipe, where: str) -> NormSpec:
+    return NormSpec(kind=n.kind, eps=float(_field(n, "eps", f"{field}.eps", cfg, recipe, where)),
+                    weight_offset=n.weight_offset)
+
+
+def _token_ids(cfg: dict, key: str, vocab: int, where: str) -> list[int]:
+    value = cfg.get(key)
+    ids = [e for e in (value if isinstance(value, list) else [value]) if e is not None]
+    bad = [e for e in ids if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < vocab]
+    if bad:
+        raise GeneratorError(f"{where}: key '{key}': expected token ids from 0 to vocab_size - 1 ({vocab - 1}), "
+                             f"got {shown(value)}.")
+    return ids
 
 
 def resolve_spec(recipe: Recipe, raw_config: dict[str, Any], *, model_name: str, max_positions: int,
@@ -209,18 +235,20 @@ def resolve_spec(recipe: Recipe, raw_config: dict[str, Any], *, model_name: str,
                              f"{recipe.architectures}. Pick the matching recipe or drop --recipe to detect it.")
     arch = arch or recipe.architectures[0]
 
-    dims = {k: _require(cfg, k, where) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
-                                                  "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size")}
+    dims = {k: _dimension(cfg, k, where) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                                                    "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size")}
     if dims["num_attention_heads"] % dims["num_key_value_heads"]:
         raise GeneratorError(f"{where}: num_attention_heads ({dims['num_attention_heads']}) is not a multiple of "
                              f"num_key_value_heads ({dims['num_key_value_heads']}).")
-    max_pos = int(cfg.get("max_position_embeddings") or max_positions)
+    max_pos = _dimension(cfg, "max_position_embeddings", where) if cfg.get("max_position_embeddings") is not None \
+        else max_positions
     b = recipe.block
     val = lambda v, f: _value(v, cfg, f, recipe)  # noqa: E731
+    field = lambda model, name, path: _field(model, name, path, cfg, recipe, where)  # noqa: E731
 
     act_name = val(b.mlp.act, "block.mlp.act")
-    if act_name not in ACTIVATIONS:
-        raise GeneratorError(f"Recipe '{recipe.name}': activation {act_name!r} (block.mlp.act) is not supported; "
+    if not isinstance(act_name, str) or act_name not in ACTIVATIONS:
+        raise GeneratorError(f"{recipe.source}: block.mlp.act: activation {shown(act_name)} is not supported; "
                              f"supported: {', '.join(sorted(ACTIVATIONS))}.")
 
     # Per-layer attention type: config layer_types when present, else the recipe's rule.
@@ -229,59 +257,61 @@ def resolve_spec(recipe: Recipe, raw_config: dict[str, Any], *, model_name: str,
     if types is None:
         types = [_value(b.attention.layer_type_default, cfg, "block.attention.layer_type_default", recipe, {"i": i})
                  for i in range(n_layers)]
-    if len(types) != n_layers or any(t not in LAYER_TYPES for t in types):
-        raise GeneratorError(f"{where}: layer_types must list {n_layers} entries from {LAYER_TYPES}, got {types!r}.")
-    window = val(b.attention.sliding_window, "block.attention.sliding_window")
+    if not isinstance(types, list) or len(types) != n_layers or any(t not in LAYER_TYPES for t in types):
+        raise GeneratorError(f"{where}: layer_types must list {n_layers} entries from {LAYER_TYPES}, "
+                             f"got {shown(types)}.")
+    window = field(b.attention, "sliding_window", "block.attention.sliding_window")
     if "sliding_attention" in types and not window:
         raise GeneratorError(f"{where}: some layers use sliding-window attention but no sliding_window size is set.")
 
-    theta = val(b.rope.theta, "block.rope.theta")
-    if theta is None:
+    if val(b.rope.theta, "block.rope.theta") is None:
         raise GeneratorError(f"{where}: no rope_theta (set it in config.json or the recipe's config.defaults).")
-    rope_common = dict(head_dim=dims["head_dim"], partial_rotary_factor=float(val(b.rope.partial_rotary_factor, "block.rope.partial_rotary_factor")),
-                       interleaved=b.rope.interleaved, max_position_embeddings=max_pos, max_positions_used=max_positions,
-                       where=f"{where} rope_scaling")
+    theta = field(b.rope, "theta", "block.rope.theta")
+    rope_common = dict(head_dim=dims["head_dim"], interleaved=b.rope.interleaved, max_position_embeddings=max_pos,
+                       max_positions_used=max_positions, where=f"{where} rope_scaling",
+                       partial_rotary_factor=field(b.rope, "partial_rotary_factor", "block.rope.partial_rotary_factor"))
     rope = {"full_attention": resolve_rope(val(b.rope.scaling, "block.rope.scaling"), theta=float(theta), **rope_common)}
     if "sliding_attention" in types:
-        local = val(b.rope.local_theta, "block.rope.local_theta")
+        local = field(b.rope, "local_theta", "block.rope.local_theta")
         rope["sliding_attention"] = (resolve_rope(None, theta=float(local), **rope_common) if local is not None
                                      else rope["full_attention"])
 
-    softcap = val(b.attention.logit_softcap, "block.attention.logit_softcap")
-    final_softcap = val(recipe.head.final_logit_softcap, "head.final_logit_softcap")
-    eos = cfg.get("eos_token_id")
-    eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+    softcap = field(b.attention, "logit_softcap", "block.attention.logit_softcap")
+    final_softcap = field(recipe.head, "final_logit_softcap", "head.final_logit_softcap")
     have = recipe.tensors.provides()
-    tie = val(recipe.head.tie_word_embeddings, "head.tie_word_embeddings")
+    tie = field(recipe.head, "tie_word_embeddings", "head.tie_word_embeddings")
+    bos = _token_ids(cfg, "bos_token_id", dims["vocab_size"], where)
+    model_type = safe_name(recipe.model_type or cfg.get("model_type") or recipe.name,
+                           f"{recipe.source} field 'model_type'" if recipe.model_type else f"{where} field 'model_type'")
     return ArchSpec(
         model_name=model_name,
-        model_type=recipe.model_type or str(cfg.get("model_type") or recipe.name),
+        model_type=model_type,
         recipe=recipe.name,
         architecture=arch,
         **dims,
         max_position_embeddings=max_pos,
-        norm=_norm(b.norm, cfg, "block.norm", recipe),
-        final_norm=_norm(recipe.head.final_norm or b.norm, cfg, "head.final_norm", recipe),
+        norm=_norm(b.norm, "block.norm", cfg, recipe, where),
+        final_norm=_norm(recipe.head.final_norm or b.norm, "head.final_norm", cfg, recipe, where),
         hidden_act=ACTIVATIONS[act_name],
         mlp_gated=b.mlp.gated,
-        mlp_bias=bool(val(b.mlp.bias, "block.mlp.bias")),
-        qkv_bias=bool(val(b.attention.qkv_bias, "block.attention.qkv_bias")),
-        o_bias=bool(val(b.attention.o_bias, "block.attention.o_bias")),
+        mlp_bias=field(b.mlp, "bias", "block.mlp.bias"),
+        qkv_bias=field(b.attention, "qkv_bias", "block.attention.qkv_bias"),
+        o_bias=field(b.attention, "o_bias", "block.attention.o_bias"),
         qk_norm="q_norm" in have,
         post_attention_norm="post_attention_layernorm" in have,
         post_feedforward_norm="post_feedforward_layernorm" in have,
         parallel_residual=b.parallel_residual,
-        attention_scale=float(val(b.attention.scale, "block.attention.scale")),
-        attn_logit_softcap=float(softcap) if softcap else None,
-        final_logit_softcap=float(final_softcap) if final_softcap else None,
-        sliding_window=int(window) if window and "sliding_attention" in types else None,
+        attention_scale=float(field(b.attention, "scale", "block.attention.scale")),
+        attn_logit_softcap=None if softcap is None else float(softcap),
+        final_logit_softcap=None if final_softcap is None else float(final_softcap),
+        sliding_window=window if "sliding_attention" in types else None,
         layer_types=list(types),
         rope=rope,
-        residual_scale=float(val(b.residual_scale, "block.residual_scale")),
-        embedding_scale=float(val(recipe.embedding.scale, "embedding.scale")),
-        logit_scale=float(val(recipe.head.logit_scale, "head.logit_scale")),
-        tie_word_embeddings=bool(tie) if tie is not None else False,
-        lm_head_bias=bool(val(recipe.head.bias, "head.bias")),
-        bos_token_id=cfg.get("bos_token_id") if isinstance(cfg.get("bos_token_id"), int) else None,
-        eos_token_ids=eos_ids,
+        residual_scale=float(field(b, "residual_scale", "block.residual_scale")),
+        embedding_scale=float(field(recipe.embedding, "scale", "embedding.scale")),
+        logit_scale=float(field(recipe.head, "logit_scale", "head.logit_scale")),
+        tie_word_embeddings=bool(tie),
+        lm_head_bias=field(recipe.head, "bias", "head.bias"),
+        bos_token_id=bos[0] if bos else None,
+        eos_token_ids=_token_ids(cfg, "eos_token_id", dims["vocab_size"], where),
     )
