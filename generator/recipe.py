@@ -172,6 +172,9 @@ class Tensors(Strict):
     lm_head: Union[str, None] = "lm_head"
     layer: dict[str, str]
     split: dict[str, Split] = {}
+    # fnmatch patterns of checkpoint tensors the recipe deliberately leaves unused (vision towers,
+    # rotary inv_freq buffers); any other tensor the map does not read fails the build
+    ignore: list[StrictStr] = []
 
     @model_validator(mode="after")
     def _known_names(self):

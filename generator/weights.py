@@ -9,6 +9,8 @@ head. A contradiction is an error, never a guess.
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
+
 import numpy as np
 
 from .checkpoint import Checkpoint
@@ -56,15 +58,60 @@ class WeightSource:
     def __init__(self, ckpt: Checkpoint, recipe: Recipe, spec: ArchSpec):
         self.ckpt, self.recipe, self.spec = ckpt, recipe, spec
         self.shapes = expected_shapes(spec)
+        self.check_unused()
 
     def _name(self, path: str, i: int, suffix: str) -> str:
         return path.format(i=i) + "." + suffix
+
+    def _layer_map(self, i: int):
+        """(key, parts, weight name, bias name) of each mapped layer-i tensor this spec needs."""
+        t = self.recipe.tensors
+        for key, path in t.layer.items():
+            parts = t.split[key].into if key in t.split else [key]
+            if any(p in self.shapes for p in parts):
+                yield key, parts, self._name(path, i, "weight"), self._name(path, i, "bias")
+
+    def reads(self) -> set[str]:
+        """Every checkpoint tensor name the build reads or checks (a bias the spec does not expect is
+        checked, and refused, where it is read)."""
+        t, spec = self.recipe.tensors, self.spec
+        names = {f"{t.embed_tokens}.weight", f"{t.norm}.weight"}
+        if spec.final_norm.kind == "layer_norm":
+            names.add(f"{t.norm}.bias")
+        if t.lm_head:
+            names.update((f"{t.lm_head}.weight", f"{t.lm_head}.bias"))
+        for i in range(spec.num_hidden_layers):
+            for _, _, w_name, b_name in self._layer_map(i):
+                names.update((w_name, b_name))
+        return names
+
+    def check_unused(self):
+        """Fail on checkpoint tensors the recipe neither reads nor declares ignored (tensors.ignore):
+        a tensor left out (a family's new q_norm, a config with fewer layers than the weights)
+        otherwise builds and only shows as wrong numbers."""
+        ignore = self.recipe.tensors.ignore
+        unused = sorted(n for n in self.ckpt.names() - self.reads() if not any(fnmatchcase(n, p) for p in ignore))
+        if unused:
+            more = f" and {len(unused) - 6} more" if len(unused) > 6 else ""
+            raise GeneratorError(f"Checkpoint '{self.ckpt.source}' has {len(unused)} tensor(s) that recipe "
+                                 f"'{self.recipe.name}' with this config.json does not use: {', '.join(unused[:6])}{more}. "
+                                 f"Leaving a tensor out changes the model's numbers: map it in the recipe's tensors "
+                                 f"section, or, if the model does not need it (a vision tower, a rotary buffer), add "
+                                 f"a pattern for it to tensors.ignore.")
 
     def _read(self, name: str, shape: tuple[int, ...] | None, what: str) -> np.ndarray:
         if not self.ckpt.has(name):
             raise GeneratorError(f"Checkpoint '{self.ckpt.source}' lacks tensor '{name}' ({what}), which recipe "
                                  f"'{self.recipe.name}' maps there; the checkpoint does not match the recipe.")
-        arr = self.ckpt.tensor(name).astype(np.float32, copy=False)
+        t = self.ckpt.torch_tensor(name)
+        if not t.is_floating_point():
+            raise GeneratorError(f"{self.ckpt.file_of(name)}: tensor '{name}' ({what}) has dtype "
+                                 f"{str(t.dtype).removeprefix('torch.')}; expected floating point (fp32, fp16, bf16).")
+        arr = t.float().numpy()
+        if arr.size and not (np.isfinite(arr.min()) and np.isfinite(arr.max())):  # min/max propagate NaN
+            bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
+            raise GeneratorError(f"{self.ckpt.file_of(name)}: tensor '{name}' ({what}) holds {bad} NaN or infinite "
+                                 f"values; the checkpoint is damaged or was saved from a diverged model.")
         if shape is not None and tuple(arr.shape) != tuple(shape):
             raise GeneratorError(f"Checkpoint tensor '{name}' ({what}) has shape {tuple(arr.shape)}, but config.json "
                                  f"with recipe '{self.recipe.name}' implies {tuple(shape)}. The checkpoint's config "
@@ -96,14 +143,8 @@ class WeightSource:
         """Canonical tensors of layer i: '<name>.weight' ([out, in] for linears) and '<name>.bias'."""
         spec, t = self.spec, self.recipe.tensors
         out: dict[str, np.ndarray] = {}
-        for key, path in t.layer.items():
+        for key, parts, w_name, b_name in self._layer_map(i):
             split = t.split.get(key)
-            parts = split.into if split else [key]
-            wanted = [p for p in parts if p in self.shapes]
-            if not wanted:
-                continue
-            w_name = self._name(path, i, "weight")
-            b_name = self._name(path, i, "bias")
             w_shape = None if split else self.shapes[key]
             w = self._read(w_name, w_shape, f"layer {i} {key}")
             has_bias = self.ckpt.has(b_name)
