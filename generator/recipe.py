@@ -375,8 +375,9 @@ def _format_errors(err: ValidationError, most: int = 6) -> str:
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith(("function-after", "union[")))
         got = e.get("input")
-        got_s = "" if isinstance(got, dict) or "got " in e["msg"] else f" (got {shown(got)})"
-        parts.append(f"{loc or '<top>'}: {e['msg']}{got_s}")
+        msg = e["msg"].removeprefix("Value error, ")  # our validators' messages read whole
+        got_s = "" if isinstance(got, dict) or "got " in msg else f" (got {shown(got)})"
+        parts.append(f"{loc or '<top>'}: {msg}{got_s}")
     more = f"; and {len(parts) - most} more" if len(parts) > most else ""
     return "; ".join(parts[:most]) + more
 
