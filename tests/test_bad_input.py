@@ -132,3 +132,62 @@ def test_interrupted_build_keeps_the_previous_bundle(ckpt, tmp_path, monkeypatch
         quiet_build(**build_kwargs(ckpt, output_path=str(out), weight_type="s8"))
     assert (out / "manifest.json").read_text() == before  # the old, complete bundle is untouched
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".out.")]
+
+
+def _add_tensors(ckpt: Path, tensors: dict):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(ckpt / "model.safetensors")
+    state.update(tensors)
+    save_file(state, ckpt / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_tensors_the_recipe_does_not_read_fail_unless_ignored(ckpt, tmp_path, monkeypatch):
+    """A family that adds q/k norms, built with a recipe that forgets them, would only fail on numbers."""
+    import torch
+
+    cfg = json.loads((ckpt / "config.json").read_text())
+    d = cfg["hidden_size"] // cfg["num_attention_heads"]
+    norms = {f"model.layers.{i}.self_attn.{n}.weight": torch.ones(d) for i in range(2) for n in ("q_norm", "k_norm")}
+    _add_tensors(ckpt, norms)
+    msg = fails(tmp_path / "out", "4 tensor(s) that recipe 'llama'", **build_kwargs(ckpt))
+    assert all(name in msg for name in norms) and "tensors.ignore" in msg
+    recipes = Path(shutil.copytree(RECIPES_DIR, tmp_path / "recipes"))
+    text = (recipes / "llama.yaml").read_text().replace('ignore: ["*.rotary_emb.inv_freq"]',
+                                                        'ignore: ["*.rotary_emb.inv_freq", "*.self_attn.[qk]_norm.weight"]')
+    (recipes / "llama.yaml").write_text(text)
+    monkeypatch.setenv("AXGEN_RECIPES_DIR", str(recipes))
+    quiet_build(**build_kwargs(ckpt, output_path=str(tmp_path / "ignored")))
+    assert (tmp_path / "ignored" / "manifest.json").is_file()
+
+
+def test_a_config_with_fewer_layers_than_the_weights(ckpt, tmp_path):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["num_hidden_layers"] = 1
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    msg = fails(tmp_path / "out", "does not use", **build_kwargs(ckpt))
+    assert "model.layers.1.mlp.down_proj.weight" in msg and "model.layers.0." not in msg
+
+
+def test_non_float_and_non_finite_weights_name_tensor_and_file(ckpt, tmp_path):
+    import torch
+
+    name = "model.layers.1.self_attn.v_proj.weight"
+    _add_tensors(ckpt, {name: torch.zeros(32, 64, dtype=torch.int8)})
+    msg = fails(tmp_path / "out", f"tensor '{name}' (layer 1 v_proj) has dtype int8", **build_kwargs(ckpt))
+    assert str(ckpt / "model.safetensors") in msg
+    w = torch.randn(32, 64)
+    w[3, 5] = float("nan")
+    w[7, 1] = float("-inf")
+    _add_tensors(ckpt, {name: w.to(torch.bfloat16)})
+    fails(tmp_path / "out", f"tensor '{name}' (layer 1 v_proj) holds 2 NaN or infinite values", **build_kwargs(ckpt))
+
+
+def test_config_json_that_is_not_an_object(ckpt, tmp_path):
+    (ckpt / "config.json").write_text(json.dumps([json.loads((ckpt / "config.json").read_text())]))
+    fails(tmp_path / "out", "config.json: expected a JSON object ({...}), got a JSON list", **build_kwargs(ckpt))
+
+
+def test_corrupt_tokenizer_json(ckpt, tmp_path):
+    (ckpt / "tokenizer.json").write_text((ckpt / "tokenizer.json").read_text()[:-40])
+    fails(tmp_path / "out", f"{ckpt / 'tokenizer.json'}: not a loadable tokenizers file", **build_kwargs(ckpt))

@@ -98,3 +98,27 @@ def test_graphs_are_standard_onnx_with_the_contract_io(reference_bundle):
         locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
         assert locations == {f"llama_p{opts.prefill_len}_l0_together.data"}
     assert [g.history for g in bundle.groups] == [opts.kv_cache_len, 0, *opts.last_kv_cache_len]
+
+
+def test_synthetic_checkpoints_hold_exactly_what_the_recipe_reads():
+    """SYNTHETIC=1 tensors come from the recipe's map: the unused-tensor check passes for every variant,
+    and a tensor the map does not read would fail it."""
+    from generator.errors import GeneratorError
+    from generator.recipe import registry
+    from generator.spec import resolve_spec
+    from generator.synthetic import SyntheticCheckpoint, tensor_plan
+    from generator.weights import WeightSource
+
+    checked = 0
+    for recipe in registry().recipes.values():
+        for name, variant in recipe.variants.items():
+            if not variant.config:
+                continue
+            spec = resolve_spec(recipe, dict(variant.config), model_name=name, max_positions=1, where=name)
+            plan = tensor_plan(recipe, spec)
+            WeightSource(SyntheticCheckpoint(Path("."), dict(variant.config), plan, 0, name), recipe, spec)
+            plan["model.extra.weight"] = plan[next(iter(plan))]
+            with pytest.raises(GeneratorError, match="model.extra.weight"):
+                WeightSource(SyntheticCheckpoint(Path("."), dict(variant.config), plan, 0, name), recipe, spec)
+            checked += 1
+    assert checked >= len(registry().recipes)
