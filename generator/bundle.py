@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from .checkpoint import Checkpoint, sha256_file
+from .checkpoint import Checkpoint, recipe_chat_template, sha256_file
 from .chips import Chip
 from .errors import GeneratorError
 from .graphs import layer_graph, post_graph, store_layer, store_post
@@ -156,6 +156,8 @@ def write_tokenizer(ctx: BuildContext, tmp: Path) -> dict[str, str]:
         for e in extra if isinstance(extra, list) else [extra]:
             if isinstance(e, int) and e not in eos:
                 eos.append(e)
+    chat_fallback = recipe_chat_template(tok_dir, ctx.recipe, ctx.variant)  # a base model's GGUF has no template
+    eos += [e for e in (chat_fallback or {}).get("eos_ids", []) if e not in eos]
     ax = {"bos_id": ctx.spec.bos_token_id if ctx.spec.bos_token_id is not None else -1,
           "eos_id": eos[0] if eos else -1, "eos_ids": eos, "system_prompt": ctx.system_prompt,
           "img_start_token": chat.img_start_token, "img_context_token": chat.img_context_token,
@@ -164,7 +166,7 @@ def write_tokenizer(ctx: BuildContext, tmp: Path) -> dict[str, str]:
     script = f"{ctx.model}_tokenizer_uid.py"
     shutil.copy2(TOKENIZER_SERVER, tmp / script)
     (tmp / script).chmod(0o755)
-    return {"dir": tok_dir.name, "server": script}
+    return {"dir": tok_dir.name, "server": script, **({"chat_template": chat_fallback} if chat_fallback else {})}
 
 
 def write_scripts(ctx: BuildContext, tmp: Path, files: dict, tok: dict) -> list[str]:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from .errors import GeneratorError
 from .gguf_import import import_gguf
 from .gptq import attach as attach_gptq
 from .names import is_safe_name
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt",
@@ -202,8 +205,8 @@ class Checkpoint:
     def tokenizer_files(self) -> list[Path]:
         return [self.dir / n for n in TOKENIZER_FILES if (self.dir / n).is_file()]
 
-    def check_tokenizer(self) -> Path:
-        """tokenizer.json, after loading it with `tokenizers` (what the tokenizer server does)."""
+    def check_tokenizer(self):
+        """tokenizer.json loaded with `tokenizers` (as the tokenizer server loads it), else a GeneratorError."""
         from tokenizers import Tokenizer
 
         path = self.dir / "tokenizer.json"
@@ -211,11 +214,46 @@ class Checkpoint:
             raise GeneratorError(f"Input '{self.source}' has no tokenizer.json; the tokenizer server needs the fast "
                                  f"(tokenizers) file. Save it with transformers' AutoTokenizer.save_pretrained.")
         try:
-            Tokenizer.from_file(str(path))
+            return Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises plain Exceptions for bad JSON / unknown models
             raise GeneratorError(f"{path}: not a loadable tokenizers file ({why(exc)}). Re-download it or save it "
                                  f"again with transformers' AutoTokenizer.save_pretrained.") from None
-        return path
+
+
+def has_chat_template(tok_dir: Path) -> bool:
+    """Whether a saved tokenizer carries a chat template (where the tokenizer server looks for one)."""
+    if (tok_dir / "chat_template.jinja").is_file():
+        return True
+    config = tok_dir / "tokenizer_config.json"
+    return config.is_file() and bool(read_json_object(config).get("chat_template"))
+
+
+def recipe_chat_template(tok_dir: Path, recipe: Recipe, variant: str | None) -> dict[str, Any] | None:
+    """A tokenizer without a chat template (a base model's GGUF carries none) gets the recipe's, written to
+    tok_dir/chat_template.jinja, so chat mode formats turns and stops at the template's end-of-turn token.
+    Returns what the build records ({"source", "eos_token", "eos_ids", "note"}), None when the tokenizer
+    has its own template or the recipe has none. A recipe template whose special tokens the vocabulary
+    lacks is not used (it would tokenize them as text): the note says so."""
+    from tokenizers import Tokenizer
+
+    name = (recipe.variants[variant].chat_template if variant else None) or recipe.chat.template
+    template = recipe.chat_template(variant)
+    if template is None or has_chat_template(tok_dir):
+        return None
+    source = f"recipe '{recipe.name}' template '{name}'"
+    vocab = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    tokens = dict.fromkeys(t for t in (template.bos_token, template.eos_token, *template.special_tokens) if t)
+    missing = [t for t in tokens if vocab.token_to_id(t) is None]
+    if missing:
+        return {"source": None, "eos_token": None, "eos_ids": [],
+                "note": f"the checkpoint's tokenizer has no chat template, and {source} uses tokens its vocabulary "
+                        f"lacks ({', '.join(missing[:4])}): the bundle has none (plain completion)."}
+    eos_ids = [vocab.token_to_id(template.eos_token)] if template.eos_token else []
+    (tok_dir / "chat_template.jinja").write_text(template.jinja, encoding="utf-8")
+    return {"source": source, "eos_token": template.eos_token, "eos_ids": eos_ids,
+            "note": f"the checkpoint's tokenizer has no chat template (a base model's GGUF carries none): using "
+                    f"{source}, which ends a turn with {template.eos_token!r} (id {eos_ids[0] if eos_ids else 'none'}, "
+                    f"an end-of-sequence token of this bundle)."}
 
 
 def open_input(path: str | Path) -> Checkpoint:

@@ -116,6 +116,8 @@ def build(*, model: str | None = None, input_path: str | None = None, output_pat
 
         check = lambda tmp: run_checks(tmp, ckpt, recipe, check_level, prompt, bar, console)  # noqa: E731
     manifest = build_bundle(ctx, bar, check)
+    if "chat_template" in manifest["tokenizer"]:
+        console.print(f"[bold yellow]chat template:[/] {manifest['tokenizer']['chat_template']['note']}", highlight=False)
     manifest["out_dir"] = str(out_dir)
     manifest["total_seconds"] = round(time.time() - started, 2)
     return manifest

@@ -122,3 +122,53 @@ def test_synthetic_checkpoints_hold_exactly_what_the_recipe_reads():
                 WeightSource(SyntheticCheckpoint(Path("."), dict(variant.config), plan, 0, name), recipe, spec)
             checked += 1
     assert checked >= len(registry().recipes)
+
+
+def _without_chat_template(source: Path, target: Path) -> Path:
+    """A copy of a checkpoint whose tokenizer has no chat template (as a base model's GGUF imports)."""
+    import shutil
+
+    shutil.copytree(source, target)
+    (target / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (target / "tokenizer_config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_a_tokenizer_without_chat_template_gets_the_recipes(tiny_tok, tmp_path):
+    from transformers import Qwen2Config
+    from generator.recipe import registry
+    from models import save_tiny
+
+    tok_dir, vocab = tiny_tok
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=True, bos_token_id=None,
+                      eos_token_id=None)
+    ckpt = _without_chat_template(save_tiny(cfg, tmp_path / "qwen", tok_dir), tmp_path / "base")
+    manifest = quiet_build(input_path=str(ckpt), output_path=str(tmp_path / "out"), **OPTS)
+    bundle = tmp_path / "out" / manifest["tokenizer"]["dir"]
+    template = registry().recipes["qwen2"].chat.templates["chatml"]
+    assert (bundle / "chat_template.jinja").read_text() == template.jinja
+    im_end = json.loads((tok_dir / "tokenizer.json").read_text())
+    im_end = next(t["id"] for t in im_end["added_tokens"] if t["content"] == "<|im_end|>")
+    assert im_end in json.loads((bundle / "ax_tokenizer.json").read_text())["eos_ids"]
+    note = manifest["tokenizer"]["chat_template"]
+    assert note["source"] == "recipe 'qwen2' template 'chatml'" and note["eos_ids"] == [im_end]
+    recorded = json.loads((tmp_path / "out" / "manifest.json").read_text())["tokenizer"]["chat_template"]
+    assert recorded == note
+
+
+def test_a_recipe_template_the_vocabulary_cannot_spell_is_not_used(tiny_llama, tmp_path):
+    ckpt = _without_chat_template(tiny_llama, tmp_path / "base")
+    manifest = quiet_build(input_path=str(ckpt), output_path=str(tmp_path / "out"), **OPTS)
+    note = manifest["tokenizer"]["chat_template"]
+    assert note["source"] is None and "<|begin_of_text|>" in note["note"]  # llama3's tokens
+    assert not (tmp_path / "out" / manifest["tokenizer"]["dir"] / "chat_template.jinja").exists()
+
+
+def test_a_tokenizer_with_its_own_template_keeps_it(reference_bundle, tiny_llama):
+    manifest = json.loads((reference_bundle / "manifest.json").read_text())
+    assert "chat_template" not in manifest["tokenizer"]
+    ours = (reference_bundle / manifest["tokenizer"]["dir"] / "chat_template.jinja").read_text()
+    assert ours == json.loads((tiny_llama / "tokenizer_config.json").read_text())["chat_template"]
