@@ -9,8 +9,12 @@ tokenizer_config.json that injects its own system prompt.
 
 from __future__ import annotations
 
+import http.client
 import json
+import random
 import shutil
+import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -18,8 +22,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 import tokenizer_fixtures as tf
 
@@ -39,6 +45,7 @@ UNICODE_TEXTS = [
     "Mixed: café naïve 東京 🍣 — “quotes” ∑",
 ]
 REPLACEMENT = "\ufffd"
+CHECKS = yaml.safe_load((tf.REPO / "generator" / "data" / "tokenizer_server_checks.yaml").read_text())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,7 +184,7 @@ def test_default_tokenizer_dir(server_module, tmp_path):
 
 
 def test_bad_tokenizer_dir_exits_with_message(tmp_path):
-    out = subprocess.run([sys.executable, str(tf.SERVER_SCRIPT), "--port", str(tf.free_port()),
+    out = subprocess.run([sys.executable, str(tf.SERVER_SCRIPT), "--port", "0",
                           "--tokenizer_dir", str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "tokenizer.json" in out.stderr and "Server running" not in out.stdout
 
@@ -189,7 +196,7 @@ def test_template_refusing_the_default_system_prompt_fails_at_start(qwen_dir, tm
         "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
         "{% for m in messages %}{{ m['content'] }}{% endfor %}")
     tf.write_ax_tokenizer(directory, bos_id=-1, eos_id=2, eos_ids=[2], system_prompt="Be nice.")
-    out = subprocess.run([sys.executable, str(tf.SERVER_SCRIPT), "--port", str(tf.free_port()),
+    out = subprocess.run([sys.executable, str(tf.SERVER_SCRIPT), "--port", "0",
                           "--tokenizer_dir", str(directory)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "System role not supported" in out.stderr, out.stderr
 
@@ -449,6 +456,10 @@ BAD_REQUESTS = [
     ("POST", "/encode", '{"uid": "UID", "text": 5}', 400, '"text" must be a string'),
     ("POST", "/encode", '{"uid": "UID", "text": "x", "last_reply": 7}', 400, '"last_reply" must be a string'),
     ("POST", "/encode", '{"uid": "UID", "text": "x", "img_prompt": "yes"}', 400, '"img_prompt" must be a boolean'),
+    ("POST", "/encode", '{"uid": "UID", "text": "\\ud800"}', 400, "lone UTF-16 surrogate"),
+    ("POST", "/encode", '{"text": "ok \\udfff"}', 400, "lone UTF-16 surrogate"),
+    ("POST", "/reset", '{"uid": "UID", "system_prompt": "\\ud83d"}', 400, "lone UTF-16 surrogate"),
+    ("POST", "/encode", '{"uid": "UID", "text": "x", "\\ud800": 1}', 400, "lone UTF-16 surrogate"),
     ("POST", "/encode", '{"uid": "no-such-uid", "text": "x"}', 400, "Invalid uid"),
     ("POST", "/encode", '{"uid": 123, "text": "x"}', 400, "Invalid uid"),
     ("POST", "/encode", '{"text": "x", "last_reply": "y"}', 400, "needs a session"),
@@ -498,6 +509,7 @@ RAW_BAD_REQUESTS = [
     (b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400, "Content-Length"),
     (b"POST /encode HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 411, "chunked"),
     (b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n\xff\xfe{}", 400, "not valid JSON"),
+    (b'POST /encode HTTP/1.1\r\nHost: x\r\nContent-Length: 15\r\n\r\n{"text": "\xed\xa0\x80"}', 400, "not valid JSON"),
     (b"GARBAGE\r\n\r\n", 400, "Bad request"),
     (b"GET / HTTP/9.x\r\n\r\n", 400, "Bad request version"),
 ]
@@ -555,54 +567,126 @@ def test_concurrent_sessions(cases):
     assert case.server.alive()
 
 
-def test_session_count_is_bounded_lru(qwen_dir, work_dir):
+def test_session_count_is_bounded_lru_and_evictions_are_logged(qwen_dir, work_dir):
     server = tf.ServerProcess(tf.SERVER_SCRIPT, ["--tokenizer_dir", str(qwen_dir), "--max_sessions", "3",
                                                  "--session_idle_s", "0"], work_dir)
     try:
         with tf.Connection(server.port) as conn:
             uids = [new_uid(conn) for _ in range(3)]
             conn.get(f"/bos_id?uid={uids[0]}")  # uids[0] is now the most recently used
+            assert "evicted" not in server.stderr()  # under the cap nothing is dropped
             uids.append(new_uid(conn))  # evicts the least recently used: uids[1]
             status, _, payload = conn.request("GET", f"/bos_id?uid={uids[1]}")
             assert_error(status, payload, 400, "Invalid uid")
             for uid in (uids[0], uids[2], uids[3]):
                 assert conn.post("/encode", {"uid": uid, "text": "x"})["token_ids"]
             assert conn.get("/")["sessions"] == 3
+        evictions = [line for line in server.stderr().splitlines() if "evicted" in line]
+        assert len(evictions) == 1 and f"session {uids[1]} evicted" in evictions[0], evictions
+        assert "--max_sessions 3" in evictions[0]
     finally:
         server.stop()
 
 
-def test_idle_sessions_expire(qwen_dir, work_dir):
-    server = tf.ServerProcess(tf.SERVER_SCRIPT, ["--tokenizer_dir", str(qwen_dir), "--session_idle_s", "1.0"],
+def test_idle_sessions_expire_and_are_logged(qwen_dir, work_dir):
+    server = tf.ServerProcess(tf.SERVER_SCRIPT, ["--tokenizer_dir", str(qwen_dir), "--session_idle_s", "0.5"],
                               work_dir)
     try:
         with tf.Connection(server.port) as conn:
             uid = new_uid(conn)
             assert conn.post("/encode", {"uid": uid, "text": "x"})["token_ids"]
-            time.sleep(1.6)
+            tf.wait_for(lambda: conn.get("/")["sessions"] == 0, CHECKS["wait_ceiling_s"], "the idle session expired")
             status, _, payload = conn.request("POST", "/encode", {"uid": uid, "text": "y"})
             assert_error(status, payload, 400, "Invalid uid")
-            assert conn.get("/")["sessions"] == 0
             assert conn.post("/encode", {"uid": new_uid(conn), "text": "y"})["token_ids"]
+        assert f"session {uid} expired" in server.stderr()
     finally:
         server.stop()
 
 
+def test_default_idle_expiry_outlasts_a_board_conversation(server_module):
+    """Idle expiry is not how sessions are bounded (the cap is): its default is days, and --help says it."""
+    args = server_module.parse_args([])
+    assert args.session_idle_s >= 24 * 3600 and args.max_sessions >= 1
+    out = subprocess.run([sys.executable, str(tf.SERVER_SCRIPT), "--help"], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert f"{args.session_idle_s:g} s" in " ".join(out.split())
+
+
 def test_session_table_with_fake_clock(server_module):
     now = [0.0]
+    logged = []
     table = server_module.SessionTable(lambda: object.__new__(server_module.ChatSession), max_sessions=2,
-                                       idle_s=10.0, clock=lambda: now[0])
+                                       idle_s=10.0, clock=lambda: now[0], log=logged.append)
     a, _ = table.create()
     now[0] = 6.0
     b, _ = table.create()
     now[0] = 12.0  # a: idle 12 s, expired; b: 6 s
     assert table.get(a) is None and table.get(b) is not None
+    assert len(logged) == 1 and logged[0].startswith(f"session {a} expired: unused for 12 s")
     now[0] = 21.0  # b was used at 12: idle 9 s, alive
     assert table.get(b) is not None
     c, _ = table.create()
     d, _ = table.create()  # cap 2: evicts b (least recently used)
     assert table.get(b) is None and table.get(c) is not None and table.get(d) is not None
     assert (len(table), table.expired, table.evicted) == (2, 1, 1)
+    assert len(logged) == 2 and logged[1].startswith(f"session {b} evicted")
+
+
+def test_encode_without_reset_uses_the_default_system_prompt_and_logs_it(cases):
+    """A board that got "Invalid uid" takes a new uid and encodes without a reset: the session starts
+    from the bundle's default system prompt, and the server log says so (once, naming the uid)."""
+    case = cases["smol"]
+    with tf.Connection(case.server.port) as conn:
+        fresh, reset = new_uid(conn), new_uid(conn)
+        conn.post("/reset", {"uid": reset, "system_prompt": "Custom."})
+        for uid in (fresh, reset):
+            conn.post("/encode", {"uid": uid, "text": "hi"})
+        answer = conn.post("/encode", {"uid": fresh, "text": "again", "last_reply": "hello"})
+    expected = case.ids(case.default_system + [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                                               {"role": "user", "content": "again"}], True)
+    assert answer["token_ids"] == expected
+    line = tf.wait_for(lambda: [x for x in case.server.stderr().splitlines() if f"session {fresh}:" in x],
+                       CHECKS["wait_ceiling_s"], "the server logged the encode without reset")
+    assert len(line) == 1 and "without a /reset" in line[0] and repr(SMOL_SYSTEM) in line[0], line
+    assert f"session {reset}:" not in case.server.stderr()
+
+
+def test_history_is_bounded_per_session(qwen_dir, work_dir, cases):
+    """Turn after turn of long text: past --max_history_tokens the encode is a 400 that says what to
+    do, the history is unchanged (the turn can be retried shorter), and a reset starts over."""
+    limit = 400
+    case = cases["qwen"]
+    server = tf.ServerProcess(tf.SERVER_SCRIPT, ["--tokenizer_dir", str(qwen_dir), "--max_history_tokens",
+                                                 str(limit)], work_dir)
+    try:
+        with tf.Connection(server.port) as conn:
+            uid = new_uid(conn)
+            conn.post("/reset", {"uid": uid})
+            history, reply = [], None
+            while True:
+                text = f"Turn {len(history)}: the quick brown fox jumps over the lazy dog. " * 3
+                body = {"uid": uid, "text": text, **({"last_reply": reply} if reply else {})}
+                status, _, payload = conn.request("POST", "/encode", body)
+                if status != 200:
+                    break
+                history += ([{"role": "assistant", "content": reply}] if reply else []) + [{"role": "user", "content": text}]
+                assert len(payload["token_ids"]) <= limit
+                reply = "ok"
+            assert_error(status, payload, 400, f"limit of {limit}")
+            assert "--max_history_tokens" in payload["error"] and "/reset" in payload["error"]
+            assert len(case.ids(history + [{"role": "assistant", "content": reply},
+                                           {"role": "user", "content": text}], True)) > limit
+            # unchanged history: a short turn still fits after the same reply
+            full = history + [{"role": "assistant", "content": reply}, {"role": "user", "content": "ok?"}]
+            assert len(case.ids(full, True)) <= limit  # (the test's own premise)
+            answer = conn.post("/encode", {"uid": uid, "text": "ok?", "last_reply": reply})
+            assert answer["token_ids"] == case.ids(full, True)
+            status, _, payload = conn.request("POST", "/reset", {"uid": uid, "system_prompt": "long " * 1000})
+            assert_error(status, payload, 400, f"limit of {limit}")
+            assert conn.post("/reset", {"uid": uid})["token_ids"] == []
+    finally:
+        server.stop()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -637,7 +721,220 @@ def test_http_client(cases):
 
 
 def test_http_client_names_the_url_when_no_server():
-    url = f"http://127.0.0.1:{tf.free_port()}"
-    with pytest.raises(TokenizerServerError, match="is not answering") as info:
-        HttpTokenizer(url, timeout=5)
+    with tf.unused_port() as port:
+        url = f"http://127.0.0.1:{port}"
+        with pytest.raises(TokenizerServerError, match="is not answering") as info:
+            HttpTokenizer(url, timeout=5)
     assert url in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Latency with a client like the board's (issue 14)
+# ------------------------------------------------------------------------------------------------
+
+
+def nagle_post_latencies(port: int, uid: str | None) -> tuple[list[float], int]:
+    """Median-ready POST latencies (ms) of a NagleClient over CHECKS' request count, cycling through
+    the protocol's POSTs (uid: reset, encode, decode; stateless: encode, decode); and its connects."""
+    client = tf.NagleClient(port)
+    bodies = ([("/reset", {"uid": uid}), ("/encode", {"uid": uid, "text": "Hello 😀"}),
+               ("/decode", {"uid": uid, "token_ids": [1, 2, 3]})] if uid else
+              [("/encode", {"text": "Hello 😀"}), ("/decode", {"token_ids": [1, 2, 3]})])
+    times = []
+    try:
+        for i in range(CHECKS["nagle_client"]["requests"] + 5):  # 5 warm-up requests
+            path, body = bodies[i % len(bodies)]
+            start = time.perf_counter()
+            status, payload = client.post(path, body)
+            elapsed = (time.perf_counter() - start) * 1000
+            assert status == 200, (path, payload)
+            if i >= 5:
+                times.append(elapsed)
+    finally:
+        client.close()
+    return times, client.connects
+
+
+def assert_fast(times: list[float], what: str) -> None:
+    limit = CHECKS["nagle_client"]["max_median_ms"]
+    median = statistics.median(times)
+    assert median < limit, (f"{what}: median POST latency {median:.2f} ms over {len(times)} requests (limit "
+                            f"{limit} ms; p90 {sorted(times)[len(times) * 9 // 10]:.2f} ms)")
+
+
+@pytest.mark.parametrize("protocol", ["uid", "stateless"])
+def test_post_latency_of_a_nagle_client_on_one_connection(cases, protocol):
+    """ax-llm keeps one connection and writes a POST's headers and body separately with Nagle on: the
+    server must ACK the headers at once, or the body waits for the delayed ACK (~40 ms a request)."""
+    case = cases["smol"]
+    with tf.Connection(case.server.port) as conn:
+        uid = new_uid(conn) if protocol == "uid" else None
+    times, connects = nagle_post_latencies(case.server.port, uid)
+    assert_fast(times, f"{protocol} protocol, kept-alive connection")
+    assert connects == 1  # the connection was kept: the speed does not come from reconnecting
+
+
+def test_post_latency_without_tcp_quickack(server_module, smol_dir, monkeypatch):
+    """Where TCP_QUICKACK does not exist the server answers POSTs with Connection: close, which the
+    board's client follows with a new connection: as fast, for both protocols (in-process server)."""
+    monkeypatch.setattr(server_module, "TCP_QUICKACK", None)
+    app = server_module.TokenizerApp(server_module.ChatTokenizer(smol_dir))
+    server = server_module.TokenizerHTTPServer(("127.0.0.1", 0), app)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        with tf.Connection(port) as conn:
+            uid = new_uid(conn)
+        for protocol_uid in (uid, None):
+            times, connects = nagle_post_latencies(port, protocol_uid)
+            assert_fast(times, f"{'uid' if protocol_uid else 'stateless'} protocol, Connection: close")
+            assert connects == len(times) + 5  # one connection per POST
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=30)
+
+
+# ------------------------------------------------------------------------------------------------
+# Start-up: port 0, port file, missing packages
+# ------------------------------------------------------------------------------------------------
+
+
+def test_port_zero_is_reported_on_stdout_and_in_the_port_file(qwen_dir, work_dir, tmp_path):
+    port_file = tmp_path / "port"
+    server = tf.ServerProcess(tf.SERVER_SCRIPT, ["--tokenizer_dir", str(qwen_dir), "--port_file", str(port_file)],
+                              work_dir)  # ServerProcess passes --port 0 and reads the port from stdout
+    try:
+        assert port_file.read_text() == f"{server.port}\n" and server.port > 0
+        assert tf.request(server.port, "GET", "/")[0] == 200
+        assert [p.name for p in tmp_path.iterdir()] == ["port"]  # no partial file left behind
+    finally:
+        server.stop()
+    assert server.process.returncode == 0  # SIGTERM stops it cleanly...
+    assert not port_file.exists()  # ...and the port file goes with it
+
+
+@pytest.mark.parametrize("package", ["tokenizers", "jinja2"])
+def test_missing_package_is_one_line_saying_what_to_install(package):
+    code = ("import runpy, sys; sys.modules[sys.argv[1]] = None; script = sys.argv[2]; sys.argv = [script, '--port', '0'];"
+            "runpy.run_path(script, run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code, package, str(tf.SERVER_SCRIPT)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode != 0 and "Server running" not in out.stdout
+    assert out.stderr.strip().splitlines() == [
+        f"error: tokenizer_uid.py needs the Python package '{package}': pip3 install tokenizers jinja2"], out.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Hostile requests
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(smol_dir, work_dir):
+    server = tf.ServerProcess(tf.SERVER_SCRIPT, ["--tokenizer_dir", str(smol_dir), "--body_timeout_s",
+                                                 str(CHECKS["fuzz"]["body_timeout_s"])], work_dir)
+    yield server
+    server.stop()
+
+
+def exchange(port: int, data: bytes) -> tuple[int, Any, float]:
+    """Send ``data`` on a new connection; (status, decoded body, seconds until the answer)."""
+    limit = CHECKS["fuzz"]["answer_within_s"]
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=limit) as sock:
+        try:
+            sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):  # answered and closed before reading it all
+            pass
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        payload = response.read()
+    return response.status, tf._decode_answer(payload), time.monotonic() - start
+
+
+def test_short_body_is_answered_408_within_seconds(fuzz_server):
+    body = b'{"text": "hello"}'
+    head = b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", fuzz_server.port), timeout=CHECKS["wait_ceiling_s"]) as sock:
+        sock.sendall(head + body)  # and then nothing, the connection open
+        start = time.monotonic()
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        payload = json.loads(response.read())
+        elapsed = time.monotonic() - start
+    assert response.status == 408 and "Content-Length of 100" in payload["error"], payload
+    assert elapsed < CHECKS["fuzz"]["answer_within_s"], elapsed
+
+
+MAX_BODY = 1 << 20  # the server's MAX_BODY_BYTES
+
+
+def hostile_request(rng: random.Random, uid: str) -> bytes:
+    """One random request, valid or not, as bytes: method, path, headers and body all mutated."""
+    routes = [("POST", "/encode"), ("POST", "/decode"), ("POST", "/reset"), ("GET", "/reset"), ("GET", "/get_uid"),
+              ("GET", "/bos_id"), ("GET", "/eos_id"), ("GET", "/img_context_token"), ("GET", "/")]
+    method, path = rng.choice(routes)
+    if rng.random() < 0.25:  # the wrong method, or a path that does not exist
+        method = rng.choice(["POST", "GET", "PUT", "DELETE", "BREW"])
+        path = rng.choice([path, "/nope", "/encode/x", "//", "/%ff%fe", "/reset?uid=" + "x" * 3000])
+    if method == "GET" and rng.random() < 0.5:
+        path += rng.choice([f"?uid={uid}", "?uid=no-such-uid", "?uid=%ED%A0%80", "?uid=&uid=", "?system_prompt=x"])
+    values = [None, 0, -1, 1.5, 10 ** 30, True, "", "x", "\ud800", "a\udfffb", "😀", [], [1, "a"], [10 ** 12], [-5],
+              [1, 2, 3], {"a": 1}, "y" * rng.choice([10, 5000, 200000]), json.loads("[" * 50 + "]" * 50)]
+    body: dict = {k: v for k, v in {"uid": rng.choice([uid, uid, uid, "no-such-uid", 7, None, "\ud800"]),
+                                    "text": "Hello 你好", "token_ids": [1, 2, 3], "last_reply": None,
+                                    "system_prompt": None, "img_prompt": None,
+                                    "skip_special_tokens": None}.items() if v is not None}
+    for _ in range(rng.randrange(3)):
+        body[rng.choice(["text", "text", "token_ids", "token_ids", "last_reply", "system_prompt", "img_prompt",
+                         "skip_special_tokens", "\ud800", "extra"])] = rng.choice(values)
+    raw = json.dumps(body).encode("utf-8") if rng.random() < 0.9 else json.dumps(rng.choice(values)).encode()
+    mutation = rng.random()
+    if mutation < 0.1 and raw:
+        raw = raw[:rng.randrange(len(raw))]
+    elif mutation < 0.2 and raw:
+        at = rng.randrange(len(raw))
+        raw = raw[:at] + bytes(rng.randrange(256) for _ in range(rng.randrange(1, 4))) + raw[at + 1:]
+    elif mutation < 0.23:
+        raw = b"{" * (MAX_BODY + 1)
+    framing, length = rng.random(), str(len(raw))
+    if framing < 0.03:
+        length = str(len(raw) + rng.randrange(1, 50))  # a short body: the server waits body_timeout_s
+    elif framing < 0.08:
+        length = rng.choice(["-1", "abc", "1e3", "", str(10 ** 12), " 5", "0x10"])
+    elif framing < 0.12 and raw:
+        length = str(rng.randrange(len(raw)))  # the rest would be read as the next request
+    lines = [f"{method} {path} HTTP/1.1", "Host: x", "Content-Type: application/json",
+             "Transfer-Encoding: chunked" if 0.12 <= framing < 0.15 else f"Content-Length: {length}"]
+    if 0.15 <= framing < 0.18:
+        lines.pop()  # no framing header at all
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + raw
+
+
+def test_hostile_requests(fuzz_server):
+    """Random and mutated requests to both protocols: every one is answered, within seconds, by a
+    JSON error (4xx) or a 200, never a 500 or a traceback, and the server then serves a session."""
+    rng = random.Random(CHECKS["fuzz"]["seed"])
+    port = fuzz_server.port
+    with tf.Connection(port) as conn:
+        uid = new_uid(conn)
+    statuses: dict[int, int] = {}
+    for i in range(CHECKS["fuzz"]["requests"]):
+        data = hostile_request(rng, uid)
+        try:
+            status, payload, elapsed = exchange(port, data)
+        except (OSError, http.client.HTTPException) as exc:
+            raise AssertionError(f"request {i} got no answer ({exc!r}): {data[:300]!r}") from None
+        statuses[status] = statuses.get(status, 0) + 1
+        assert status < 500, (i, status, payload, data[:300])
+        if status >= 400:
+            assert isinstance(payload, dict) and isinstance(payload.get("error"), str), (i, payload, data[:300])
+        assert elapsed < CHECKS["fuzz"]["answer_within_s"], (i, elapsed, data[:300])
+    assert len([s for s in statuses if s >= 400]) >= 5, statuses  # the run did reach many error paths
+    assert "Traceback" not in fuzz_server.stderr(), fuzz_server.stderr()[-3000:]
+    with tf.Connection(port) as conn:
+        answer = conn.post("/encode", {"uid": uid, "text": "still here"})
+        assert answer["token_ids"] and conn.get("/")["status"] == "ok"
+    assert fuzz_server.alive()

@@ -5,18 +5,21 @@ Kept out of the test module so other tests (e.g. the runner's) can start a token
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER_SCRIPT = REPO / "templates" / "tokenizer" / "tokenizer_uid.py"
@@ -187,31 +190,62 @@ def make_plain_dir(target: Path) -> Path:
 
 
 def free_port() -> int:
+    """A port that was free a moment ago (racy: another process may take it before it is used).
+    Only for a port that must be known before a server exists (a launcher's TOKENIZER_PORT); a
+    test's own server binds port 0 (ServerProcess), and "nothing listens there" is ``unused_port``."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def unused_port() -> Iterator[int]:
+    """A loopback port held bound but not listening: connecting to it is refused, and no other
+    process can take it, for as long as the ``with`` block lasts."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``condition()`` until it returns something true (returned); AssertionError naming
+    ``what`` after ``timeout`` seconds (a generous ceiling, not a measurement)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not true after {timeout} s")
+        time.sleep(interval)
+
+
 class ServerProcess:
-    """``python <script> --port P ...`` started with the venv's python; waits until it is ready."""
+    """``python <script> --port P ...`` started with the venv's python; waits until it is ready.
+
+    Without ``port`` the server binds port 0 and ``self.port`` is the one it reports in its
+    ``Server running at`` line (no race with other processes taking a "free" port)."""
 
     def __init__(self, script: Path, args: list[str], log_dir: Path, port: int | None = None,
                  startup_timeout: float = 60.0):
-        self.port = port or free_port()
-        self.stdout_path = log_dir / f"server-{self.port}.out"
-        self.stderr_path = log_dir / f"server-{self.port}.err"
+        fd, name = tempfile.mkstemp(prefix="server-", suffix=".out", dir=log_dir)
+        os.close(fd)
+        self.stdout_path = Path(name)
+        self.stderr_path = self.stdout_path.with_suffix(".err")
         env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.process = subprocess.Popen([sys.executable, str(script), "--port", str(self.port), *args],
+            self.process = subprocess.Popen([sys.executable, str(script), "--port", str(port or 0), *args],
                                             stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + startup_timeout
-        while "Server running at" not in self.stdout():
+        while not (match := re.search(r"Server running at http://\S+:(\d+)", self.stdout())):
             if self.process.poll() is not None:
                 raise RuntimeError(f"tokenizer server exited with {self.process.returncode}:\n{self.stderr()}")
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"tokenizer server not ready after {startup_timeout} s:\n{self.stderr()}")
             time.sleep(0.05)
+        self.port = int(match.group(1))
+        assert port in (None, self.port), (port, self.port)
         self.url = f"http://127.0.0.1:{self.port}"
         status, _, _ = request(self.port, "GET", "/")  # answers, not just printed
         assert status == 200
@@ -301,3 +335,36 @@ def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> tuple[int, di
         response.begin()
         payload = response.read()
         return response.status, {k.lower(): v for k, v in response.getheaders()}, _decode_answer(payload)
+
+
+class NagleClient:
+    """A client that behaves like ax-llm's (cpp-httplib): one kept-alive socket with Nagle's
+    algorithm on (no TCP_NODELAY), a POST's headers and body written by two ``send`` calls, and a
+    transparent reconnect when the server answers ``Connection: close``. ``connects`` counts the
+    connections it opened."""
+
+    def __init__(self, port: int, timeout: float = 30.0):
+        self.port, self.timeout = port, timeout
+        self.sock: socket.socket | None = None
+        self.connects = 0
+
+    def post(self, path: str, body: Any) -> tuple[int, Any]:
+        if self.sock is None:
+            self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout)
+            assert self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+            self.connects += 1
+        data = json.dumps(body).encode("utf-8")
+        self.sock.send(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nContent-Type: application/json\r\n"
+                       f"Content-Length: {len(data)}\r\n\r\n".encode("ascii"))
+        self.sock.send(data)
+        response = http.client.HTTPResponse(self.sock)  # reads only this answer (Content-Length)
+        response.begin()
+        payload = response.read()
+        if response.will_close:
+            self.close()
+        return response.status, _decode_answer(payload)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None

@@ -6,7 +6,8 @@ tokenizer folder ``<model>_tokenizer/``; run it with ``python3 <model>_tokenizer
 point the board's ``--url_tokenizer_model`` at it. The board never applies a chat template: this
 server owns the template, the conversation history and the special tokens.
 
-Dependencies: the Python standard library, ``tokenizers`` and ``jinja2`` only. transformers is
+Dependencies: the Python standard library, ``tokenizers`` and ``jinja2`` only (``pip3 install
+tokenizers jinja2``; without them the script says so in one line and exits). transformers is
 deliberately not imported (it takes seconds to import on a board); the chat template is rendered
 the way ``transformers.utils.chat_template_utils`` renders it (sandboxed Jinja with
 ``trim_blocks``/``lstrip_blocks``, ``raise_exception``, ``strftime_now``, a non-escaping ``tojson``,
@@ -16,13 +17,16 @@ tokenize=True)`` of transformers 5.
 
 Command line::
 
-    python3 <model>_tokenizer_uid.py [--host 127.0.0.1] [--port 12345] [--tokenizer_dir DIR]
-                                     [--max_sessions 256] [--session_idle_s 3600] [--log_requests]
+    python3 <model>_tokenizer_uid.py [--host 127.0.0.1] [--port 12345] [--port_file FILE]
+                                     [--tokenizer_dir DIR] [--max_sessions 256]
+                                     [--session_idle_s 604800] [--max_history_tokens 16384]
+                                     [--body_timeout_s 5] [--log_requests]
 
 ``--host`` defaults to loopback; pass ``--host 0.0.0.0`` (or the board-facing address) when the
 board runs the model on another machine. The default ``--tokenizer_dir`` is
 ``<script dir>/<name>_tokenizer`` for a script named ``<name>_tokenizer_uid.py``, else
-``<script dir>/tokenizer``. When ready the server prints ``Server running at http://HOST:PORT``.
+``<script dir>/tokenizer``. When ready the server prints ``Server running at http://HOST:PORT``
+with the port it listens on (``--port 0`` takes any free one), and writes it to ``--port_file``.
 
 Tokenizer folder
 ----------------
@@ -94,13 +98,25 @@ img_end_token``, put in front of the user text.
 ``GET /`` -> ``{"status": "ok", ...}`` (health check).
 
 Errors: every failure is a JSON body ``{"error": "..."}`` with a 4xx status (400 bad JSON / field,
-404 unknown path, 405 wrong method, 411 no Content-Length, 413 body over 1 MiB) or 500 for a
-server bug. An unknown, expired or evicted uid gives 400 with ``"Invalid uid"`` in the message:
-ax-llm reacts to exactly that by asking for a new uid.
+a lone surrogate escape like ``"\\ud800"``, a conversation over ``--max_history_tokens``; 404
+unknown path, 405 wrong method, 408 a body that stalls ``--body_timeout_s`` short of its length, 411 no
+Content-Length, 413 body over 1 MiB) or 500 for a server bug. An unknown, expired or evicted uid
+gives 400 with ``"Invalid uid"`` in the message: ax-llm reacts to exactly that by asking for a new
+uid, and then goes on *without* a reset. Such a session starts from the default system prompt
+with no earlier turns, so it no longer matches what the board holds; the server logs it (an
+``/encode`` on a session that never had a ``/reset``), and the board's ``reset`` command puts
+both sides in step again.
 
-Sessions are bounded: at most ``--max_sessions`` (creating one more evicts the least recently
-used session) and a session unused for ``--session_idle_s`` seconds expires (0: never). Each
-session has its own lock; the session table has one lock.
+Sessions are bounded: at most ``--max_sessions`` (only creating one more drops one: the least
+recently used), a session unused for ``--session_idle_s`` seconds expires (default a week, 0:
+never), each drop is logged with its uid, and a session holds at most ``--max_history_tokens``
+tokens, so memory is bounded by their product. Each session has its own lock; the session table
+has one lock.
+
+Connections are HTTP/1.1 keep-alive. A client that writes a POST's headers and body in two
+writes with Nagle's algorithm on (ax-llm's) would wait for our delayed ACK (~40 ms) before its
+body leaves: the server ACKs the headers at once (``TCP_QUICKACK``, Linux) or, where that does
+not exist, answers such requests with ``Connection: close``.
 """
 
 from __future__ import annotations
@@ -109,6 +125,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -123,17 +140,28 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Tokenizer
+REQUIREMENTS = "pip3 install tokenizers jinja2"  # besides python3's standard library
+try:
+    import jinja2
+    import jinja2.ext
+    import jinja2.nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from tokenizers import AddedToken, Tokenizer
+except ModuleNotFoundError as _missing:
+    if __name__ != "__main__":
+        raise
+    sys.exit(f"error: {Path(sys.argv[0]).name} needs the Python package '{_missing.name}': {REQUIREMENTS}")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 12345
 DEFAULT_MAX_SESSIONS = 256
-DEFAULT_SESSION_IDLE_S = 3600.0
+DEFAULT_SESSION_IDLE_S = 7 * 24 * 3600.0  # a week: a board left idle overnight or over a weekend keeps its session
+DEFAULT_MAX_HISTORY_TOKENS = 16384  # per session: more than a board KV cache holds; bounds memory (x --max_sessions)
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
+BODY_TIMEOUT_S = 5.0  # a request body that stalls this long (shorter than its Content-Length) gets a 408
+# ACKing a request's headers at once lets a client with Nagle's algorithm on send its body
+# (see JsonRequestHandler.read_json); Linux only.
+TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 AX_TOKENIZER_FILE = "ax_tokenizer.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 INVALID_UID = "Invalid uid"  # ax-llm looks for this text in a 400 answer to get a new uid
@@ -170,6 +198,15 @@ class RequestError(Exception):
 
 class TemplateRenderError(ValueError):
     """The chat template refused the conversation (``raise_exception``, undefined variable ...)."""
+
+
+class HistoryTooLongError(ValueError):
+    """A session's conversation would grow over its token limit (``--max_history_tokens``)."""
+
+
+def log(message: str) -> None:
+    """One line of the server's log (stderr), with the time."""
+    print(f"{datetime.now():%Y-%m-%d %H:%M:%S} {message}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -584,23 +621,37 @@ class EncodeResult(NamedTuple):
 class ChatSession:
     """The history of one conversation and the tokens its client already holds.
 
-    Methods lock the session, so concurrent requests for the same uid are serialized.
+    Methods lock the session, so concurrent requests for the same uid are serialized. The
+    conversation is bounded: a reset or encode whose tokens would exceed ``max_tokens`` raises
+    ``HistoryTooLongError`` and leaves the history as it was. ``was_reset`` tells whether a client
+    ever reset it (a new session starts from the default system prompt without one).
     """
 
-    def __init__(self, tokenizer: ChatTokenizer, system_prompt: str | None = None):
+    def __init__(self, tokenizer: ChatTokenizer, system_prompt: str | None = None,
+                 max_tokens: int = DEFAULT_MAX_HISTORY_TOKENS):
         self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
         self.lock = threading.RLock()
         self.last_used = time.monotonic()
         self._messages: list[dict[str, str]] = []
         self._sent: list[int] = []
+        self.turns = 0  # user turns since the last reset
         self.reset(system_prompt)
+        self.was_reset = False
+
+    def _check_length(self, ids: list[int]) -> None:
+        if len(ids) > self.max_tokens:
+            raise HistoryTooLongError(
+                f"the conversation would be {len(ids)} tokens, over this server's limit of {self.max_tokens} "
+                f"per session (--max_history_tokens): POST /reset to start a new conversation")
 
     def reset(self, system_prompt: str | None = None) -> list[int]:
         """Start over with just the system message; return its tokens without generation prompt."""
         with self.lock:
             messages = self.tokenizer.system_messages(system_prompt)
             ids = self.tokenizer.encode_messages(messages, add_generation_prompt=False) if messages else []
-            self._messages, self._sent = messages, ids
+            self._check_length(ids)
+            self._messages, self._sent, self.turns, self.was_reset = messages, ids, 0, True
             return list(ids)
 
     def encode(self, text: str, last_reply: str | None = None, img_prompt: bool = False) -> EncodeResult:
@@ -614,11 +665,13 @@ class ChatSession:
                 held = self.tokenizer.encode_messages(history, add_generation_prompt=False)
             history.append({"role": "user", "content": self.tokenizer.user_content(text, img_prompt)})
             ids = self.tokenizer.encode_messages(history, add_generation_prompt=True)
+            self._check_length(ids)
             if ids[: len(held)] == held:
                 diff, mismatch = ids[len(held):], False
             else:  # the template rewrote tokens the client holds: it must prefill everything
                 diff, mismatch = list(ids), True
             self._messages, self._sent = history, ids
+            self.turns += 1
             return EncodeResult(list(ids), diff, mismatch)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
@@ -626,16 +679,23 @@ class ChatSession:
 
 
 class SessionTable:
-    """uid -> ChatSession, bounded in number (LRU eviction) and idle time. Thread-safe."""
+    """uid -> ChatSession, bounded in number and idle time. Thread-safe.
+
+    A session is dropped only when creating one more would exceed ``max_sessions`` (the least
+    recently used goes) or when it was not used for ``idle_s`` seconds (0: never); each drop is
+    logged with its uid through ``log``.
+    """
 
     def __init__(self, factory: Callable[[], ChatSession], max_sessions: int = DEFAULT_MAX_SESSIONS,
-                 idle_s: float = DEFAULT_SESSION_IDLE_S, clock: Callable[[], float] = time.monotonic):
+                 idle_s: float = DEFAULT_SESSION_IDLE_S, clock: Callable[[], float] = time.monotonic,
+                 log: Callable[[str], None] = log):
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
         self._factory = factory
         self.max_sessions = max_sessions
         self.idle_s = idle_s
         self._clock = clock
+        self._log = log
         self._lock = threading.Lock()
         self._sessions: OrderedDict[str, ChatSession] = OrderedDict()  # least recently used first
         self.evicted = 0
@@ -650,6 +710,8 @@ class SessionTable:
                 break
             del self._sessions[uid]
             self.expired += 1
+            self._log(f"session {uid} expired: unused for {now - session.last_used:.0f} s "
+                      f"(--session_idle_s {self.idle_s:g})")
 
     def create(self) -> tuple[str, ChatSession]:
         session = self._factory()  # outside the lock: it renders the template
@@ -658,8 +720,10 @@ class SessionTable:
             now = self._clock()
             self._expire_locked(now)
             while len(self._sessions) >= self.max_sessions:
-                self._sessions.popitem(last=False)
+                old_uid, old = self._sessions.popitem(last=False)
                 self.evicted += 1
+                self._log(f"session {old_uid} evicted: --max_sessions {self.max_sessions} reached and it was "
+                          f"the least recently used (unused for {now - old.last_used:.0f} s)")
             session.last_used = now
             self._sessions[uid] = session
         return uid, session
@@ -717,9 +781,11 @@ class TokenizerApp:
     """The routes, independent of HTTP: ``handle(method, path, query, body) -> (status, payload)``."""
 
     def __init__(self, tokenizer: ChatTokenizer, max_sessions: int = DEFAULT_MAX_SESSIONS,
-                 session_idle_s: float = DEFAULT_SESSION_IDLE_S):
+                 session_idle_s: float = DEFAULT_SESSION_IDLE_S,
+                 max_history_tokens: int = DEFAULT_MAX_HISTORY_TOKENS):
         self.tokenizer = tokenizer
-        self.sessions = SessionTable(lambda: ChatSession(tokenizer), max_sessions, session_idle_s)
+        self.sessions = SessionTable(lambda: ChatSession(tokenizer, max_tokens=max_history_tokens),
+                                     max_sessions, session_idle_s)
         self.routes: dict[str, dict[str, Callable[[dict, dict], dict]]] = {
             "/": {"GET": self.health},
             "/get_uid": {"GET": self.get_uid},
@@ -743,7 +809,7 @@ class TokenizerApp:
                                {"Allow": ", ".join(sorted(methods))})
         try:
             return handler(query, body)
-        except TemplateRenderError as exc:
+        except (TemplateRenderError, HistoryTooLongError) as exc:
             raise RequestError(400, str(exc)) from None
 
     def _session(self, uid: Any) -> ChatSession:
@@ -806,6 +872,12 @@ class TokenizerApp:
             return {"token_ids": self.tokenizer.encode_messages(messages, add_generation_prompt=True)}
         session = self._session(uid)
         last_reply = _field(body, "last_reply", str)
+        if not session.was_reset and session.turns == 0:
+            # A board that got "Invalid uid" fetches a new uid and goes on without a reset: its KV cache
+            # holds a system prompt and turns this session never saw (see the README of the bundle).
+            log(f"session {uid}: /encode without a /reset first, the conversation starts from the default "
+                f"system prompt {self.tokenizer.default_system_prompt!r}; a client that had another system "
+                f"prompt or earlier turns is now out of step with this session")
         result = session.encode(text, last_reply, img_prompt)
         return {"token_ids": result.token_ids, "diff": result.diff, "prefix_mismatch": result.prefix_mismatch}
 
@@ -851,12 +923,15 @@ class JsonRequestHandler(BaseHTTPRequestHandler):
         it. Default ``RequestError``.
     ``max_body_bytes``
         The body size limit. Default ``server.max_body_bytes``.
+    ``body_timeout``
+        Seconds a request body may stall before the answer is a 408. Default None: ``timeout``.
     ``max_drain_bytes``, ``server_version``, ``timeout``
         At most this much of an unread body is discarded before closing; http.server's own settings.
     """
 
     protocol_version = "HTTP/1.1"  # keep-alive: clients (ax-llm, openai) reuse their connection
     error_type: Callable[[int, str], Exception] = RequestError
+    body_timeout: float | None = None
     max_drain_bytes = 4 << 20
     server: Any  # a JsonHTTPServer (below): log_requests, max_body_bytes
 
@@ -967,7 +1042,7 @@ class JsonRequestHandler(BaseHTTPRequestHandler):
             self.close_connection = self._body_unread = True
             raise self.error_type(413, f"request body of {length} bytes is over the limit of "
                                        f"{self.max_body_bytes} bytes")
-        raw = self.rfile.read(length) if length else b""
+        raw = self._read_exactly(length) if length else b""
         self._body_unread = False
         if len(raw) != length:
             self.close_connection = True
@@ -976,11 +1051,36 @@ class JsonRequestHandler(BaseHTTPRequestHandler):
             return {}
         try:
             body = json.loads(raw.decode("utf-8"))
+            if b"\\u" in raw:  # an escaped lone surrogate ("\ud800") decodes to a str that is not Unicode text
+                json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise self.error_type(400, "request body is not valid JSON text: it escapes a lone UTF-16 "
+                                       "surrogate (\\ud800-\\udfff), which is not a character") from None
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise self.error_type(400, f"request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise self.error_type(400, "request body must be a JSON object")
         return body
+
+    def _read_exactly(self, length: int) -> bytes:
+        """``length`` bytes of body (fewer when the client closes first). ACKs the headers at once
+        (TCP_QUICKACK): a client with Nagle's algorithm on holds its body back until then, which the
+        delayed ACK would make ~40 ms. A body that stalls ``body_timeout`` seconds gets a 408."""
+        if TCP_QUICKACK is not None:
+            try:
+                self.connection.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
+            except OSError:
+                pass
+        if self.body_timeout is not None:
+            self.connection.settimeout(self.body_timeout)
+        try:
+            return self.rfile.read(length)
+        except socket.timeout:
+            self.close_connection = self._body_unread = True
+            raise self.error_type(408, f"request body incomplete: fewer than its Content-Length of {length} "
+                                       f"bytes arrived, then nothing for {self.body_timeout:g} s") from None
+        finally:
+            self.connection.settimeout(self.timeout)
 
     def read_body(self) -> dict:
         """``read_json()`` for a POST; ``{}`` for other methods, whose body (if any) is not read, so
@@ -1011,8 +1111,12 @@ class JsonRequestHandler(BaseHTTPRequestHandler):
 
 class TokenizerRequestHandler(JsonRequestHandler):
     server_version = "ax-tokenizer"
-    timeout = 60  # seconds an idle keep-alive connection (or a slow body) may hold a thread
+    timeout = 60  # seconds an idle keep-alive connection may hold a thread
     server: "TokenizerHTTPServer"
+
+    @property
+    def body_timeout(self) -> float:
+        return self.server.body_timeout
 
     def handle_expect_100(self) -> bool:
         # A client that waits for "100 Continue" learns that its body is too large before sending it.
@@ -1024,6 +1128,10 @@ class TokenizerRequestHandler(JsonRequestHandler):
         return super().handle_expect_100()
 
     def dispatch(self) -> None:
+        if TCP_QUICKACK is None and self.has_body():
+            # No quick ACK on this system: answer a request with a body with Connection: close, so a
+            # Nagle client's next body never waits for a delayed ACK (a new connection ACKs at once).
+            self.close_connection = True
         try:
             parts = urlsplit(self.path)
             path = parts.path.rstrip("/") or "/"
@@ -1050,11 +1158,21 @@ class JsonHTTPServer(ThreadingHTTPServer):
         self.max_body_bytes = max_body_bytes
         super().__init__(address, handler_class)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away (reset, timed out) is not a server error: one log line when
+        ``log_requests``, no traceback. Anything else: socketserver's report with the traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, socket.timeout)):
+            if self.log_requests:
+                log(f"{client_address[0]}: connection lost: {error!r}")
+            return
+        super().handle_error(request, client_address)
+
     def serve_until_interrupted(self) -> None:
         """Print ``Server running at http://HOST:PORT`` (what launch scripts wait for), serve until
         Ctrl-C, then close the socket."""
         host, port = self.server_address[:2]
-        print(f"Server running at http://{host}:{port}", flush=True)
+        print(f"Server running at http://{f'[{host}]' if ':' in host else host}:{port}", flush=True)
         try:
             self.serve_forever()
         except KeyboardInterrupt:
@@ -1067,8 +1185,9 @@ class TokenizerHTTPServer(JsonHTTPServer):
     request_queue_size = 128  # many boards/threads connecting at once
 
     def __init__(self, address: tuple[str, int], app: TokenizerApp, log_requests: bool = False,
-                 max_body_bytes: int = MAX_BODY_BYTES):
+                 max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT_S):
         self.app = app
+        self.body_timeout = body_timeout
         super().__init__(address, TokenizerRequestHandler, log_requests, max_body_bytes)
 
 
@@ -1092,17 +1211,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Tokenizer HTTP server for ax-llm (--tokenizer_type 2).")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help="address to listen on (default %(default)s; 0.0.0.0 for all interfaces)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default %(default)s)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help="port (default %(default)s; 0: any free port, reported in the 'Server running at' "
+                             "line on stdout and in --port_file)")
+    parser.add_argument("--port_file", default=None,
+                        help="write the port the server listens on to this file (one line) once it accepts "
+                             "connections; removed when the server stops")
     parser.add_argument("--tokenizer_dir", default=None,
                         help="tokenizer folder (default: <name>_tokenizer next to <name>_tokenizer_uid.py)")
     parser.add_argument("--max_sessions", type=int, default=DEFAULT_MAX_SESSIONS,
-                        help="most sessions kept; a new one evicts the least recently used (default %(default)s)")
+                        help="most sessions kept; only when a new one would exceed it is the least recently "
+                             "used dropped, and logged (default %(default)s)")
     parser.add_argument("--session_idle_s", type=float, default=DEFAULT_SESSION_IDLE_S,
-                        help="a session unused this long expires; 0 = never (default %(default)s)")
+                        help=f"a session unused this long expires, and is logged; 0 = never (default "
+                             f"%(default)g s = {DEFAULT_SESSION_IDLE_S / 86400:g} days, so a live board "
+                             f"conversation never expires)")
+    parser.add_argument("--max_history_tokens", type=int, default=DEFAULT_MAX_HISTORY_TOKENS,
+                        help="most tokens of one session's conversation; a /reset or /encode that would "
+                             "exceed it gets a 400 (default %(default)s). Memory is bounded by "
+                             "--max_sessions x this")
+    parser.add_argument("--body_timeout_s", type=float, default=BODY_TIMEOUT_S,
+                        help="a request body that stalls this long short of its Content-Length gets a 408 "
+                             "(default %(default)g)")
     parser.add_argument("--log_requests", action="store_true", help="log every request to stderr")
     args = parser.parse_args(argv)
     if args.max_sessions < 1:
         parser.error("--max_sessions must be >= 1")
+    if args.max_history_tokens < 1:
+        parser.error("--max_history_tokens must be >= 1")
+    if not args.body_timeout_s > 0:
+        parser.error("--body_timeout_s must be > 0")
+    if args.session_idle_s < 0:
+        parser.error("--session_idle_s must be >= 0 (0: never)")
     if not 0 <= args.port <= 65535:
         parser.error("--port must be in 0..65535")
     return args
@@ -1117,14 +1257,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:  # fail now, not on every /get_uid, when the template refuses the default history
-        ChatSession(tokenizer).encode("Hello")
-    except TemplateRenderError as exc:
+        ChatSession(tokenizer, max_tokens=args.max_history_tokens).encode("Hello")
+    except (TemplateRenderError, HistoryTooLongError) as exc:
         print(f"error: {tokenizer_dir}: a first turn after the default system prompt "
               f"({tokenizer.default_system_prompt!r}) cannot be rendered: {exc}", file=sys.stderr)
         return 2
-    app = TokenizerApp(tokenizer, args.max_sessions, args.session_idle_s)
+    app = TokenizerApp(tokenizer, args.max_sessions, args.session_idle_s, args.max_history_tokens)
     try:
-        server = TokenizerHTTPServer((args.host, args.port), app, log_requests=args.log_requests)
+        server = TokenizerHTTPServer((args.host, args.port), app, log_requests=args.log_requests,
+                                     body_timeout=args.body_timeout_s)
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2
@@ -1132,7 +1273,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tokenizer {info['tokenizer_dir']}: vocab {info['vocab_size']}, template "
           f"{info['chat_template'] or 'none'}, bos_id {info['bos_id']}, eos_ids {info['eos_ids']}",
           file=sys.stderr, flush=True)
-    server.serve_until_interrupted()
+    port_file = Path(args.port_file) if args.port_file else None
+    if port_file is not None:
+        partial = port_file.with_name(f".{port_file.name}.{os.getpid()}")
+        try:  # written whole or not at all: a reader never sees half a number
+            partial.write_text(f"{server.server_address[1]}\n")
+            os.replace(partial, port_file)
+        except OSError as exc:
+            print(f"error: cannot write --port_file {port_file}: {exc}", file=sys.stderr)
+            partial.unlink(missing_ok=True)
+            server.server_close()
+            return 2
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # stop through the finally blocks
+    try:
+        server.serve_until_interrupted()
+    finally:
+        if port_file is not None:
+            port_file.unlink(missing_ok=True)
     return 0
 
 
