@@ -27,7 +27,7 @@ from models import SMALL_GROUPS, quiet_build
 SEED = 20260
 BUILT = "built"
 ROUNDS = 3  # random draws per mutation
-SECONDS_PER_CASE = 20  # a tiny build takes about a second; a hang or a huge allocation takes far longer
+SECONDS_PER_CASE = 10  # a tiny build takes about a second; a hang or a huge allocation takes far longer
 DIMS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
         "vocab_size")
 OPTS = dict(weight_type="fp32", hidden_state_type="fp32", post_weight_type="fp32", check_level=0, **SMALL_GROUPS)
