@@ -4,7 +4,9 @@ tests/test_families.py records its measurements here while it runs (several pyte
 record at once: updates are serialised with a file lock) into docs/conformance.json, and renders
 docs/conformance.md from it. Errors are stored rounded *up* to one significant digit on the
 1-2-5 ladder (an upper bound), so reruns on the same software write the same file and the docs
-only change when a result really moves. `python -m generator list --verified` prints the table.
+only change when a result really moves. The committed table is the baseline: `growth` says when a
+measured error outgrows it by more than data/conformance.yaml allows. `python -m generator list
+--verified` prints the table.
 """
 
 from __future__ import annotations
@@ -13,12 +15,17 @@ import fcntl
 import json
 import math
 import os
+import subprocess
 import tempfile
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+GROWTH = Path(__file__).resolve().parent / "data" / "conformance.yaml"
 CHECKS = {  # check -> what it compares
     "layers": "every layer's K_cache_out / V_cache_out / output in every shape group (decode + all prefill "
               "groups), fed the reference's own inputs",
@@ -62,9 +69,37 @@ def load(directory: Path | None = None) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+@lru_cache(maxsize=1)
+def committed() -> dict[str, Any]:
+    """docs/conformance.json as committed (git HEAD): the baseline. Outside a git checkout, the file
+    as this process first finds it (each family/check/build is written once per test session)."""
+    try:
+        shown = subprocess.run(["git", "show", "HEAD:docs/conformance.json"], cwd=DOCS.parent, capture_output=True,
+                               text=True, timeout=60, check=True)
+        return json.loads(shown.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return load(DOCS)
+
+
+def growth(family: str, build: str, check: str, max_rel_err: float, limit: float) -> str | None:
+    """Why `max_rel_err` outgrows the committed value of the same cell, or None."""
+    old = committed()["families"].get(family, {}).get("checks", {}).get(check, {}).get(build)
+    if not old:
+        return None
+    rule = yaml.safe_load(GROWTH.read_text(encoding="utf-8"))
+    base = max(float(old["max_rel_err"]), rule["noise_fraction"] * limit)
+    if max_rel_err <= rule["max_growth"] * base:
+        return None
+    return (f"{family} {check} {build}: max rel err {max_rel_err:.2e} is more than {rule['max_growth']}x the committed "
+            f"{old['max_rel_err']} (docs/conformance.json; baseline at least {rule['noise_fraction']} x the limit "
+            f"{limit:g}, {GROWTH.name})")
+
+
 def record(family: str, build: str, check: str, *, max_rel_err: float, min_cosine: float, passed: bool,
            reference: str, quirks: list[str], thresholds: dict[str, float]):
-    """Store one measurement and re-render the markdown (safe with concurrent test workers)."""
+    """Store one measurement and re-render the markdown (safe with concurrent test workers); returns
+    `growth`'s complaint about it, or None."""
+    complaint = growth(family, build, check, max_rel_err, thresholds["max_rel_err"])  # before this run writes
     directory = docs_dir()
     directory.mkdir(parents=True, exist_ok=True)
     with _locked():
@@ -82,6 +117,7 @@ def record(family: str, build: str, check: str, *, max_rel_err: float, min_cosin
         text = json.dumps(data, indent=1, ensure_ascii=False, sort_keys=False) + "\n"
         _write(directory / "conformance.json", text)
         _write(directory / "conformance.md", render(data))
+    return complaint
 
 
 def _write(path: Path, text: str):
