@@ -22,12 +22,16 @@ DEFAULT_TOKENS = 128
 
 
 def add_bench_args(p):
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="greedy tokens decoded per run")
-    p.add_argument("--runs", type=int, default=3, help="runs per contender (median reported)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--weight_types", nargs="+", default=["s8", "s4"])
-    p.add_argument("--out", default=None, help="where bundles and bench.json go (default out/bench)")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model variant to build and time "
+                   "(default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="greedy tokens decoded per run "
+                   "(default: %(default)s)")
+    p.add_argument("--runs", type=int, default=3, help="runs per contender, the median is reported "
+                   "(default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads for every contender (default: %(default)s)")
+    p.add_argument("--weight_types", nargs="+", default=["s8", "s4"], help="bundles to build and time "
+                   "(default: s8 s4)")
+    p.add_argument("--out", default=None, help="where bundles and bench.json go (default: out/bench)")
 
 
 def measure_bundle(path: Path, ids: list[int], tokens: int, runs: int, threads: int) -> dict:

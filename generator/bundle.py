@@ -7,15 +7,18 @@ interrupted build never leaves a bundle that looks complete.
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import json
 import os
 import platform
+import secrets
 import shlex
 import shutil
 import stat
 import sys
-import tempfile
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,8 @@ from .checkpoint import Checkpoint, recipe_chat_template, sha256_file
 from .chips import Chip
 from .errors import GeneratorError
 from .graphs import layer_graph, post_graph, store_layer, store_post
+from .interrupt import sigterm_unwinds
+from .names import inside
 from .onnx_graph import WeightsFile
 from .options import BuildOptions
 from .progress import Progress
@@ -41,9 +46,8 @@ TEMPLATES = PROJECT_ROOT / "templates"
 TOKENIZER_SERVER = TEMPLATES / "tokenizer" / "tokenizer_uid.py"
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-RUN_TARGETS = {  # run script flavours (contract section 5)
-    "ax650": ("AX650", "main_ax650", None),
-    "ax630c": ("AX630C", "main_ax650", None),
+RUN_TARGETS = {  # run script flavours (contract section 5); "board" is named after the chip as the user typed it
+    "board": (None, "main_ax650", None),
     "axcl_x86": ("AXCL x86_64 host", "main_axcl_x86", "0"),
     "axcl_aarch64": ("AXCL aarch64 host", "main_axcl_aarch64", "0"),
 }
@@ -66,6 +70,12 @@ def template_env() -> Environment:
     env.filters["q"] = lambda v: shlex.quote(str(v))  # every value that reaches a shell
     env.filters["c"] = lambda v: "".join(" " if ord(ch) < 32 or ord(ch) == 127 else ch for ch in str(v))  # comments
     return env
+
+
+def dest(root: Path, *parts: str) -> Path:
+    """Where a bundle file goes: root/parts, refused with a GeneratorError unless it stays inside root.
+    Every file the bundle writer (and the verification report) writes gets its path here."""
+    return inside(root, Path(root).joinpath(*parts), "bundle file")
 
 
 def write_text(path: Path, text: str, executable: bool = False):
@@ -106,21 +116,21 @@ def write_graphs(ctx: BuildContext, tmp: Path, progress: Progress) -> dict[str, 
     with progress.task("building llm decode layers", spec.num_hidden_layers) as step:
         for i in range(spec.num_hidden_layers):
             stem = layer_stem(spec, opts, i)
-            wf = WeightsFile(tmp / f"{stem}.data")
+            wf = WeightsFile(dest(tmp, f"{stem}.data"))
             inits, refs = store_layer(wf, spec, opts, i, src.layer(i))
             wf.close()
             for group in groups:
-                onnx.save_model(layer_graph(spec, opts, i, group, refs, inits), tmp / f"{stem}.g{group.index}.onnx")
+                onnx.save_model(layer_graph(spec, opts, i, group, refs, inits), dest(tmp, f"{stem}.g{group.index}.onnx"))
             step()
     with progress.task("building llm post layer", 1) as step:
         embed = src.embed_tokens()
-        wf = WeightsFile(tmp / f"{post_stem(spec)}.data")
+        wf = WeightsFile(dest(tmp, f"{post_stem(spec)}.data"))
         inits, refs = store_post(wf, spec, opts, src.final_norm(), src.lm_head(embed))
         wf.close()
-        onnx.save_model(post_graph(spec, opts, refs, inits), tmp / f"{post_stem(spec)}.onnx")
+        onnx.save_model(post_graph(spec, opts, refs, inits), dest(tmp, f"{post_stem(spec)}.onnx"))
         # the board reads rows of this table; embedding scales (Gemma, MiniCPM) are applied here
         table = embed if spec.embedding_scale == 1.0 else embed * np.float32(spec.embedding_scale)
-        to_bf16_bits(table).tofile(tmp / EMBED_FILE)
+        to_bf16_bits(table).tofile(dest(tmp, EMBED_FILE))
         step()
     return {
         "layer_template": f"{layer_stem(spec, opts, '%d')}.g{{group}}.onnx",
@@ -136,7 +146,7 @@ def write_graphs(ctx: BuildContext, tmp: Path, progress: Progress) -> dict[str, 
 
 
 def write_tokenizer(ctx: BuildContext, tmp: Path) -> dict[str, str]:
-    tok_dir = tmp / f"{ctx.model}_tokenizer"
+    tok_dir = dest(tmp, f"{ctx.model}_tokenizer")
     tok_dir.mkdir()
     ctx.ckpt.check_tokenizer()
     files = ctx.ckpt.tokenizer_files()
@@ -146,12 +156,12 @@ def write_tokenizer(ctx: BuildContext, tmp: Path) -> dict[str, str]:
         AutoTokenizer.from_pretrained(ctx.ckpt.dir).save_pretrained(tok_dir)
     except Exception:  # a tokenizer transformers cannot load without remote code: ship the files
         for f in files:
-            shutil.copy2(f, tok_dir / f.name)
+            shutil.copy2(f, dest(tok_dir, f.name))
     chat = ctx.recipe.chat
     eos = list(dict.fromkeys(ctx.spec.eos_token_ids))
     gen_cfg = ctx.ckpt.dir / "generation_config.json"
     if gen_cfg.is_file():
-        shutil.copy2(gen_cfg, tok_dir / gen_cfg.name)
+        shutil.copy2(gen_cfg, dest(tok_dir, gen_cfg.name))
         extra = json.loads(gen_cfg.read_text()).get("eos_token_id")
         for e in extra if isinstance(extra, list) else [extra]:
             if isinstance(e, int) and e not in eos:
@@ -162,10 +172,10 @@ def write_tokenizer(ctx: BuildContext, tmp: Path) -> dict[str, str]:
           "eos_id": eos[0] if eos else -1, "eos_ids": eos, "system_prompt": ctx.system_prompt,
           "img_start_token": chat.img_start_token, "img_context_token": chat.img_context_token,
           "img_end_token": chat.img_end_token, "img_token_num": chat.img_token_num}
-    write_text(tok_dir / "ax_tokenizer.json", json.dumps(ax, indent=2, ensure_ascii=False) + "\n")
+    write_text(dest(tok_dir, "ax_tokenizer.json"), json.dumps(ax, indent=2, ensure_ascii=False) + "\n")
     script = f"{ctx.model}_tokenizer_uid.py"
-    shutil.copy2(TOKENIZER_SERVER, tmp / script)
-    (tmp / script).chmod(0o755)
+    shutil.copy2(TOKENIZER_SERVER, dest(tmp, script))
+    dest(tmp, script).chmod(0o755)
     return {"dir": tok_dir.name, "server": script, **({"chat_template": chat_fallback} if chat_fallback else {})}
 
 
@@ -177,7 +187,8 @@ def write_scripts(ctx: BuildContext, tmp: Path, files: dict, tok: dict) -> list[
     become spaces, so nothing can end the comment)."""
     env = template_env()
     spec, opts = ctx.spec, ctx.opts
-    common = dict(model=ctx.model, recipe=ctx.recipe.name, chip=ctx.chip.name, chip_lower=ctx.chip.name.lower(),
+    chip = ctx.chip.label  # the name the user typed (AX630C stays AX630C); Pulsar2's --chip is pulsar2_chip
+    common = dict(model=ctx.model, recipe=ctx.recipe.name, chip=chip, chip_lower=chip.lower(),
                   system_prompt=ctx.system_prompt, num_layers=spec.num_hidden_layers, vocab_size=spec.vocab_size,
                   hidden_size=spec.hidden_size, layer_template=files["axmodel_template"], post_file=files["post_axmodel"],
                   embed_file=files["embed"], tokenizer_script=tok["server"], tokenizer_dir=tok["dir"],
@@ -186,18 +197,19 @@ def write_scripts(ctx: BuildContext, tmp: Path, files: dict, tok: dict) -> list[
     written = []
     for target in ctx.chip.run_scripts:
         title, binary, devices = RUN_TARGETS[target]
+        target = chip.lower() if target == "board" else target
         name = f"run_{ctx.model}_{target}.sh"
-        text = env.get_template("run.sh.j2").render(**common, target=target, chip_title=title, main_binary=binary,
-                                                     devices=devices, script_name=name)
-        write_text(tmp / name, text, executable=True)
+        text = env.get_template("run.sh.j2").render(**common, target=target, chip_title=title or chip,
+                                                     main_binary=binary, devices=devices, script_name=name)
+        write_text(dest(tmp, name), text, executable=True)
         written.append(name)
-    name = f"build_{ctx.chip.name.lower()}.sh"
+    name = f"build_{chip.lower()}.sh"
     text = env.get_template("build.sh.j2").render(
-        model=ctx.model, chip=ctx.chip.name, chip_lower=ctx.chip.name.lower(), input_path=str(ctx.ckpt.dir.resolve()),
+        model=ctx.model, chip=chip, chip_lower=chip.lower(), input_path=str(ctx.ckpt.dir.resolve()),
         hidden_state_type=opts.hidden_state_type, weight_type=opts.weight_type, post_weight_type=opts.post_weight_type,
         kv_cache_len=opts.kv_cache_len, prefill_len=opts.prefill_len, last_kv_cache_len=opts.last_kv_cache_len,
         post_topk=opts.post_topk, pulsar2_chip=ctx.chip.pulsar2_chip, embed_file=files["embed"])
-    write_text(tmp / name, text, executable=True)
+    write_text(dest(tmp, name), text, executable=True)
     written.append(name)
     return written
 
@@ -211,11 +223,54 @@ def file_listing(root: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def check_output_folder(out_dir: Path, ckpt_dir: Path):
+    """A build replaces its output folder as a whole, so that folder must be new, empty, or an earlier
+    bundle (it has a manifest.json), and must not hold the input checkpoint."""
+    where = f"The output folder '{out_dir}' (--output_path / make OUTPUT=)"
+    if not out_dir.name:
+        raise GeneratorError(f"{where} names no folder; give a new folder for the bundle, e.g. out/my-model_ax650.")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GeneratorError(f"{where} is an existing file; expected a folder for the bundle.")
+    ckpt = ckpt_dir.resolve()
+    if ckpt == out_dir.resolve() or out_dir.resolve() in ckpt.parents:
+        raise GeneratorError(f"{where} contains the input checkpoint '{ckpt_dir}'; a build replaces its output folder "
+                             f"as a whole. Choose another folder.")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+        raise GeneratorError(f"{where} exists and is not an axgen bundle (it has files but no {MANIFEST}); a build "
+                             f"replaces its output folder as a whole, so it refuses to. Choose a new or empty folder.")
+
+
+@contextmanager
+def folder_lock(folder: Path, blocking: bool = True):
+    """An flock on a directory: yields True while held (False when `blocking` is off and another holds it)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def remove_stale(out_dir: Path):
+    """Remove the temporary folders of earlier builds of this target that died (SIGKILL, power loss): a running
+    build holds a lock on its own temporary folder for as long as it runs, a dead one's lock is free.
+    Called with the parent folder locked, so no build is between creating its folder and locking it."""
+    for kind in ("tmp", "old"):
+        for path in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.{kind}-*"):
+            with folder_lock(path, blocking=False) as free:
+                if free:
+                    shutil.rmtree(path, ignore_errors=True)
+
+
 def publish(tmp: Path, final: Path):
-    """Atomically replace `final` with the finished `tmp` directory."""
+    """Replace `final` with the finished `tmp` directory (the caller holds the parent folder's lock)."""
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        old = final.with_name(f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
         os.replace(final, old)
     os.replace(tmp, final)
     if old is not None:
@@ -223,41 +278,55 @@ def publish(tmp: Path, final: Path):
 
 
 def build_bundle(ctx: BuildContext, progress: Progress, check=None) -> dict[str, Any]:
-    """Write the bundle into ctx.out_dir. `check(tmp_dir) -> dict` runs verification before publishing."""
-    ctx.out_dir.parent.mkdir(parents=True, exist_ok=True)
+    """Write the bundle into ctx.out_dir. `check(tmp_dir) -> dict` runs verification before publishing.
+
+    The work goes to `.<name>.tmp-*` next to the output, locked by this build while it runs; Ctrl+C and
+    SIGTERM remove it, and the next build of the target removes those of builds that died."""
+    check_output_folder(ctx.out_dir, ctx.ckpt.dir)
+    parent = ctx.out_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{ctx.out_dir.name}.tmp-", dir=ctx.out_dir.parent))
-    try:
-        files = write_graphs(ctx, tmp, progress)
-        write_text(tmp / "post_config.json", json.dumps(ctx.recipe.sampling.model_dump(), indent=4) + "\n")
-        tok = write_tokenizer(ctx, tmp)
-        scripts = write_scripts(ctx, tmp, files, tok)
-        build_seconds = time.time() - started
-        manifest: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "model": ctx.model,
-            "recipe": {"name": ctx.recipe.name, "file": ctx.recipe_path.name, "sha256": sha256_file(ctx.recipe_path),
-                       "variant": ctx.variant},
-            "chip": ctx.chip.name,
-            "options": ctx.opts.model_dump(),
-            "spec": ctx.spec.model_dump(),
-            "input": {"source": ctx.ckpt.source, "files": ctx.ckpt.fingerprint()},
-            "tools": tool_versions(),
-            "graphs": files,
-            "tokenizer": tok,
-            "scripts": scripts,
-            "system_prompt": ctx.system_prompt,
-            "non_standard_ops": [],
-            "build_seconds": round(build_seconds, 2),
-            **ctx.extra_manifest,
-        }
-        write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        if check is not None:
-            manifest["checks"] = check(tmp)
-        manifest["files"] = file_listing(tmp)
-        write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        publish(tmp, ctx.out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with sigterm_unwinds(), ExitStack() as stack:
+        with folder_lock(parent):
+            remove_stale(ctx.out_dir)
+            tmp = dest(parent, f".{ctx.out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+            tmp.mkdir()  # the permissions of any new folder (0755 under the usual umask), not mkdtemp's 0700
+            stack.callback(shutil.rmtree, tmp, ignore_errors=True)  # a no-op once published
+            stack.enter_context(folder_lock(tmp))
+        manifest = write_bundle(ctx, tmp, progress, check, started)
+        with folder_lock(parent):
+            publish(tmp, ctx.out_dir)
+    return manifest
+
+
+def write_bundle(ctx: BuildContext, tmp: Path, progress: Progress, check, started: float) -> dict[str, Any]:
+    """Everything into `tmp`, the manifest last."""
+    files = write_graphs(ctx, tmp, progress)
+    write_text(dest(tmp, "post_config.json"), json.dumps(ctx.recipe.sampling.model_dump(), indent=4) + "\n")
+    tok = write_tokenizer(ctx, tmp)
+    scripts = write_scripts(ctx, tmp, files, tok)
+    build_seconds = time.time() - started
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "model": ctx.model,
+        "recipe": {"name": ctx.recipe.name, "file": ctx.recipe_path.name, "sha256": sha256_file(ctx.recipe_path),
+                   "variant": ctx.variant},
+        "chip": ctx.chip.name,
+        "options": ctx.opts.model_dump(),
+        "spec": ctx.spec.model_dump(),
+        "input": {"source": ctx.ckpt.source, "files": ctx.ckpt.fingerprint()},
+        "tools": tool_versions(),
+        "graphs": files,
+        "tokenizer": tok,
+        "scripts": scripts,
+        "system_prompt": ctx.system_prompt,
+        "non_standard_ops": [],
+        "build_seconds": round(build_seconds, 2),
+        **ctx.extra_manifest,
+    }
+    write_text(dest(tmp, MANIFEST), json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    if check is not None:
+        manifest["checks"] = check(tmp)
+    manifest["files"] = file_listing(tmp)
+    write_text(dest(tmp, MANIFEST), json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return manifest

@@ -25,19 +25,20 @@ class Chip(BaseModel):
     max_kv_cache_len: int
     max_prefill_len: int
     memory_mb: int
-    run_scripts: list[str]
+    run_scripts: list[str]  # keys of bundle.RUN_TARGETS; "board" is named after `label`
+    label: str = ""  # the name the user typed (an alias or the name): file names use it, checks use `name`
 
 
 @lru_cache(maxsize=1)
 def chips() -> dict[str, Chip]:
     data = yaml.safe_load(CHIPS_FILE.read_text())
-    return {name: Chip(name=name, **body) for name, body in data.items()}
+    return {name: Chip(name=name, label=name, **body) for name, body in data.items()}
 
 
 def get_chip(name: str) -> Chip:
     key = name.strip().upper()
     for chip in chips().values():
         if key == chip.name or key in chip.aliases:
-            return chip
+            return chip.model_copy(update={"label": key})
     names = ", ".join(f"{c.name} ({', '.join(c.aliases)})" if c.aliases else c.name for c in chips().values())
     raise GeneratorError(f"Unknown chip '{name}' (flag --chip / make CHIP=). Known chips: {names}.")

@@ -32,6 +32,11 @@ class Group(BaseModel):
         return "decode" if self.index == 0 else "prefill"
 
     @property
+    def label(self) -> str:
+        """How logs, tables and plots name the group: decode, prefill p128 h0, prefill p128 h256."""
+        return "decode" if self.index == 0 else f"prefill p{self.tokens} h{self.history}"
+
+    @property
     def history_rows(self) -> int:
         """Rows of the K_cache/V_cache inputs."""
         return 1 if self.dummy_history else self.history
@@ -68,7 +73,7 @@ def make_options(defaults: BuildDefaults, chip: str, **flags) -> BuildOptions:
     for key, value in flags.items():
         if value is not None:
             data[key] = value
-    data["chip"] = get_chip(chip).name
+    data["chip"] = get_chip(chip).label  # as typed (AX630C stays AX630C): it names the bundle's files
     return BuildOptions(**data)
 
 

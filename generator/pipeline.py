@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -11,9 +13,11 @@ from rich.console import Console
 
 from .bundle import PROJECT_ROOT, BuildContext, build_bundle
 from .checkpoint import Checkpoint, open_input
+from .chips import Chip
 from .errors import GeneratorError
 from .gguf_import import packaged_gguf
-from .options import check_options, make_options
+from .names import safe_name
+from .options import BuildOptions, check_options, make_options
 from .progress import Progress
 from .recipe import BuildDefaults, Recipe, registry
 from .spec import read_config, resolve_spec
@@ -53,10 +57,22 @@ def check_variant_config(recipe: Recipe, variant: str | None, ckpt: Checkpoint):
 
 
 def model_name_for(path: str) -> str:
-    name = Path(path).name
+    name = Path(os.path.abspath(path)).name  # `.` and `..` name the folder they stand for
     if name.endswith(".gguf"):
         name = name[: -len(".gguf")]
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-").lower() or "model"
+
+
+def build_summary(opts: BuildOptions, chip: Chip, width: int = 80) -> str:
+    """What is about to be built, before any work: chip, weight and hidden types, lengths, shape groups."""
+    overrides = "".join(f", {pattern}: {wt}" for pattern, wt in opts.overrides.items())
+    lines = [f"chip {chip.label} (Pulsar2 --chip {chip.pulsar2_chip})",
+             f"weight type {opts.weight_type} (post {opts.post_weight_type}{overrides}), group size {opts.group_size}, "
+             f"hidden state type {opts.hidden_state_type}",
+             f"prefill_len {opts.prefill_len}, kv_cache_len {opts.kv_cache_len}, post_topk {opts.post_topk}",
+             "groups: " + ", ".join(f"g{g.index} {g.label}" for g in opts.groups())]
+    return "Build(\n" + "".join(textwrap.fill(line, width, initial_indent="    ", subsequent_indent="        ") + "\n"
+                                 for line in lines) + ")"
 
 
 def build(*, model: str | None = None, input_path: str | None = None, output_path: str | None = None,
@@ -90,12 +106,14 @@ def build(*, model: str | None = None, input_path: str | None = None, output_pat
         console.print(f"[bold yellow]SYNTHETIC=1:[/] random weights with the exact config of '{variant}' and a generated "
                       f"byte-level tokenizer ({ckpt.dir}); the bundle exercises the toolchain and the checks, it has "
                       f"learned nothing.", highlight=False)
-    name = variant or model_name_for(input_path)
+    name = safe_name(variant or model_name_for(input_path),
+                     f"The model name (from {'the model argument' if variant else f'--input_path {input_path!r}'})")
     spec = resolve_spec(recipe, ckpt.config, model_name=name, max_positions=opts.kv_cache_len,
                         where=ckpt.config_where)
     chip_p = check_options(opts, spec)
     console.print(spec.pretty(), highlight=False)
-    out_dir = Path(output_path) if output_path else OUT_DIR / f"{name}_{chip_p.name.lower()}"
+    console.print(build_summary(opts, chip_p), highlight=False)
+    out_dir = Path(os.path.abspath(output_path)) if output_path else OUT_DIR / f"{name}_{chip_p.label.lower()}"
     v = recipe.variants.get(variant) if variant else None
     system_prompt = (v.system_prompt if v and v.system_prompt else None) or recipe.chat.system_prompt
     ctx = BuildContext(model=name, recipe=recipe, recipe_path=reg.paths[recipe.name], variant=variant, ckpt=ckpt,

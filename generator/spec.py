@@ -86,16 +86,26 @@ class ArchSpec(BaseModel):
         h = self.hidden_size
         return h * (self.q_dim + 2 * self.kv_dim) + self.q_dim * h + h * self.intermediate_size * (3 if self.mlp_gated else 2)
 
-    def pretty(self) -> str:
+    def pretty(self, width: int = 80) -> str:
+        """The Pulsar2-style `Config(...)` printed at build start, every line within `width` columns
+        (long values wrap between their items): rope tables without their frequency lists, layer types
+        as the layers of each type, the most common one as a count."""
+        from pprint import pformat
+
         rows = []
         for key, value in self.model_dump().items():
-            if key == "rope":
-                value = {t: f"{r.kind}(theta={r.theta:g}, rotary_dim={r.rotary_dim}, interleaved={r.interleaved}, "
-                            f"attention_factor={r.attention_factor:g})" for t, r in self.rope.items()}
-            elif key == "layer_types" and len(set(value)) == 1:
-                rows.append(f"    {key}=[{value[0]!r}] * {len(value)},")
-                continue
-            rows.append(f"    {key}={value!r},")
+            if key == "rope":  # without the frequency lists; flags only where they differ from the default
+                value = {t: f"{r.kind} theta={r.theta:g} rotary_dim={r.rotary_dim}" + " interleaved" * r.interleaved
+                         + (f" attention_factor={r.attention_factor:g}" if r.attention_factor != 1 else "")
+                         + (f" long_from={r.long_from}" if r.long_from is not None else "")
+                         for t, r in self.rope.items()}
+            elif key == "layer_types":  # {type: [layers]}, the most common type as a count
+                at = {t: [i for i, x in enumerate(value) if x == t] for t in dict.fromkeys(value)}
+                common = max(at, key=lambda t: len(at[t]))
+                value = {t: (f"{len(v)} layers" if t == common else v) for t, v in at.items()}
+            head = f"    {key}="
+            text = pformat(value, width=max(width - len(head) - 1, 20), sort_dicts=False, compact=True)
+            rows.append(head + text.replace("\n", "\n" + " " * len(head)) + ",")
         return "Config(\n" + "\n".join(rows) + "\n)"
 
 

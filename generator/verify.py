@@ -5,23 +5,28 @@ inputs for that layer (hidden states, cached K/V history, positions) and its out
 V_cache_out, output) are compared with the reference's; the post graph is compared on the final
 hidden state. Level 2: the check prompt (default `1+1=`) end to end through the local runner, with
 the system prompt prefilled and reused as on the board, against transformers' greedy output.
-Thresholds per weight type and hidden-state type live in data/tolerances.yaml.
+Thresholds per weight type and hidden-state type live in data/tolerances.yaml; each graph is held to
+those of the weight types it was built with (read from the graph), the end-to-end checks to the loosest.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import yaml
 from onnx import TensorProto
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from .bundle import dest, write_text
 from .errors import GeneratorError
 from .progress import Progress
 from .recipe import Sampling
@@ -37,17 +42,42 @@ def tolerance_table() -> dict:
     return yaml.safe_load(TOLERANCES.read_text())
 
 
+def limits_for(weight_types: Iterable[str], hidden_state_type: str) -> dict[str, dict[str, float]]:
+    """The loosest of the entries of these weight types and of the hidden-state type, per check: a graph
+    is held to the limits of the least precise weights it holds, and of its boundary type."""
+    t = tolerance_table()
+    entries = [t["weight_type"][w] for w in sorted(set(weight_types))] + [t["hidden_state_type"][hidden_state_type]]
+    return {check: {key: (max if key.startswith("max") else min)(e[check][key] for e in entries)
+                    for key in entries[-1][check]}
+            for check in entries[-1]}
+
+
 def thresholds(weight_type: str, hidden_state_type: str) -> dict[str, dict[str, float]]:
     """The looser of the weight-type and hidden-state-type entries, per check."""
-    t = tolerance_table()
-    a, b = t["weight_type"][weight_type], t["hidden_state_type"][hidden_state_type]
-    out = {}
-    for check in ("layer", "logits", "end_to_end", "generate"):
-        out[check] = {}
-        for key in a[check]:
-            loose = max if key.startswith("max") else min
-            out[check][key] = loose(a[check][key], b[check][key])
-    return out
+    return limits_for([weight_type], hidden_state_type)
+
+
+WEIGHT_TYPE_OF = {TensorProto.INT8: "s8", TensorProto.INT4: "s4", TensorProto.BFLOAT16: "bf16",
+                  TensorProto.FLOAT16: "fp16", TensorProto.FLOAT: "fp32"}
+
+
+def graph_weight_types(path: Path) -> list[str]:
+    """The weight types a graph was built with, read from the graph itself: the stored type of every
+    MatMul weight (an initializer, directly or through its DequantizeLinear / Cast). Per-tensor
+    `overrides` and post_weight_type show here as they were built."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    stored = {t.name: t.data_type for t in graph.initializer}
+    made_by = {out: node for node in graph.node for out in node.output}
+    types = set()
+    for node in graph.node:
+        if node.op_type != "MatMul":
+            continue
+        w = node.input[1]
+        if w in made_by and made_by[w].op_type in ("DequantizeLinear", "Cast"):
+            w = made_by[w].input[0]
+        if w in stored:
+            types.add(WEIGHT_TYPE_OF[stored[w]])
+    return sorted(types)
 
 
 def within(cosine: float, rel_err: float, limit: dict) -> bool:
@@ -55,9 +85,28 @@ def within(cosine: float, rel_err: float, limit: dict) -> bool:
     return cosine >= limit["min_cosine"] and rel_err <= limit["max_rel_err"]
 
 
-def failing_rows(rows: list[dict[str, Any]], limit: dict) -> list[dict[str, Any]]:
-    """The layer-check rows outside `limit`."""
-    return [r for r in rows if not within(r["cosine"], r["max_rel_err"], limit)]
+def failing_rows(rows: list[dict[str, Any]], limit: dict | None = None) -> list[dict[str, Any]]:
+    """The layer-check rows outside `limit` (default: each row's own, that of the graph it came from)."""
+    return [r for r in rows if not within(r["cosine"], r["max_rel_err"], limit or r["limit"])]
+
+
+def excess(row: dict[str, Any]) -> float:
+    """How much of its limit a comparison uses, the larger of the cosine and the error share; above 1
+    fails, NaN counts as infinite. The one order for "worst" in tables, plots and the failure line."""
+    lim = row["limit"]
+    share = max((1.0 - row["cosine"]) / max(1.0 - lim["min_cosine"], 1e-12), row["max_rel_err"] / lim["max_rel_err"])
+    return float("inf") if np.isnan(share) else share
+
+
+def describe(row: dict[str, Any]) -> str:
+    """A layer-check row as the failure line and the tables write it."""
+    return (f"layer {row['layer']} {row['label']} {row['tensor']}: cosine {row['cosine']:.6f}, "
+            f"rel err {row['max_rel_err']:.2e} (limits {limit_text(row['limit'], row['weight_types'])})")
+
+
+def limit_text(lim: dict, weight_types: list[str]) -> str:
+    """A limit with the weight types it comes from: `s8 >=0.995 <=1e-01`."""
+    return f"{'/'.join(weight_types)} >={lim['min_cosine']} <={lim['max_rel_err']:.0e}"
 
 
 def parameter_count(spec) -> int:
@@ -127,7 +176,6 @@ def layer_check(bundle: Bundle, cap: dict[str, np.ndarray], progress: Progress, 
     dt, ot = STORAGE[hidden]
     P, C, kv, H = opts.prefill_len, opts.kv_cache_len, spec.kv_dim, spec.hidden_size
     T = cap["inputs"].shape[1]
-    quantized = opts.weight_type in ("s8", "s4")
     mask_value = MASK_VALUE[hidden]
     rows = []
     with progress.task("layer check", spec.num_hidden_layers) as step:
@@ -150,7 +198,11 @@ def layer_check(bundle: Bundle, cap: dict[str, np.ndarray], progress: Progress, 
                 mask = np.full((1, g.tokens, rows_hist + g.tokens), mask_value, np.float32)
                 mask[0, :, :h] = 0
                 mask[0, :, rows_hist:][np.tril(np.ones((g.tokens, g.tokens), bool))] = 0
-                sess = ort.InferenceSession(str(bundle.layer_file(i, g.index)), session_options(threads, quantized),
+                path = bundle.layer_file(i, g.index)
+                types = graph_weight_types(path)
+                limit = limits_for(types, hidden)["layer"]
+                quantized = bool({"s8", "s4"} & set(types))
+                sess = ort.InferenceSession(str(path), session_options(threads, quantized),
                                             providers=["CPUExecutionProvider"])
                 got = run_graph(sess, {
                     "K_cache": (to_storage(k_hist, hidden), ot), "V_cache": (to_storage(v_hist, hidden), ot),
@@ -162,8 +214,8 @@ def layer_check(bundle: Bundle, cap: dict[str, np.ndarray], progress: Progress, 
                         "output": cap["outputs"][i, h:h + n]}
                 for name, ref in refs.items():
                     m = compare(from_storage(got[name], hidden)[0, :n], ref)
-                    rows.append({"layer": i, "group": g.index, "kind": g.kind, "history": h, "tokens": n,
-                                 "tensor": name, **m})
+                    rows.append({"layer": i, "group": g.index, "kind": g.kind, "label": g.label, "history": h,
+                                 "tokens": n, "tensor": name, **m, "weight_types": types, "limit": limit})
             step()
     return rows
 
@@ -172,7 +224,8 @@ def logits_check(bundle: Bundle, cap: dict[str, np.ndarray]) -> dict[str, Any]:
     opts, spec = bundle.opts, bundle.spec
     hidden = opts.hidden_state_type
     dt, ot = STORAGE[hidden]
-    quantized = opts.post_weight_type in ("s8", "s4")
+    types = graph_weight_types(bundle.post_file)
+    quantized = bool({"s8", "s4"} & set(types))
     sess = ort.InferenceSession(str(bundle.post_file), session_options(2, quantized), providers=["CPUExecutionProvider"])
     x = cap["outputs"][-1, -1:][None]  # [1, 1, H] last layer output at the last position
     k = opts.post_topk
@@ -182,14 +235,11 @@ def logits_check(bundle: Bundle, cap: dict[str, np.ndarray]) -> dict[str, Any]:
     got = run_graph(sess, {"input": (to_storage(x, hidden), ot)}, outs)
     ref = cap["logits"][-1]
     ours = from_storage(got["output"], hidden)[0, 0]
+    info = {"weight_types": types, "limit": limits_for(types, hidden)["logits"]}
     if k:
         top = np.argsort(-ref)[:k]
-        result = compare(ours, ref[top])
-        result["topk_index_match"] = float(np.mean(got["indices"][0, 0] == top))
-        return result
-    result = compare(ours, ref)
-    result["argmax_match"] = bool(int(np.argmax(ours)) == int(np.argmax(ref)))
-    return result
+        return {**compare(ours, ref[top]), "topk_index_match": float(np.mean(got["indices"][0, 0] == top)), **info}
+    return {**compare(ours, ref), "argmax_match": bool(int(np.argmax(ours)) == int(np.argmax(ref))), **info}
 
 
 def generate_check(bundle: Bundle, model, session, prompt: str, max_new_tokens: int = GENERATE_TOKENS) -> dict[str, Any]:
@@ -256,37 +306,69 @@ def conversation_check(bundle: Bundle, model, *, system: int = 11, turns=((40, 6
 
 
 def plot(rows: list[dict], path: Path, title: str):
+    """One column per output tensor; top: 1 - cosine, bottom: max relative error, both per layer and shape
+    group (log scale), with each layer's limit as a dashed line and the points beyond it marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     tensors = ["output", "K_cache_out", "V_cache_out"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
-    for ax, tensor in zip(axes, tensors):
-        for g in sorted({r["group"] for r in rows}):
-            pts = sorted((r["layer"], r["cosine"]) for r in rows if r["tensor"] == tensor and r["group"] == g)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"group {g}")
-        ax.set_title(tensor)
-        ax.set_xlabel("layer")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("cosine vs transformers")
-    axes[-1].legend(fontsize=7)
+    panels = [("1 - cosine vs transformers", lambda r: 1.0 - r["cosine"], lambda lim: 1.0 - lim["min_cosine"]),
+              ("max relative error", lambda r: r["max_rel_err"], lambda lim: lim["max_rel_err"])]
+    groups = {r["group"]: r["label"] for r in rows}
+    layers = sorted({r["layer"] for r in rows})
+    limits = {r["layer"]: r["limit"] for r in rows}
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5), sharex=True, sharey="row", squeeze=False)
+    floor = 1e-12  # exact agreement, shown at the bottom of the log scale
+    for col, tensor in enumerate(tensors):
+        for row_i, (ylabel, value, bound) in enumerate(panels):
+            ax = axes[row_i][col]
+            for g, label in sorted(groups.items()):
+                pts = sorted((r["layer"], max(value(r), floor)) for r in rows if r["tensor"] == tensor and r["group"] == g)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=label)
+            ax.step(layers, [bound(limits[i]) for i in layers], where="mid", color="red", linestyle="--", label="limit")
+            bad = [r for r in rows if r["tensor"] == tensor and not value(r) <= bound(r["limit"])]  # NaN fails
+            if bad:
+                ax.scatter([r["layer"] for r in bad], [max(value(r), floor) for r in bad], marker="x", s=60,
+                           color="red", zorder=5, label="fails")
+            ax.set_yscale("log")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            if row_i == 0:
+                ax.set_title(tensor)
+            else:
+                ax.set_xlabel("layer")
+            if col == 0:
+                ax.set_ylabel(ylabel)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes.ravel():  # every legend entry once, failures included wherever they are
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in labels:
+                handles.append(h)
+                labels.append(l)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
 def run_checks(bundle_dir: Path, ckpt, recipe, level: int, prompt: str | None, progress: Progress,
                console: Console) -> dict[str, Any]:
-    """Run levels 1..level; write report/ into the bundle; return the summary (with `passed`)."""
+    """Run levels 1..level; write report/ into the bundle; return the summary (with `passed`).
+
+    Each graph is held to the limits of the weight types it was built with (a wider post graph or
+    per-tensor overrides get their own); the end-to-end checks to those of the least precise graph."""
     from .reference import capture, load_reference
 
     bundle = Bundle(bundle_dir)
     opts = bundle.opts
-    limits = thresholds(opts.weight_type, opts.hidden_state_type)
-    report_dir = bundle.dir / "report"
+    all_types = {t for i in range(bundle.spec.num_hidden_layers) for t in graph_weight_types(bundle.layer_file(i, 0))}
+    all_types.update(graph_weight_types(bundle.post_file))
+    limits = limits_for(all_types, opts.hidden_state_type)
+    report_dir = dest(bundle.dir, "report")
     report_dir.mkdir(exist_ok=True)
     tok_mod = load_tokenizer_module(bundle)
     tok = tok_mod.ChatTokenizer(bundle.tokenizer_dir)
@@ -298,34 +380,34 @@ def run_checks(bundle_dir: Path, ckpt, recipe, level: int, prompt: str | None, p
         ids = check_sequence(bundle, tok, prompt, length)
         cap = capture(model, ids)
         rows = layer_check(bundle, cap, progress)
-        lim = limits["layer"]
-        bad = failing_rows(rows, lim)
-        worst = min(rows, key=lambda r: r["cosine"])
+        bad = sorted(failing_rows(rows), key=excess, reverse=True)
+        worst = max(rows, key=excess)
         post = logits_check(bundle, cap)
-        lp = limits["logits"]
-        post_ok = within(post["cosine"], post["max_rel_err"], lp)
-        (report_dir / "layer_check.json").write_text(json.dumps({"thresholds": lim, "rows": rows, "post": post}, indent=1))
-        plot(rows, report_dir / "layer_check.png", f"{bundle.model} {opts.weight_type}/{opts.hidden_state_type} layer check")
-        print_layer_table(console, rows, lim, bundle.spec.num_hidden_layers)
-        console.print(f"post: cosine {post['cosine']:.6f}, max rel err {post['max_rel_err']:.2e}")
+        post_ok = within(post["cosine"], post["max_rel_err"], post["limit"])
+        write_text(dest(report_dir, "layer_check.json"), json.dumps({"rows": rows, "post": post}, indent=1))
+        plot(rows, dest(report_dir, "layer_check.png"),
+             f"{bundle.model}: layer check, {'/'.join(sorted({t for r in rows for t in r['weight_types']}))} layer "
+             f"weights, {opts.hidden_state_type} hidden states, vs transformers")
+        print_layer_table(console, rows)
+        console.print(f"post: cosine {post['cosine']:.6f}, rel err {post['max_rel_err']:.2e} (limits "
+                      f"{limit_text(post['limit'], post['weight_types'])})", highlight=False)
         summary["layer"] = {"worst_cosine": worst["cosine"], "worst_layer": worst["layer"], "worst_group": worst["group"],
-                            "worst_tensor": worst["tensor"], "max_rel_err": max(r["max_rel_err"] for r in rows),
-                            "failing": len(bad), "post": post}
+                            "worst_label": worst["label"], "worst_tensor": worst["tensor"],
+                            "worst_rel_err": worst["max_rel_err"], "worst": describe(worst),
+                            "max_rel_err": max(r["max_rel_err"] for r in rows), "failing": len(bad), "post": post}
         if bad:
-            b = min(bad, key=lambda r: r["cosine"])
-            summary["failures"].append(f"layer check: {len(bad)} of {len(rows)} outputs below thresholds "
-                                       f"(min cosine {lim['min_cosine']}, max rel err {lim['max_rel_err']}); worst is "
-                                       f"layer {b['layer']} group {b['group']} {b['tensor']}: cosine {b['cosine']:.6f}, "
-                                       f"rel err {b['max_rel_err']:.2e}")
+            print_rows(console, bad[:FAILURES_SHOWN], f"failing layer outputs, worst first ({len(bad)} of {len(rows)})")
+            summary["failures"].append(f"layer check: {len(bad)} of {len(rows)} outputs outside their limits; worst "
+                                       f"is {describe(bad[0])}")
         if not post_ok:
             summary["failures"].append(f"post graph: cosine {post['cosine']:.6f}, rel err {post['max_rel_err']:.2e} "
-                                       f"(limits {lp['min_cosine']}, {lp['max_rel_err']})")
+                                       f"(limits {limit_text(post['limit'], post['weight_types'])})")
     if level >= 2:
         res = generate_check(bundle, model, tok_mod.ChatSession(tok), prompt)
         lg = limits["generate"]
         need = min(int(lg["min_prefix"]), len(res["reference"]))
         res["passed"] = res["matching_prefix"] >= need and res["teacher_forced_agreement"] >= lg["min_agreement"]
-        (report_dir / "generate_check.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
+        write_text(dest(report_dir, "generate_check.json"), json.dumps(res, indent=1, ensure_ascii=False))
         console.print(f"[bold]{prompt}[/bold] -> ours: {res['ours_text']!r}")
         console.print(f"{' ' * len(prompt)}    transformers: {res['reference_text']!r}")
         console.print(f"matching prefix {res['matching_prefix']}/{len(res['reference'])} tokens, teacher-forced "
@@ -336,22 +418,28 @@ def run_checks(bundle_dir: Path, ckpt, recipe, level: int, prompt: str | None, p
             summary["failures"].append(f"generate check: {res['matching_prefix']} matching tokens (need {need}), "
                                        f"agreement {res['teacher_forced_agreement']:.2f} (need {lg['min_agreement']})")
     summary["passed"] = not summary["failures"]
-    (report_dir / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+    write_text(dest(report_dir, "summary.json"), json.dumps(summary, indent=1, ensure_ascii=False))
     return summary
 
 
-def print_layer_table(console: Console, rows: list[dict], lim: dict, n_layers: int):
-    table = Table(title="layer check vs transformers (worst over groups and outputs)")
-    for col in ("layer", "worst cosine", "max rel err", "where"):
-        table.add_column(col, justify="right" if col != "where" else "left")
-    for i in range(n_layers):
-        mine = [r for r in rows if r["layer"] == i]
-        w = min(mine, key=lambda r: r["cosine"])
-        rel = max(r["max_rel_err"] for r in mine)
-        ok = w["cosine"] >= lim["min_cosine"] and rel <= lim["max_rel_err"]
-        style = "" if ok else "bold red"
-        table.add_row(str(i), f"{w['cosine']:.6f}", f"{rel:.2e}", f"group {w['group']} {w['tensor']}", style=style)
+FAILURES_SHOWN = 8  # rows of the failing-outputs table; the full list is in report/layer_check.json
+
+
+def print_rows(console: Console, rows: list[dict], title: str):
+    """Layer-check rows as a table whose figures are written as `describe` writes them."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col in ("layer", "group", "tensor", "cosine", "rel err", "limits"):
+        table.add_column(col, justify="right" if col in ("layer", "cosine", "rel err") else "left", no_wrap=True)
+    for r in rows:
+        table.add_row(str(r["layer"]), r["label"], r["tensor"], f"{r['cosine']:.6f}", f"{r['max_rel_err']:.2e}",
+                      limit_text(r["limit"], r["weight_types"]), style="" if excess(r) <= 1 else "bold red")
     console.print(table)
+
+
+def print_layer_table(console: Console, rows: list[dict]):
+    """Each layer's worst output (the most of its limit used), the row a failure line names."""
+    worst = [max((r for r in rows if r["layer"] == i), key=excess) for i in sorted({r["layer"] for r in rows})]
+    print_rows(console, worst, "layer check vs transformers: each layer's worst output")
 
 
 def require_passed(summary: dict[str, Any]):
