@@ -237,7 +237,7 @@ def test_local_override_gets_the_hostile_prompt_verbatim(hostile, tmp_path):
     script = hostile / next(p.name for p in hostile.glob("run_*_ax650.sh"))
     kv = tmp_path / "kv"
     proc = run_script(script, "--prompt", "Hello", "--max_new_tokens", "3", AXGEN_LOCAL=1, KVCACHE_PATH=kv,
-                      TOKENIZER_PORT=tf.free_port())
+                      TOKENIZER_PORT=tf.free_port())  # the script starts its server there: a launcher's port
     assert proc.returncode == 0, proc.stderr
     assert json.loads((kv / "config.json").read_text(encoding="utf-8"))["system_prompt"] == HOSTILE
     assert not list(hostile.glob("PWNED*")) and not list(tmp_path.glob("PWNED*"))
@@ -575,8 +575,8 @@ def test_http_tokenizer_flags_in_the_runner(tiny, tiny_server, capsys):
                                       f"http://127.0.0.1:{tiny_server.port}"], capsys)
     assert code == 0, err
     assert http_out == local_out and f"connect http://127.0.0.1:{tiny_server.port} ok" in err
-    code, _, err = cli(base + ["--tokenizer_type", "2", "--url_tokenizer_model", f"http://127.0.0.1:{tf.free_port()}"],
-                       capsys)
+    with tf.unused_port() as port:
+        code, _, err = cli(base + ["--tokenizer_type", "2", "--url_tokenizer_model", f"http://127.0.0.1:{port}"], capsys)
     assert code == 2 and "is not answering" in err
 
 

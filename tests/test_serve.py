@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -315,7 +316,7 @@ def test_body_limits(served):
 def test_serve_command_binds_loopback(tiny, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "generator", "serve", str(tiny.dir), "--port", "0"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={k: v for k, v in __import__("os").environ.items() if not k.lower().endswith("_proxy")})
+                            env={k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")})
     try:
         line = proc.stdout.readline()
         assert line.startswith("Server running at http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() else "")
