@@ -2,7 +2,11 @@
 
 Used by the local runner to talk to the server the way the board does: one session (uid) per
 client, ``reset`` to start a conversation, ``encode`` for every user turn (with the previous
-answer as ``last_reply``), ``decode`` for the generated ids. Standard library only (urllib).
+answer as ``last_reply``), ``decode`` for the generated ids. Standard library only (http.client).
+
+Like the board's client it keeps one HTTP/1.1 connection (with TCP_NODELAY: a request is one
+write, ~0.2 ms a call instead of ~0.7 ms for a connection each) and opens a new one, transparently,
+when the server answers ``Connection: close`` or has closed an idle connection.
 
     tok = HttpTokenizer("http://127.0.0.1:12345")
     prefix = tok.reset("You are a helpful assistant.")       # prefill these, keep the KV cache
@@ -15,19 +19,18 @@ See the server module's docstring for the protocol.
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
-import urllib.error
-import urllib.request
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from .errors import GeneratorError
 
 INVALID_UID = "Invalid uid"
-# No proxy: the server is on loopback or the local network, and an http_proxy variable in the
-# environment must not reroute it.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# A kept-alive connection the server closed meanwhile (idle timeout) fails like this before any
+# answer arrives: the request was not processed, so it is sent again once on a new connection.
+_STALE_CONNECTION = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 
 
 class TokenizerServerError(GeneratorError):
@@ -55,6 +58,19 @@ class HttpTokenizer:
     def __init__(self, url: str = "http://127.0.0.1:12345", timeout: float = 10.0):
         self.url = url.rstrip("/")
         self.timeout = timeout
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise TokenizerServerError(f"The tokenizer server URL {url!r} is not http://HOST:PORT.",
+                                       hint="Pass --url_tokenizer_model like http://127.0.0.1:12345.")
+        try:
+            port = parts.port
+        except ValueError:
+            raise TokenizerServerError(f"The tokenizer server URL {url!r} has an invalid port.") from None
+        # No proxy: the server is on loopback or the local network, and http_proxy must not reroute it.
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        self._connection = kind(parts.hostname, port, timeout=timeout)
+        self._prefix = parts.path
+        self._connected = False  # a connection is open (reused by the next request)
         self.uid: str = ""
         self.new_session()
         self.bos_id: int = self._get_int("/bos_id", "bos_id")
@@ -125,31 +141,57 @@ class HttpTokenizer:
                                        f"in \"{key}\".")
         return ids
 
-    def _request(self, method: str, path: str, body: dict | None = None) -> dict:
-        url = self.url + path
-        data = None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
-        request = urllib.request.Request(url, data=data, method=method)
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
+    def close(self) -> None:
+        """Close the connection (the next request opens a new one)."""
+        self._connection.close()
+        self._connected = False
+
+    def _exchange(self, method: str, path: str, data: bytes | None) -> tuple[int, bytes]:
+        """One request on the kept-alive connection; sent again on a new one if that one had gone stale."""
+        reused = self._connected
         try:
-            with _OPENER.open(request, timeout=self.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as exc:
-            raw = exc.read()
+            return self._send(method, path, data)
+        except _STALE_CONNECTION:
+            if not reused:
+                raise
+        return self._send(method, path, data)
+
+    def _send(self, method: str, path: str, data: bytes | None) -> tuple[int, bytes]:
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        try:
+            if not self._connected:
+                self._connection.connect()
+                self._connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._connected = True
+            self._connection.request(method, self._prefix + path, body=data, headers=headers)
+            response = self._connection.getresponse()
+            raw = response.read()
+        except BaseException:  # a failed or interrupted (Ctrl+C) exchange leaves the connection unusable
+            self.close()
+            raise
+        if response.will_close:  # Connection: close, or HTTP/1.0: the next request reconnects
+            self.close()
+        return response.status, raw
+
+    def _request(self, method: str, path: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
+        try:
+            status, raw = self._exchange(method, path, data)
+        except (http.client.HTTPException, OSError) as exc:  # refused, reset, timed out, not HTTP
+            raise TokenizerServerError(
+                f"The tokenizer server at {self.url} is not answering ({method} {path}: "
+                f"{type(exc).__name__}: {exc}).",
+                hint="Start it with `python3 <model>_tokenizer_uid.py --port PORT` in the bundle, "
+                     "or pass the right --url_tokenizer_model.",
+            ) from None
+        if status >= 400:
             try:
                 message = json.loads(raw.decode("utf-8")).get("error", "")
             except (ValueError, UnicodeDecodeError, AttributeError):
                 message = raw[:200].decode("utf-8", "replace")
-            error = SessionLostError if exc.code == 400 and INVALID_UID in message else TokenizerServerError
+            error = SessionLostError if status == 400 and INVALID_UID in message else TokenizerServerError
             raise error(f"The tokenizer server at {self.url} refused {method} {path} "
-                        f"(HTTP {exc.code}): {message}", status=exc.code) from None
-        except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise TokenizerServerError(
-                f"The tokenizer server at {self.url} is not answering ({method} {path}: {reason}).",
-                hint="Start it with `python3 <model>_tokenizer_uid.py --port PORT` in the bundle, "
-                     "or pass the right --url_tokenizer_model.",
-            ) from None
+                        f"(HTTP {status}): {message}", status=status)
         try:
             answer = json.loads(raw.decode("utf-8"))
         except (ValueError, UnicodeDecodeError):

@@ -9,9 +9,11 @@ tokenizer_config.json that injects its own system prompt.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import random
+import select
 import shutil
 import socket
 import statistics
@@ -22,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import yaml
@@ -720,6 +722,48 @@ def test_http_client(cases):
     assert client.encode("x")[0] == case.ids(case.default_system + [{"role": "user", "content": "x"}], True)
 
 
+def test_http_client_keeps_one_connection(cases):
+    case = cases["smol"]
+    client = HttpTokenizer(case.server.url, timeout=30)
+    sock = client._connection.sock
+    client.reset()
+    for text in ("one", "two"):
+        client.encode(text, last_reply="ok")
+        assert client.decode(case.text_ids(text)) == text
+    assert client._connection.sock is sock and sock is not None
+    client.close()
+
+
+def test_http_client_reconnects_when_the_server_closes(server_module, smol_dir, monkeypatch, cases):
+    """Connection: close after every POST (no TCP_QUICKACK), and a kept-alive connection the server
+    dropped while idle: the client opens a new connection and the conversation goes on."""
+    case = cases["smol"]
+    monkeypatch.setattr(server_module, "TCP_QUICKACK", None)
+    monkeypatch.setattr(server_module.TokenizerRequestHandler, "timeout", 0.2)  # idle connections close fast
+    with in_process_server(server_module, smol_dir) as port:
+        client = HttpTokenizer(f"http://127.0.0.1:{port}", timeout=30)
+        system = case.ids(case.default_system, False)
+        assert client.reset() == system
+        assert client._connection.sock is None  # the server said Connection: close
+        for text in ("one", "two", "three"):
+            client.bos_id = client._get_int("/bos_id", "bos_id")  # a GET keeps the connection...
+            sock = client._connection.sock
+            assert sock is not None
+            # ...until the server drops it for being idle; the next request still succeeds
+            tf.wait_for(lambda: select.select([sock], [], [], 0)[0] and sock.recv(1, socket.MSG_PEEK) == b"",
+                        CHECKS["wait_ceiling_s"], "the server closed the idle connection")
+            token_ids, _ = client.encode(text, last_reply=None if text == "one" else "ok")
+            assert token_ids[:len(system)] == system
+        assert client.decode(case.text_ids("done 😀")) == "done 😀"
+        client.close()
+
+
+def test_http_client_refuses_a_bad_url():
+    for url in ("127.0.0.1:12345", "ftp://host/", "http://:5", "http://host:99999"):
+        with pytest.raises(TokenizerServerError, match="URL"):
+            HttpTokenizer(url)
+
+
 def test_http_client_names_the_url_when_no_server():
     with tf.unused_port() as port:
         url = f"http://127.0.0.1:{port}"
@@ -778,18 +822,24 @@ def test_post_latency_without_tcp_quickack(server_module, smol_dir, monkeypatch)
     """Where TCP_QUICKACK does not exist the server answers POSTs with Connection: close, which the
     board's client follows with a new connection: as fast, for both protocols (in-process server)."""
     monkeypatch.setattr(server_module, "TCP_QUICKACK", None)
-    app = server_module.TokenizerApp(server_module.ChatTokenizer(smol_dir))
-    server = server_module.TokenizerHTTPServer(("127.0.0.1", 0), app)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        port = server.server_address[1]
+    with in_process_server(server_module, smol_dir) as port:
         with tf.Connection(port) as conn:
             uid = new_uid(conn)
         for protocol_uid in (uid, None):
             times, connects = nagle_post_latencies(port, protocol_uid)
             assert_fast(times, f"{'uid' if protocol_uid else 'stateless'} protocol, Connection: close")
             assert connects == len(times) + 5  # one connection per POST
+
+
+@contextlib.contextmanager
+def in_process_server(server_module, tokenizer_dir: Path) -> Iterator[int]:
+    """A TokenizerHTTPServer on port 0 in a thread of this process (settings can be monkeypatched); its port."""
+    app = server_module.TokenizerApp(server_module.ChatTokenizer(tokenizer_dir))
+    server = server_module.TokenizerHTTPServer(("127.0.0.1", 0), app)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
     finally:
         server.shutdown()
         server.server_close()

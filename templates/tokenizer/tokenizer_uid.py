@@ -1273,6 +1273,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tokenizer {info['tokenizer_dir']}: vocab {info['vocab_size']}, template "
           f"{info['chat_template'] or 'none'}, bos_id {info['bos_id']}, eos_ids {info['eos_ids']}",
           file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # stop through the finally blocks
     port_file = Path(args.port_file) if args.port_file else None
     if port_file is not None:
         partial = port_file.with_name(f".{port_file.name}.{os.getpid()}")
@@ -1284,7 +1285,6 @@ def main(argv: list[str] | None = None) -> int:
             partial.unlink(missing_ok=True)
             server.server_close()
             return 2
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # stop through the finally blocks
     try:
         server.serve_until_interrupted()
     finally:
