@@ -56,7 +56,7 @@ new-recipe: $(STAMP)
 	$(PY) -m generator new-recipe
 
 clean:
-	rm -rf out/*/ out/.*.tmp-* .pytest_cache
+	rm -rf out/*/ out/.*.tmp-* out/.*.old-* .pytest_cache
 
 distclean: clean
 	rm -rf $(VENV) .cache

@@ -31,7 +31,7 @@ from .checkpoint import Checkpoint, recipe_chat_template, sha256_file
 from .chips import Chip
 from .errors import GeneratorError
 from .graphs import layer_graph, post_graph, store_layer, store_post
-from .interrupt import sigterm_unwinds
+from .interrupt import signals_held, sigterm_unwinds
 from .names import inside
 from .onnx_graph import WeightsFile
 from .options import BuildOptions
@@ -294,7 +294,7 @@ def build_bundle(ctx: BuildContext, progress: Progress, check=None) -> dict[str,
             stack.callback(shutil.rmtree, tmp, ignore_errors=True)  # a no-op once published
             stack.enter_context(folder_lock(tmp))
         manifest = write_bundle(ctx, tmp, progress, check, started)
-        with folder_lock(parent):
+        with folder_lock(parent), signals_held():
             publish(tmp, ctx.out_dir)
     return manifest
 

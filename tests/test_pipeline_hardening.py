@@ -163,6 +163,33 @@ def test_sigterm_mid_build_removes_the_unfinished_bundle(tiny_llama, tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == []
 
 
+def test_sigterm_between_the_publishing_renames_waits_for_the_new_bundle(tiny_llama, tmp_path, monkeypatch):
+    """The old bundle is moved aside, then the new one moved in: a SIGTERM in between is handled after both,
+    so the target is never left without a bundle (and the old one deleted with the temp folders)."""
+    import threading
+
+    from generator import bundle
+    from generator.interrupt import Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers need the main thread")
+    out = tmp_path / "b"
+    quiet_build(input_path=str(tiny_llama), output_path=str(out), **FP32, **SMALL_GROUPS)
+    replace = os.replace
+
+    def replace_then_terminate(src, dst):
+        replace(src, dst)
+        if Path(dst).name.startswith(".b.old-"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(bundle.os, "replace", replace_then_terminate)
+    with pytest.raises(Terminated):
+        quiet_build(input_path=str(tiny_llama), output_path=str(out), weight_type="s8", **SMALL_GROUPS)
+    monkeypatch.undo()
+    assert json.loads((out / "manifest.json").read_text())["options"]["weight_type"] == "s8"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
 def test_a_new_build_removes_dead_builds_temporary_folders_but_not_live_ones(tiny_llama, tmp_path):
     out = tmp_path / "out"
     dead = [tmp_path / ".out.tmp-1-dead", tmp_path / ".out.old-1-dead"]
