@@ -30,10 +30,20 @@ def test_build_verifies_and_lists_every_file(smollm2_bundle):
 
 
 def test_run_script_with_local_override_answers(smollm2_bundle, tmp_path):
-    out, _ = smollm2_bundle
+    """The launcher (AXGEN_LOCAL=1) answers the check prompt with the answer the build verified against
+    transformers (greedy: post_config top_k 1), and a factual question correctly."""
+    from generator.verify import GENERATE_TOKENS
+
+    out, manifest = smollm2_bundle
+    generate = manifest["checks"]["generate"]
     env = dict(os.environ, AXGEN_LOCAL="1", KVCACHE_PATH=str(tmp_path / "kvcache"))
-    proc = subprocess.run([str(out / "run_smollm2-135m-instruct_ax650.sh"), "--prompt", "What is the capital of France?",
-                           "--max_new_tokens", "24"], env=env, capture_output=True, text=True, timeout=300)
+    script = str(out / "run_smollm2-135m-instruct_ax650.sh")
+    proc = subprocess.run([script, "--prompt", generate["prompt"], "--max_new_tokens", str(GENERATE_TOKENS)], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip(), proc.stderr
+    assert proc.stdout.strip() == generate["ours_text"].strip(), (proc.stdout, generate)
     assert "ttft:" in proc.stderr and "token/s" in proc.stderr
+    proc = subprocess.run([script, "--prompt", "What is the capital of France?", "--max_new_tokens", "24"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout, proc.stdout
