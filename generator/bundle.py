@@ -211,6 +211,7 @@ def write_scripts(ctx: BuildContext, tmp: Path, files: dict, tok: dict) -> list[
         post_topk=opts.post_topk, pulsar2_chip=ctx.chip.pulsar2_chip, embed_file=files["embed"])
     write_text(dest(tmp, name), text, executable=True)
     written.append(name)
+    write_text(dest(tmp, "README.md"), env.get_template("bundle_README.md.j2").render(**common, scripts=written))
     return written
 
 

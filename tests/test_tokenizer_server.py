@@ -988,3 +988,28 @@ def test_hostile_requests(fuzz_server):
         answer = conn.post("/encode", {"uid": uid, "text": "still here"})
         assert answer["token_ids"] and conn.get("/")["status"] == "ok"
     assert fuzz_server.alive()
+
+
+# ------------------------------------------------------------------------------------------------
+# What the bundle tells its user
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bundle_readme_states_requirements_and_the_lost_session_limitation(server_module):
+    """The bundle's README (rendered as bundle.py renders it) and its launchers name what the tokenizer
+    server needs, as the server itself says it when a package is missing; the README explains a lost
+    session and what to do, and lists the launchers."""
+    from generator.bundle import TEMPLATES, template_env
+
+    values = dict(model="demo", recipe="llama", chip="AX650", chip_lower="ax650", tokenizer_dir="demo_tokenizer",
+                  tokenizer_script="demo_tokenizer_uid.py", scripts=["run_demo_ax650.sh", "run_demo_axcl_x86.sh",
+                                                                     "build_ax650.sh"])
+    readme = " ".join(template_env().get_template("bundle_README.md.j2").render(**values).split())
+    assert server_module.REQUIREMENTS in readme
+    assert "`./run_demo_ax650.sh`" in readme and "`./run_demo_axcl_x86.sh`" in readme
+    assert "Invalid uid" in readme and "without a /reset first" in readme and "type `reset`" in readme
+    for option in ("--max_sessions", "--session_idle_s", "--max_history_tokens", "--port_file"):
+        assert f"`{option}" in readme
+        server_module.parse_args([option, "1"])  # a flag the server has
+    launcher_header = (TEMPLATES / "run.sh.j2").read_text().split("set -euo pipefail")[0]
+    assert server_module.REQUIREMENTS in launcher_header
