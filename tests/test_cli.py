@@ -69,6 +69,7 @@ def cli_bundle(tiny_llama, tmp_path_factory):
     return out, proc, summary
 
 
+@pytest.mark.xdist_group("cli-bundle")  # one worker builds the module's bundle
 def test_build_with_every_flag(cli_bundle):
     out, proc, summary_path = cli_bundle
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -88,6 +89,7 @@ def test_build_with_every_flag(cli_bundle):
     assert summary["out_dir"] == str(out)
 
 
+@pytest.mark.xdist_group("cli-bundle")
 def test_verify_passes_the_built_bundle(cli_bundle):
     out, _, _ = cli_bundle
     proc = cli("verify", out, "-c", 1)
@@ -95,6 +97,7 @@ def test_verify_passes_the_built_bundle(cli_bundle):
     assert "checks passed" in proc.stdout and "Verification failed" not in proc.stderr
 
 
+@pytest.mark.xdist_group("cli-bundle")
 def test_run_answers_as_the_verified_check(cli_bundle):
     """`run --prompt` gives the answer level 2 checked against transformers (greedy, same system prompt)."""
     out, _, summary_path = cli_bundle

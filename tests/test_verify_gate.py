@@ -17,6 +17,7 @@ import yaml
 from generator.__main__ import main
 from models import SMALL_GROUPS, quiet_build
 
+pytestmark = pytest.mark.xdist_group("verify-gate")  # one worker builds the module's bundle
 ROOT = Path(__file__).resolve().parent.parent
 FP32 = dict(weight_type="fp32", hidden_state_type="fp32", post_weight_type="fp32")
 # 2% more on one projection: far outside fp32's layer limits, the size of a plausible conversion slip
@@ -136,7 +137,6 @@ def make_build(tmp_path: Path, ckpt: Path, python: str, name: str) -> subprocess
                           capture_output=True, text=True, timeout=600, env=env)
 
 
-@pytest.mark.xdist_group("make-gate")
 def test_make_exits_non_zero_when_verification_fails(tiny_llama, tmp_path):
     """make's model rule builds with -c 1 through the CLI: a build whose layer 1 is wrong must stop
     make with a non-zero exit and name the layer; the same command with the real python passes."""
