@@ -160,7 +160,7 @@ DEFAULT_MAX_HISTORY_TOKENS = 16384  # per session: more than a board KV cache ho
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
 BODY_TIMEOUT_S = 5.0  # a request body that stalls this long (shorter than its Content-Length) gets a 408
 # ACKing a request's headers at once lets a client with Nagle's algorithm on send its body
-# (see JsonRequestHandler.read_json); Linux only.
+# (see JsonRequestHandler._read_exactly); Linux only, elsewhere such requests get Connection: close.
 TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 AX_TOKENIZER_FILE = "ax_tokenizer.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
