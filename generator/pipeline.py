@@ -70,8 +70,10 @@ def build_summary(opts: BuildOptions, chip: Chip, width: int = 80) -> str:
              f"weight type {opts.weight_type} (post {opts.post_weight_type}{overrides}), group size {opts.group_size}, "
              f"hidden state type {opts.hidden_state_type}",
              f"prefill_len {opts.prefill_len}, kv_cache_len {opts.kv_cache_len}, post_topk {opts.post_topk}",
-             "groups: " + ", ".join(f"g{g.index} {g.label}" for g in opts.groups())]
-    return "Build(\n" + "".join(textwrap.fill(line, width, initial_indent="    ", subsequent_indent="        ") + "\n"
+             "groups: " + ", ".join(f"g{g.index} {g.label}".replace(" ", "\0") for g in opts.groups())]
+    # wrapped between groups, never inside one (\0 holds a group's words together)
+    return "Build(\n" + "".join(textwrap.fill(line, width, initial_indent="    ", subsequent_indent="        ",
+                                               break_long_words=False).replace("\0", " ") + "\n"
                                  for line in lines) + ")"
 
 

@@ -331,8 +331,11 @@ def test_chip_as_typed_names_folder_and_scripts_and_the_log_says_what_is_built(t
         assert fact in flat, flat
     # 80 columns before any terminal wrapping: no line of the Config / Build dumps is longer
     b = Bundle(out)
-    assert max(map(len, pipeline.build_summary(b.opts.model_copy(update={"last_kv_cache_len": [128, 256, 384, 512]}),
-                                               get_chip("AX630C")).splitlines())) <= 80
+    wide = b.opts.model_copy(update={"prefill_len": 128, "last_kv_cache_len": [128, 256, 384, 512]})
+    lines = pipeline.build_summary(wide, get_chip("AX630C")).splitlines()
+    assert max(map(len, lines)) <= 80
+    for g in wide.groups():  # wrapped between groups, never inside a label
+        assert any(f"g{g.index} {g.label}" in line for line in lines), lines
     spec = b.spec
     mixed = spec.model_copy(update={"layer_types": ["sliding_attention"] * 5 + ["full_attention"]})
     for s in (spec, mixed):
