@@ -94,8 +94,8 @@ def excess(row: dict[str, Any]) -> float:
     """How much of its limit a comparison uses, the larger of the cosine and the error share; above 1
     fails, NaN counts as infinite. The one order for "worst" in tables, plots and the failure line."""
     lim = row["limit"]
-    share = max((1.0 - row["cosine"]) / max(1.0 - lim["min_cosine"], 1e-12), row["max_rel_err"] / lim["max_rel_err"])
-    return float("inf") if np.isnan(share) else share
+    shares = ((1.0 - row["cosine"]) / max(1.0 - lim["min_cosine"], 1e-12), row["max_rel_err"] / lim["max_rel_err"])
+    return float("inf") if np.isnan(shares).any() else max(shares)
 
 
 def describe(row: dict[str, Any]) -> str:
@@ -105,8 +105,8 @@ def describe(row: dict[str, Any]) -> str:
 
 
 def limit_text(lim: dict, weight_types: list[str]) -> str:
-    """A limit with the weight types it comes from: `s8 >=0.995 <=1e-01`."""
-    return f"{'/'.join(weight_types)} >={lim['min_cosine']} <={lim['max_rel_err']:.0e}"
+    """A limit with the weight types it comes from: `s8 >=0.995 <=0.1` (cosine, relative error)."""
+    return f"{'/'.join(weight_types)} >={lim['min_cosine']} <={lim['max_rel_err']}"
 
 
 def parameter_count(spec) -> int:

@@ -280,6 +280,20 @@ def test_a_failed_check_prints_the_worst_rows_and_the_error_names_the_same_figur
     assert "{" not in failure  # no dicts
 
 
+def test_worst_is_the_largest_share_of_its_own_limit_and_nan_is_worst():
+    from generator.verify import excess, failing_rows
+
+    s8, fp32 = thresholds("s8", "bf16")["layer"], thresholds("fp32", "fp32")["layer"]
+    rows = [dict(cosine=0.9999, max_rel_err=0.05, limit=s8),  # well within s8
+            dict(cosine=0.99999, max_rel_err=2e-4, limit=fp32),  # twice fp32's error: the worst finite row
+            dict(cosine=float("nan"), max_rel_err=0.0, limit=s8),
+            dict(cosine=1.0, max_rel_err=float("nan"), limit=s8)]
+    assert [excess(r) for r in rows][2:] == [float("inf")] * 2
+    assert excess(rows[0]) < 1 < excess(rows[1])
+    assert failing_rows(rows) == rows[1:]
+    assert failing_rows(rows, s8) == rows[2:]  # one limit for all: the old signature
+
+
 def test_layer_check_plot_has_limits_groups_and_an_error_panel(tmp_path, monkeypatch):
     import matplotlib
 
