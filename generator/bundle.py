@@ -262,6 +262,8 @@ def remove_stale(out_dir: Path):
     Called with the parent folder locked, so no build is between creating its folder and locking it."""
     for kind in ("tmp", "old"):
         for path in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.{kind}-*"):
+            if path.is_symlink() or not path.is_dir():  # not one of ours
+                continue
             with folder_lock(path, blocking=False) as free:
                 if free:
                     shutil.rmtree(path, ignore_errors=True)

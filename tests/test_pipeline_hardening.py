@@ -198,6 +198,8 @@ def test_a_new_build_removes_dead_builds_temporary_folders_but_not_live_ones(tin
     for d in (*dead, live, other):
         d.mkdir()
         (d / "layer.data").write_bytes(b"x" * 1000)
+    (tmp_path / ".out.tmp-4-a-file").write_text("not a folder")  # left alone, and no crash
+    (tmp_path / ".out.tmp-5-a-link").symlink_to(other)
     fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)  # a build still running holds its folder's lock
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -207,7 +209,8 @@ def test_a_new_build_removes_dead_builds_temporary_folders_but_not_live_ones(tin
         assert (live / "layer.data").is_file() and (other / "layer.data").is_file()
     finally:
         os.close(fd)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name, other.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name, other.name, ".out.tmp-4-a-file",
+                                                                 ".out.tmp-5-a-link"])
     # bundle folders get a new folder's permissions, not mkdtemp's 0700
     umask = os.umask(0)
     os.umask(umask)
