@@ -77,7 +77,7 @@ def test_a_perturbed_layer_weight_fails_naming_the_layer(good_bundle, tmp_path, 
     bad = copy_of(good_bundle, tmp_path / "bad")
     perturb_weight(bad, 1, "o_proj", PERTURB)
     code, text = verify(bad, capsys)
-    assert code != 0
+    assert code == 2  # the CLI's exit code for bad input and failed verification
     assert "Verification failed" in text and "layer 1" in text and "layer 0" not in text.split("Verification failed")[1]
     summary = json.loads((bad / "report" / "summary.json").read_text())
     assert not summary["passed"] and summary["layer"]["worst_layer"] == 1
@@ -87,7 +87,7 @@ def test_swapped_k_and_v_outputs_fail_naming_the_layer(good_bundle, tmp_path, ca
     bad = copy_of(good_bundle, tmp_path / "bad")
     swap_kv_outputs(bad, 0)
     code, text = verify(bad, capsys)
-    assert code != 0
+    assert code == 2  # the CLI's exit code for bad input and failed verification
     assert "Verification failed" in text and "layer 0" in text
     summary = json.loads((bad / "report" / "summary.json").read_text())
     assert summary["layer"]["worst_layer"] == 0 and summary["layer"]["worst_tensor"] in ("K_cache_out", "V_cache_out")
