@@ -42,9 +42,12 @@ def test_rope_matches_transformers(kind, params, partial):
     np.testing.assert_allclose(ours.inv_freq, ref_inv.numpy(), rtol=2e-6)
     assert ours.attention_factor == pytest.approx(ref_attn, rel=1e-6)
     if kind == "longrope":
-        long_inv, _ = fn(cfg, torch.device("cpu"), seq_len=65)
-        np.testing.assert_allclose(ours.long_inv_freq, long_inv.numpy(), rtol=2e-6)
-        assert ours.long_from == 64
+        # the graph uses the long table when a forward's largest position reaches long_from, i.e. for a
+        # sequence of long_from + 1 tokens; transformers switches on the sequence length: the same place
+        for positions, table in ((ours.long_from, ours.inv_freq), (ours.long_from + 1, ours.long_inv_freq)):
+            ref_inv, _ = fn(cfg, torch.device("cpu"), seq_len=positions)
+            np.testing.assert_allclose(table, ref_inv.numpy(), rtol=2e-6, err_msg=f"{positions} positions")
+        assert not np.allclose(ours.inv_freq, ours.long_inv_freq)
 
 
 def test_dynamic_refused_beyond_original_context():
