@@ -456,17 +456,20 @@ def read_yaml(path: Path) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise GeneratorError(f"Recipe {path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8.") from None
-    loader = _LimitedLoader(text)
+    loader = None
     try:
+        loader = _LimitedLoader(text)  # the reader refuses control characters here
         return loader.load()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise GeneratorError(f"Recipe {path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}.") from None
-    except (ValueError, TypeError, OverflowError) as exc:  # a scalar the constructor rejects (a bad date ...)
+    except (ValueError, TypeError, OverflowError, AttributeError) as exc:  # a scalar the constructor rejects
+        # (a bad date; pyyaml's !!timestamp constructor fails with AttributeError on a malformed one)
         raise GeneratorError(f"Recipe {path}: not valid YAML: {exc}.") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def load_recipe(path: str | Path) -> Recipe:

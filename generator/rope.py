@@ -81,7 +81,8 @@ def resolve_rope(
         kind = "longrope"
     dim = int(head_dim * partial_rotary_factor)
     if dim % 2 or dim <= 0:
-        raise GeneratorError(f"rotary dim {dim} (head_dim {head_dim} x partial_rotary_factor {partial_rotary_factor}) must be even and positive.")
+        raise GeneratorError(f"{where}: rotary dim {dim} (head_dim {head_dim} x partial_rotary_factor "
+                             f"{partial_rotary_factor}) must be even and positive.")
     inv = _base_inv_freq(theta, dim)
     factor_attn = 1.0
     long_inv = None
@@ -96,7 +97,7 @@ def resolve_rope(
         # a static graph cannot re-derive frequencies per length, so refuse builds that would need it.
         original = params.get("original_max_position_embeddings") or max_position_embeddings
         if max_positions_used > original:
-            raise GeneratorError(f"dynamic NTK rope scaling only takes effect beyond {original} positions, but this "
+            raise GeneratorError(f"{where}: dynamic NTK rope scaling only takes effect beyond {original} positions, but this "
                                  f"build uses {max_positions_used} (kv_cache_len); static graphs cannot follow it. "
                                  f"Use --kv_cache_len <= {original - 1}.")
     elif kind == "llama3":

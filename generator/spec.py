@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 
 from .errors import GeneratorError
 from .expr import ExprError, evaluate
-from .limits import rule, rule_of, shown
+from .limits import limits, rule, rule_of, shown
 from .names import safe_name
 from .recipe import Expr, Norm, Recipe
 from .rope import RopeTable, resolve_rope
@@ -207,7 +207,7 @@ def _dimension(cfg: dict, key: str, where: str) -> int:
     if cfg.get(key) is None:
         raise GeneratorError(f"{where}: required key '{key}' is missing (the recipe's config.aliases can map it from "
                              f"another name).")
-    problem = rule("dimension").problem(cfg[key])
+    problem = rule(limits()["config_dimensions"][key]).problem(cfg[key])
     if problem:
         raise GeneratorError(f"{where}: key '{key}': {problem}.")
     return cfg[key]
@@ -239,6 +239,8 @@ def resolve_spec(recipe: Recipe, raw_config: dict[str, Any], *, model_name: str,
     # a recipe reading a section (InternVL's llm_config) names the architectures found there
     section = raw_config.get(recipe.config.section) if recipe.config.section else None
     archs = (section if isinstance(section, dict) else raw_config).get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise GeneratorError(f"{where}: key 'architectures': expected a list of class names, got {shown(archs)}.")
     arch = next((a for a in archs if a in recipe.architectures), None)
     if archs and arch is None:
         raise GeneratorError(f"{where} declares architectures {archs}, but recipe '{recipe.name}' is for "
