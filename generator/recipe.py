@@ -463,7 +463,8 @@ def read_yaml(path: Path) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise GeneratorError(f"Recipe {path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}.") from None
+        what = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line
+        raise GeneratorError(f"Recipe {path}: not valid YAML{where}: {what}.") from None
     except (ValueError, TypeError, OverflowError, AttributeError) as exc:  # a scalar the constructor rejects
         # (a bad date; pyyaml's !!timestamp constructor fails with AttributeError on a malformed one)
         raise GeneratorError(f"Recipe {path}: not valid YAML: {exc}.") from None
