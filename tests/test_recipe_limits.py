@@ -146,11 +146,16 @@ CONFIG_CASES = [
     ({"num_attention_heads": 8}, "num_key_value_heads"),  # 8 heads, 3 kv heads
     ({"head_dim": None, "num_attention_heads": 7, "num_key_value_heads": 7}, "hidden_size"),
     ({"max_position_embeddings": 0}, "max_position_embeddings"),
+    ({"num_hidden_layers": 2**70}, "num_hidden_layers"),  # would build a layer list without end
+    ({"head_dim": 2**40}, "head_dim"),
+    ({"vocab_size": 10**12}, "vocab_size"),
+    ({"architectures": 3.5}, "architectures"),
     ({"eos_token_id": 10**9}, "eos_token_id"),
     ({"bos_token_id": "<s>"}, "bos_token_id"),
     ({"model_type": "../../x"}, "model_type"),
     ({"rms_norm_eps": -1.0}, "block.norm.eps"),
     ({"rope_theta": 0.0}, "block.rope.theta"),
+    ({"rope_theta": 1e300}, "block.rope.theta"),
     ({"rope_scaling": {"rope_type": "linear", "factor": 0}}, "factor"),
     ({"rope_scaling": {"rope_type": "linear", "factor": NAN}}, "factor"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0,
