@@ -394,35 +394,39 @@ class _LimitedLoader(yaml.SafeLoader):
         super().__init__(stream)
         self.limits, self.depth, self.aliases = limits()["yaml"], 0, 0
 
-    def _refuse(self, what: str):
-        raise yaml.YAMLError(f"{what} (limits in generator/data/limits.yaml)")
+    def _refuse(self, what: str, key: str | None = None):
+        limit = f" (yaml.{key} in generator/data/limits.yaml)" if key else ""
+        raise yaml.YAMLError(f"{what}{limit}")
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             self.aliases += 1
             if self.aliases > self.limits["max_aliases"]:
-                self._refuse(f"more than {self.limits['max_aliases']} aliases")
+                self._refuse(f"more than {self.limits['max_aliases']} aliases", "max_aliases")
         self.depth += 1
         if self.depth > self.limits["max_depth"]:
-            self._refuse(f"nested deeper than {self.limits['max_depth']} levels")
+            self._refuse(f"nested deeper than {self.limits['max_depth']} levels", "max_depth")
         try:
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
 
     def expanded_size(self, root: yaml.Node) -> int:
-        """Nodes of the document with every alias expanded (each shared node counted per use)."""
-        size: dict[int, int] = {}
-        order, todo = [], [root]
-        while todo:  # iterative post-order over the node graph (aliases make it a DAG)
-            node = todo.pop()
-            if id(node) in size:
-                continue
-            size[id(node)] = 0
-            order.append(node)
-            todo.extend(_children(node))
-        for node in reversed(order):
-            size[id(node)] = min(1 + sum(size[id(c)] for c in _children(node)), 1 << 62)
+        """Nodes of the document with every alias expanded (each shared node counted per use);
+        refuses a recursive alias (a node inside itself)."""
+        size: dict[int, int | None] = {}  # None: being counted (an ancestor of the node at hand)
+        todo = [(root, False)]
+        while todo:  # iterative post-order: children are counted before their parent
+            node, children_done = todo.pop()
+            if children_done:
+                sizes = [size[id(c)] for c in _children(node)]
+                if None in sizes:
+                    self._refuse("a recursive alias (a node that contains itself)")
+                size[id(node)] = min(1 + sum(sizes), 1 << 62)
+            elif id(node) not in size:
+                size[id(node)] = None
+                todo.append((node, True))
+                todo.extend((c, False) for c in _children(node))
         return size[id(root)]
 
     def load(self):
@@ -430,7 +434,7 @@ class _LimitedLoader(yaml.SafeLoader):
         if node is None:
             return None
         if self.expanded_size(node) > self.limits["max_nodes"]:
-            self._refuse(f"more than {self.limits['max_nodes']} nodes once aliases are expanded")
+            self._refuse(f"more than {self.limits['max_nodes']} nodes once aliases are expanded", "max_nodes")
         return self.construct_document(node)
 
 
@@ -451,7 +455,7 @@ def read_yaml(path: Path) -> Any:
     except OSError as exc:
         raise GeneratorError(f"Recipe {path}: cannot read: {exc.strerror or exc}.") from None
     if len(raw) > max_bytes:
-        raise GeneratorError(f"Recipe {path}: larger than {max_bytes} bytes (limit in generator/data/limits.yaml).")
+        raise GeneratorError(f"Recipe {path}: larger than {max_bytes} bytes (yaml.max_bytes in generator/data/limits.yaml).")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

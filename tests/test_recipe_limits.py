@@ -209,6 +209,7 @@ def _yaml_cases(marker: Path) -> dict[str, bytes]:
         "python_tag": f"!!python/object/apply:os.system ['touch {marker}']\n".encode(),
         "python_name": f"name: !!python/name:os.system\nx: !!python/object/new:pathlib.Path ['{marker}']\n".encode(),
         "bad_date": b"name: llama\ndescription: 2024-13-45\n",
+        "recursive_alias": b"name: llama\na: &a [1, *a]\n",
         "big_int": b"name: " + b"9" * 5000 + b"\n",
     }
 
@@ -223,6 +224,34 @@ def test_yaml_limits_and_unsafe_tags(tmp_path, case):
     assert time.perf_counter() - started < 1.0
     assert str(tmp_path / "llama.yaml") in str(e.value) and "\n" not in str(e.value)
     assert not marker.exists()
+
+
+def test_alias_expansion_is_counted_per_use():
+    """The loader's expanded size equals the node count of the object pyyaml builds, for random
+    documents of shared anchors (whatever order the shared nodes are reached in)."""
+    import random
+
+    from generator.recipe import _LimitedLoader
+
+    def count(x):  # the built object, every alias use expanded
+        if isinstance(x, dict):
+            return 1 + sum(count(k) + count(v) for k, v in x.items())
+        return 1 + sum(count(v) for v in x) if isinstance(x, list) else 1
+
+    rng = random.Random(1)
+    for _ in range(50):
+        lines = []
+        for i in range(6):
+            items = [str(rng.randrange(9)) for _ in range(rng.randint(0, 2))]
+            items += [f"*n{rng.randrange(i)}" for _ in range(rng.randint(0, 3) if i else 0)]
+            rng.shuffle(items)
+            lines.append(f"k{i}: &n{i} [{', '.join(items)}]")
+        text = "\n".join(lines + [f"top: [{', '.join(f'*n{rng.randrange(6)}' for _ in range(4))}]"])
+        loader = _LimitedLoader(text)
+        try:
+            assert loader.expanded_size(loader.get_single_node()) == count(yaml.safe_load(text)), text
+        finally:
+            loader.dispose()
 
 
 def test_post_config_and_serve_use_the_same_rules(tmp_path):
