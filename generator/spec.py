@@ -266,12 +266,13 @@ def resolve_spec(recipe: Recipe, raw_config: dict[str, Any], *, model_name: str,
     # Per-layer attention type: config layer_types when present, else the recipe's rule.
     n_layers = dims["num_hidden_layers"]
     types = cfg.get(b.attention.layer_types_key) if b.attention.layer_types_key else None
+    origin = f"{where}: key '{b.attention.layer_types_key}'"
     if types is None:
         types = [_value(b.attention.layer_type_default, cfg, "block.attention.layer_type_default", recipe, {"i": i})
                  for i in range(n_layers)]
+        origin = f"{recipe.source}: block.attention.layer_type_default (for each layer i)"
     if not isinstance(types, list) or len(types) != n_layers or any(t not in LAYER_TYPES for t in types):
-        raise GeneratorError(f"{where}: layer_types must list {n_layers} entries from {LAYER_TYPES}, "
-                             f"got {shown(types)}.")
+        raise GeneratorError(f"{origin}: expected {n_layers} entries from {LAYER_TYPES}, got {shown(types)}.")
     window = field(b.attention, "sliding_window", "block.attention.sliding_window")
     if "sliding_attention" in types and not window:
         raise GeneratorError(f"{where}: some layers use sliding-window attention but no sliding_window size is set.")

@@ -116,6 +116,8 @@ RECIPE_CASES = [
     (("block", "residual_scale"), {"expr": "None"}),
     (("embedding", "scale"), {"expr": "1e308 * 10"}),
     (("head", "logit_scale"), {"expr": "float('nan')"}),
+    (("block", "attention", "layer_type_default"), {"expr": "i"}),
+    (("block", "attention", "layer_type_default"), "global"),
 ]
 
 
@@ -150,6 +152,7 @@ CONFIG_CASES = [
     ({"head_dim": 2**40}, "head_dim"),
     ({"vocab_size": 10**12}, "vocab_size"),
     ({"architectures": 3.5}, "architectures"),
+    ({"layer_types": ["full_attention"]}, "layer_types"),
     ({"eos_token_id": 10**9}, "eos_token_id"),
     ({"bos_token_id": "<s>"}, "bos_token_id"),
     ({"model_type": "../../x"}, "model_type"),
