@@ -10,6 +10,7 @@ from typing import get_args
 
 from rich.console import Console
 
+from .cli_types import int_at_least
 from .errors import GeneratorError
 from .interrupt import Terminated
 from .recipe import BuildDefaults, HiddenType, WeightType
@@ -41,7 +42,7 @@ def add_build_args(p: argparse.ArgumentParser):
     p.add_argument("-c", "--check_level", type=int, default=0, choices=[0, 1, 2],
                    help="0: build only, 1: layer check, 2: + run the check prompt (default: %(default)s; make: 2)")
     p.add_argument("--prompt", help="prompt for check level 2 (default: the recipe's, 1+1=)")
-    p.add_argument("--parallel", type=int, default=1, help="accepted for Pulsar2 compatibility, unused "
+    p.add_argument("--parallel", type=int_at_least(1), default=1, help="accepted for Pulsar2 compatibility, unused "
                    "(default: %(default)s)")
     p.add_argument("--recipe", help="force a recipe (default: from the model name or the checkpoint's architectures)")
     p.add_argument("--synthetic", action="store_true", help="random weights with the variant's exact config "

@@ -17,6 +17,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .cli_types import int_at_least
+
 PROMPT = "Write a short story about a robot who learns to paint."
 DEFAULT_TOKENS = 128
 
@@ -24,11 +26,11 @@ DEFAULT_TOKENS = 128
 def add_bench_args(p):
     p.add_argument("--model", default="smollm2-135m-instruct", help="model variant to build and time "
                    "(default: %(default)s)")
-    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="greedy tokens decoded per run "
+    p.add_argument("--tokens", type=int_at_least(1), default=DEFAULT_TOKENS, help="greedy tokens decoded per run "
                    "(default: %(default)s)")
-    p.add_argument("--runs", type=int, default=3, help="runs per contender, the median is reported "
+    p.add_argument("--runs", type=int_at_least(1), default=3, help="runs per contender, the median is reported "
                    "(default: %(default)s)")
-    p.add_argument("--threads", type=int, default=2, help="intra-op threads for every contender (default: %(default)s)")
+    p.add_argument("--threads", type=int_at_least(1), default=2, help="intra-op threads for every contender (default: %(default)s)")
     p.add_argument("--weight_types", nargs="+", default=["s8", "s4"], help="bundles to build and time "
                    "(default: s8 s4)")
     p.add_argument("--out", default=None, help="where bundles and bench.json go (default: out/bench)")

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .cli_types import int_at_least
 from .errors import GeneratorError
 
 if TYPE_CHECKING:
@@ -29,8 +30,8 @@ def add_run_args(p: argparse.ArgumentParser):
     p.add_argument("bundle", nargs="?", help="bundle directory (default: derived from --template_filename_axmodel)")
     p.add_argument("--prompt", help="answer this one prompt and exit (else interactive: 'q' exits, 'reset' resets)")
     p.add_argument("--system_prompt", help="system prompt (default: the bundle's)")
-    p.add_argument("--max_new_tokens", type=int, default=None, help="cap on generated tokens per turn")
-    p.add_argument("--threads", type=int, default=2,
+    p.add_argument("--max_new_tokens", type=int_at_least(1), default=None, help="cap on generated tokens per turn")
+    p.add_argument("--threads", type=int_at_least(1), default=2,
                    help="intra-op threads, one pool shared by all sessions (default 2)")
     p.add_argument("--history", choices=["used", "board"], default="used",
                    help="decode with only the cache rows in use (default, same results) or the full static shapes")

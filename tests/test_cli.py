@@ -49,6 +49,13 @@ def test_help_of_every_command(command):
     (["verify", "/nonexistent/bundle"], "no manifest.json"),
     (["run", "/nonexistent/bundle", "--prompt", "x"], "no manifest.json"),
     (["bench", "--tokens"], "expected one argument"),
+    (["bench", "--runs", "0"], "argument --runs: expected an integer >= 1, got '0'"),
+    (["build", "--parallel", "-2"], "argument --parallel: expected an integer >= 1, got '-2'"),
+    (["run", "b", "--threads", "0"], "argument --threads: expected an integer >= 1, got '0'"),
+    (["run", "b", "--max_new_tokens", "-1"], "argument --max_new_tokens: expected an integer >= 1"),
+    (["serve", "b", "--queue_timeout", "nan"], "argument --queue_timeout: expected a finite number of seconds > 0"),
+    (["serve", "b", "--port", "70000"], "argument --port: expected an integer from 0 to 65535, got '70000'"),
+    (["serve", "b", "--max_tokens", "0"], "argument --max_tokens: expected an integer >= 1, got '0'"),
 ])
 def test_bad_command_lines_exit_2_with_one_clear_line(args, says):
     proc = cli(*args, timeout=120)
