@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .cli_types import int_at_least
+from .cli.types import int_at_least
 
 PROMPT = "Write a short story about a robot who learns to paint."
 DEFAULT_TOKENS = 128
@@ -38,7 +38,7 @@ def add_bench_args(p):
 
 def measure_bundle(path: Path, ids: list[int], tokens: int, runs: int, threads: int) -> dict:
     from .recipe import Sampling
-    from .runner import Bundle, Engine, Generator, Sampler
+    from .runtime.runner import Bundle, Engine, Generator, Sampler
 
     t0 = time.perf_counter()
     engine = Engine(Bundle(path), threads=threads, shared_pool=True)
@@ -80,7 +80,7 @@ def measure_transformers(hf_dir: Path, ids: list[int], tokens: int, runs: int, t
 
 def bench(args) -> int:
     from .pipeline import OUT_DIR, build
-    from .runner import Bundle, load_tokenizer_module
+    from .runtime.runner import Bundle, load_tokenizer_module
 
     console = Console()
     root = Path(args.out) if args.out else OUT_DIR / "bench"
@@ -99,7 +99,7 @@ def bench(args) -> int:
     chat = tok.ChatTokenizer(first.tokenizer_dir)
     ids = chat.encode_messages([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
     results["prompt_tokens"] = len(ids)
-    from .checkpoint import open_input
+    from .inputs.checkpoint import open_input
 
     hf_dir = open_input(first.manifest["input"]["source"]).dir
     for wt, path in bundles.items():

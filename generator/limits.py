@@ -10,14 +10,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel
 from pydantic_core import core_schema
 
-LIMITS_FILE = Path(__file__).resolve().parent / "data" / "limits.yaml"
+from .paths import DATA_DIR
+
+LIMITS_FILE = DATA_DIR / "limits.yaml"
 
 
 @lru_cache(maxsize=1)

@@ -11,16 +11,17 @@ from typing import Any
 
 from rich.console import Console
 
-from .bundle import PROJECT_ROOT, BuildContext, build_bundle
-from .checkpoint import Checkpoint, open_input
-from .chips import Chip
 from .errors import GeneratorError
-from .gguf_import import packaged_gguf
+from .export.bundle import BuildContext, build_bundle
+from .inputs.checkpoint import Checkpoint, open_input
+from .inputs.gguf_import import packaged_gguf
 from .names import safe_name
-from .options import BuildOptions, check_options, make_options
+from .paths import PROJECT_ROOT
 from .progress import Progress
 from .recipe import BuildDefaults, Recipe, registry
-from .spec import read_config, resolve_spec
+from .resolve.chips import Chip
+from .resolve.options import BuildOptions, check_options, make_options
+from .resolve.spec import read_config, resolve_spec
 
 OUT_DIR = PROJECT_ROOT / "out"
 DIM_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -31,7 +32,7 @@ def resolve_input(recipe: Recipe, variant: str | None, input_path: str | None, s
     if input_path:
         return open_input(input_path)
     if synthetic:
-        from .synthetic import synthetic_checkpoint
+        from .inputs.synthetic import synthetic_checkpoint
 
         return synthetic_checkpoint(recipe, variant)
     v = recipe.variants.get(variant) if variant else None
@@ -124,7 +125,7 @@ def build(*, model: str | None = None, input_path: str | None = None, output_pat
     bar = Progress(console, enabled=progress)
     check = None
     if check_level > 0:
-        from .verify import reference_fits
+        from .verify.checks import reference_fits
 
         fits, why = reference_fits(spec)
         if not fits:  # build anyway, and say loudly that nothing was verified
@@ -132,7 +133,7 @@ def build(*, model: str | None = None, input_path: str | None = None, output_pat
             ctx.extra_manifest["checks_skipped"] = why
             check_level = 0
     if check_level > 0:
-        from .verify import run_checks
+        from .verify.checks import run_checks
 
         check = lambda tmp: run_checks(tmp, ckpt, recipe, check_level, prompt, bar, console)  # noqa: E731
     manifest = build_bundle(ctx, bar, check)

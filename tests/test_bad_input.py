@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from generator import graphs
+from generator.export import graphs
 from generator.errors import GeneratorError
-from generator.recipe import RECIPES_DIR
+from generator.paths import RECIPES_DIR
 from models import SMALL_GROUPS, quiet_build
 
 
@@ -127,7 +127,7 @@ def test_interrupted_build_keeps_the_previous_bundle(ckpt, tmp_path, monkeypatch
             raise KeyboardInterrupt
         return original(spec, opts, i, *args, **kwargs)
 
-    monkeypatch.setattr("generator.bundle.layer_graph", interrupt)
+    monkeypatch.setattr("generator.export.bundle.layer_graph", interrupt)
     with pytest.raises(KeyboardInterrupt):
         quiet_build(**build_kwargs(ckpt, output_path=str(out), weight_type="s8"))
     assert (out / "manifest.json").read_text() == before  # the old, complete bundle is untouched

@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 
 import tokenizer_fixtures as tf
-from generator import kvcache
-from generator.__main__ import main as cli_main
-from generator.bundle import write_scripts
-from generator.chips import get_chip
-from generator.runner import Bundle, Chat, Engine
+from generator.runtime import kvcache
+from generator.cli import main as cli_main
+from generator.export.bundle import write_scripts
+from generator.resolve.chips import get_chip
+from generator.runtime.runner import Bundle, Chat, Engine
 from models import SMALL_GROUPS, quiet_build, threads
 
 HOSTILE = ("-x Say \"hi\" & it's $(touch PWNED_A) `touch PWNED_B` ${HOME} $HOME \\n; rm -rf /nonexistent | cat\n"
@@ -552,7 +552,7 @@ def test_interactive_q_and_reset_with_kvcache(tiny, capsys, monkeypatch, tmp_pat
 def test_http_tokenizer_matches_in_process_tokenizer(tiny, tiny_server):
     """--tokenizer_type 2: the uid protocol over HTTP gives the same token stream and text as the
     in-process tokenizer, turn after turn."""
-    from generator.tokenizer_client import HttpTokenizer
+    from generator.runtime.tokenizer_client import HttpTokenizer
 
     chats = [Chat(tiny, Engine(tiny, threads=threads())), Chat(tiny, Engine(tiny, threads=threads()),
                                                        HttpTokenizer(f"http://127.0.0.1:{tiny_server.port}"))]

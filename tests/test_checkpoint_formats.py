@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from generator.runner import Bundle
+from generator.runtime.runner import Bundle
 from models import SMALL_GROUPS, quiet_build
 
 OPTS = dict(weight_type="s8", hidden_state_type="bf16", **SMALL_GROUPS)
@@ -105,9 +105,9 @@ def test_synthetic_checkpoints_hold_exactly_what_the_recipe_reads():
     and a tensor the map does not read would fail it."""
     from generator.errors import GeneratorError
     from generator.recipe import registry
-    from generator.spec import resolve_spec
-    from generator.synthetic import SyntheticCheckpoint, tensor_plan
-    from generator.weights import WeightSource
+    from generator.resolve.spec import resolve_spec
+    from generator.inputs.synthetic import SyntheticCheckpoint, tensor_plan
+    from generator.export.weights import WeightSource
 
     checked = 0
     for recipe in registry().recipes.values():

@@ -64,14 +64,14 @@ import torch
 from onnx import TensorProto
 from safetensors.numpy import save_file
 
-from generator import conformance
-from generator.checkpoint import open_input
+from generator.verify import conformance
+from generator.inputs.checkpoint import open_input
 from generator.errors import GeneratorError
 from generator.progress import Progress
 from generator.recipe import registry
-from generator.reference import capture, load_reference
-from generator.runner import MASK_VALUE, STORAGE, Bundle, from_storage, session_options, to_storage
-from generator.verify import (compare, conversation_check, failing_rows, layer_check, logits_check, run_graph, thresholds,
+from generator.verify.reference import capture, load_reference
+from generator.runtime.runner import MASK_VALUE, STORAGE, Bundle, from_storage, session_options, to_storage
+from generator.verify.checks import (compare, conversation_check, failing_rows, layer_check, logits_check, run_graph, thresholds,
                               within)
 from models import SMALL_GROUPS, quiet_build, randomize, save_tiny, token_ids
 from tokenizer_fixtures import copy_tokenizer_files
@@ -553,7 +553,7 @@ def _transformers_view(recipe, raw: dict):
     """transformers' config for a variant: its own class, or the recipe's reference architecture."""
     from transformers import AutoConfig
 
-    from generator.relayout import reference_config
+    from generator.verify.relayout import reference_config
 
     if recipe.reference.architecture:
         import transformers
@@ -583,7 +583,7 @@ def test_every_variant_reads_like_transformers():
     """Each variant's exact config.json, resolved by its recipe, agrees with what transformers (or the
     reference architecture) derives from the same file: layer pattern, window, head_dim, RoPE
     frequencies and attention factor per layer type, vocabulary, tie."""
-    from generator.spec import resolve_spec
+    from generator.resolve.spec import resolve_spec
 
     reg = registry()
     seen = 0
@@ -671,7 +671,7 @@ def tiny_variants(tmp_path_factory):
     config.json with small dimensions."""
     import yaml
 
-    from generator.recipe import RECIPES_DIR
+    from generator.paths import RECIPES_DIR
 
     target = tmp_path_factory.mktemp("recipes_tiny")
     for path in RECIPES_DIR.glob("*.yaml"):
@@ -706,7 +706,7 @@ def test_synthetic_build_verifies_for_every_family(recipe_name, tiny_variants, t
     mod_ids = json.loads((bundle.tokenizer_dir / "ax_tokenizer.json").read_text())
     assert mod_ids["eos_ids"], "the synthetic tokenizer must know the family's end-of-turn token"
     # every id the model can produce decodes (the vocabulary is padded to the model's)
-    from generator.runner import load_tokenizer_module
+    from generator.runtime.runner import load_tokenizer_module
 
     tok = load_tokenizer_module(bundle).ChatTokenizer(bundle.tokenizer_dir)
     assert tok.vocab_size == bundle.spec.vocab_size
@@ -723,7 +723,7 @@ def test_synthetic_real_variant_builds_and_verifies(tmp_path, monkeypatch):
 
 
 def test_synthetic_checkpoints_are_deterministic_and_lazy(tmp_path):
-    from generator.synthetic import synthetic_checkpoint
+    from generator.inputs.synthetic import synthetic_checkpoint
 
     recipe = registry().recipes["qwen2"]
     a = synthetic_checkpoint(recipe, "qwen2.5-7b", cache_dir=tmp_path)
@@ -743,7 +743,7 @@ def test_a_variant_without_weights_names_both_ways_to_build_it():
 def test_list_verified_shows_the_conformance_table(capsys, tmp_path, monkeypatch):
     """`list --verified` prints what was recorded, failures as FAIL (a table written here, not the
     committed one, whose rows the family tests above compute and assert)."""
-    from generator.__main__ import main
+    from generator.cli import main
 
     monkeypatch.setenv("AXGEN_CONFORMANCE_DIR", str(tmp_path))
     lim = thresholds("fp32", "fp32")["layer"]

@@ -19,8 +19,9 @@ import pytest
 import yaml
 
 from generator.errors import GeneratorError
-from generator.recipe import RECIPES_DIR, Registry
-from generator.spec import resolve_spec
+from generator.paths import RECIPES_DIR
+from generator.recipe import Registry
+from generator.resolve.spec import resolve_spec
 
 SEED = 20260
 CASES_PER_RECIPE = 30

@@ -17,12 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from generator.checkpoint import open_input
+from generator.inputs.checkpoint import open_input
 from generator.errors import GeneratorError
 from generator.recipe import LINEAR_TENSORS, registry
-from generator.reference import capture, load_reference
-from generator.runner import Bundle
-from generator.verify import failing_rows, layer_check, logits_check, thresholds, within
+from generator.verify.reference import capture, load_reference
+from generator.runtime.runner import Bundle
+from generator.verify.checks import failing_rows, layer_check, logits_check, thresholds, within
 from generator.progress import Progress
 from models import SMALL_GROUPS, quiet_build, save_tiny, token_ids
 

@@ -18,13 +18,13 @@ import pytest
 from rich.console import Console
 
 from generator import pipeline
-from generator.__main__ import main
-from generator.bundle import dest
-from generator.chips import get_chip
+from generator.cli import main
+from generator.export.bundle import dest
+from generator.resolve.chips import get_chip
 from generator.errors import GeneratorError
 from generator.recipe import registry
-from generator.runner import Bundle
-from generator.verify import graph_weight_types, limits_for, thresholds
+from generator.runtime.runner import Bundle
+from generator.verify.checks import graph_weight_types, limits_for, thresholds
 from models import SMALL_GROUPS, quiet_build
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +119,7 @@ def test_an_output_folder_that_is_not_a_bundle_is_never_replaced(tiny_llama, tmp
 SLOW_BUILD = """\
 import sys, time
 sys.path.insert(0, {root!r})
-from generator import bundle
+from generator.export import bundle
 _write_tokenizer = bundle.write_tokenizer
 
 def slow(ctx, tmp):  # graphs are written: say so, then take long enough to be terminated
@@ -128,7 +128,7 @@ def slow(ctx, tmp):  # graphs are written: say so, then take long enough to be t
     return _write_tokenizer(ctx, tmp)
 
 bundle.write_tokenizer = slow
-from generator.__main__ import main
+from generator.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -168,7 +168,7 @@ def test_sigterm_between_the_publishing_renames_waits_for_the_new_bundle(tiny_ll
     so the target is never left without a bundle (and the old one deleted with the temp folders)."""
     import threading
 
-    from generator import bundle
+    from generator.export import bundle
     from generator.interrupt import Terminated
 
     if threading.current_thread() is not threading.main_thread():
@@ -256,14 +256,14 @@ def test_overrides_get_the_limits_of_the_types_each_layer_was_built_with(tiny_ll
 
 def test_a_failed_check_prints_the_worst_rows_and_the_error_names_the_same_figures(tiny_llama, tmp_path, capsys,
                                                                                    monkeypatch):
-    from generator import verify
+    from generator.verify import checks
 
-    table = verify.tolerance_table()
+    table = checks.tolerance_table()
     tight = {"min_cosine": 0.9999999, "max_rel_err": 1e-7}  # an s8 build cannot meet these
     strict = {"weight_type": {**table["weight_type"], "s8": {**table["weight_type"]["s8"], "layer": tight}},
               "hidden_state_type": {**table["hidden_state_type"], "bf16": {**table["hidden_state_type"]["bf16"],
                                                                            "layer": tight}}}
-    monkeypatch.setattr(verify, "tolerance_table", lambda: strict)
+    monkeypatch.setattr(checks, "tolerance_table", lambda: strict)
     out = tmp_path / "b"
     code = main(["build", "--input_path", str(tiny_llama), "--output_path", str(out), "-w", "s8", "-c", "1",
                  "--no-progress", *small_flags()])
@@ -284,7 +284,7 @@ def test_a_failed_check_prints_the_worst_rows_and_the_error_names_the_same_figur
 
 
 def test_worst_is_the_largest_share_of_its_own_limit_and_nan_is_worst():
-    from generator.verify import excess, failing_rows
+    from generator.verify.checks import excess, failing_rows
 
     s8, fp32 = thresholds("s8", "bf16")["layer"], thresholds("fp32", "fp32")["layer"]
     rows = [dict(cosine=0.9999, max_rel_err=0.05, limit=s8),  # well within s8
@@ -303,7 +303,7 @@ def test_layer_check_plot_has_limits_groups_and_an_error_panel(tmp_path, monkeyp
     matplotlib.use("Agg")
     import matplotlib.figure
 
-    from generator.verify import plot
+    from generator.verify.checks import plot
 
     limit = thresholds("s8", "bf16")["layer"]
     rows = [{"layer": i, "group": g, "label": label, "tensor": t, "cosine": 0.999 - 0.01 * (i == 1 and g == 0),
@@ -364,7 +364,7 @@ def test_chip_as_typed_names_folder_and_scripts_and_the_log_says_what_is_built(t
 def test_every_flag_says_what_it_does_and_its_default(command):
     import argparse
 
-    from generator.__main__ import make_parser
+    from generator.cli import make_parser
 
     sub = next(a for a in make_parser()._actions if isinstance(a, argparse._SubParsersAction))
     actions = [a for a in sub.choices[command]._actions if not isinstance(a, argparse._HelpAction)]

@@ -8,7 +8,7 @@ import ml_dtypes
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from generator.quant import dequantize, from_bf16_bits, pack_int4, quantize, to_bf16_bits
+from generator.export.quant import dequantize, from_bf16_bits, pack_int4, quantize, to_bf16_bits
 
 
 @pytest.mark.parametrize("wtype,qmax", [("s8", 127), ("s4", 7)])

@@ -14,8 +14,9 @@ import yaml
 
 from generator.errors import GeneratorError
 from generator.limits import limits, rule
-from generator.recipe import RECIPES_DIR, Registry, Sampling
-from generator.spec import resolve_spec
+from generator.paths import RECIPES_DIR
+from generator.recipe import Registry, Sampling
+from generator.resolve.spec import resolve_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA = yaml.safe_load((RECIPES_DIR / "llama.yaml").read_text(encoding="utf-8"))
@@ -189,7 +190,7 @@ def test_expression_resource_limits(tmp_path, text):
 
 
 def test_expression_limits_leave_real_arithmetic_alone():
-    from generator.expr import evaluate
+    from generator.recipe.expr import evaluate
 
     bits = limits()["expression"]["max_int_bits"]
     assert evaluate(f"2 ** {bits - 1}", {}) == 2 ** (bits - 1)  # the largest power of two allowed
@@ -234,7 +235,7 @@ def test_alias_expansion_is_counted_per_use():
     documents of shared anchors (whatever order the shared nodes are reached in)."""
     import random
 
-    from generator.recipe import _LimitedLoader
+    from generator.recipe.schema import _LimitedLoader
 
     def count(x):  # the built object, every alias use expanded
         if isinstance(x, dict):
@@ -258,7 +259,7 @@ def test_alias_expansion_is_counted_per_use():
 
 
 def test_post_config_and_serve_use_the_same_rules(tmp_path):
-    from generator.serve import ApiError, _number
+    from generator.serve.service import ApiError, _number
 
     post = tmp_path / "post_config.json"
     for key, bad in (("temperature", "NaN"), ("top_p", "0"), ("top_k", "0"), ("repetition_penalty", "-1"),

@@ -5,9 +5,10 @@ import textwrap
 import pytest
 
 from generator.errors import GeneratorError
-from generator.expr import ExprError, evaluate
-from generator.recipe import RECIPES_DIR, Registry, load_recipe, registry
-from generator.spec import read_config, resolve_spec
+from generator.recipe.expr import ExprError, evaluate
+from generator.paths import RECIPES_DIR
+from generator.recipe import Registry, load_recipe, registry
+from generator.resolve.spec import read_config, resolve_spec
 
 LLAMA = (RECIPES_DIR / "llama.yaml").read_text()
 

@@ -7,7 +7,7 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from generator.errors import GeneratorError
-from generator.rope import resolve_rope
+from generator.resolve.rope import resolve_rope
 
 HEAD_DIM = 64
 CASES = [

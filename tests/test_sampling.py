@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from generator.recipe import Sampling
-from generator.runner import Sampler
+from generator.runtime.runner import Sampler
 
 DRAWS = 8000
 # |frequency - p| stays below SIGMAS standard deviations of a binomial frequency (p(1-p)/DRAWS)

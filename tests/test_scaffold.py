@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from generator.__main__ import main
+from generator.cli import main
 from generator.errors import GeneratorError
-from generator.recipe import RECIPES_DIR, Registry, load_recipe, registry
-from generator.scaffold import new_recipe
-from generator.spec import resolve_spec
+from generator.paths import RECIPES_DIR
+from generator.recipe import Registry, load_recipe, registry
+from generator.recipe.scaffold import new_recipe
+from generator.resolve.spec import resolve_spec
 from models import SMALL_GROUPS, quiet_build
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,9 +21,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from generator.runner import Bundle, Engine, Generator, Sampler, load_tokenizer_module
-from generator.serve import ChatService, StopMatcher
-from generator.serve_http import ApiServer
+from generator.runtime.runner import Bundle, Engine, Generator, Sampler, load_tokenizer_module
+from generator.serve.service import ChatService, StopMatcher
+from generator.serve.http import ApiServer
 from models import SMALL_GROUPS, quiet_build, threads
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -32,7 +32,7 @@ def test_build_verifies_and_lists_every_file(smollm2_bundle):
 def test_run_script_with_local_override_answers(smollm2_bundle, tmp_path):
     """The launcher (AXGEN_LOCAL=1) answers the check prompt with the answer the build verified against
     transformers (greedy: post_config top_k 1), and a factual question correctly."""
-    from generator.verify import GENERATE_TOKENS
+    from generator.verify.checks import GENERATE_TOKENS
 
     out, manifest = smollm2_bundle
     generate = manifest["checks"]["generate"]

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from generator.checkpoint import open_input
+from generator.inputs.checkpoint import open_input
 from generator.recipe import registry
-from generator.reference import bf16_embedding_input, capture, load_reference
-from generator.runner import Bundle, Engine, Generator, Sampler
+from generator.verify.reference import bf16_embedding_input, capture, load_reference
+from generator.runtime.runner import Bundle, Engine, Generator, Sampler
 from generator.recipe import Sampling
-from generator.verify import conversation_check, failing_rows, layer_check, logits_check, thresholds, within
+from generator.verify.checks import conversation_check, failing_rows, layer_check, logits_check, thresholds, within
 from generator.progress import Progress
 from models import SMALL_GROUPS, quiet_build, token_ids
 

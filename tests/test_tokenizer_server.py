@@ -34,7 +34,7 @@ import tokenizer_fixtures as tf
 if str(tf.REPO) not in sys.path:
     sys.path.insert(0, str(tf.REPO))
 
-from generator.tokenizer_client import HttpTokenizer, SessionLostError, TokenizerServerError  # noqa: E402
+from generator.runtime.tokenizer_client import HttpTokenizer, SessionLostError, TokenizerServerError  # noqa: E402
 
 # One xdist worker runs this module (make test: -n 2 --dist loadgroup), so the servers and the
 # transformers references are built once.
@@ -873,7 +873,7 @@ def test_missing_package_is_one_line_saying_what_to_install(package):
                          timeout=60)
     assert out.returncode != 0 and "Server running" not in out.stdout
     assert out.stderr.strip().splitlines() == [
-        f"error: tokenizer_uid.py needs the Python package '{package}': pip3 install tokenizers jinja2"], out.stderr
+        f"error: {tf.SERVER_SCRIPT.name} needs the Python package '{package}': pip3 install tokenizers jinja2"], out.stderr
 
 
 # ------------------------------------------------------------------------------------------------
@@ -999,7 +999,8 @@ def test_bundle_readme_states_requirements_and_the_lost_session_limitation(serve
     """The bundle's README (rendered as bundle.py renders it) and its launchers name what the tokenizer
     server needs, as the server itself says it when a package is missing; the README explains a lost
     session and what to do, and lists the launchers."""
-    from generator.bundle import TEMPLATES, template_env
+    from generator.export.bundle import template_env
+    from generator.paths import TEMPLATES_DIR
 
     values = dict(model="demo", recipe="llama", chip="AX650", chip_lower="ax650", tokenizer_dir="demo_tokenizer",
                   tokenizer_script="demo_tokenizer_uid.py", scripts=["run_demo_ax650.sh", "run_demo_axcl_x86.sh",
@@ -1011,5 +1012,5 @@ def test_bundle_readme_states_requirements_and_the_lost_session_limitation(serve
     for option in ("--max_sessions", "--session_idle_s", "--max_history_tokens", "--port_file"):
         assert f"`{option}" in readme
         server_module.parse_args([option, "1"])  # a flag the server has
-    launcher_header = (TEMPLATES / "run.sh.j2").read_text().split("set -euo pipefail")[0]
+    launcher_header = (TEMPLATES_DIR / "run.sh.j2").read_text().split("set -euo pipefail")[0]
     assert server_module.REQUIREMENTS in launcher_header

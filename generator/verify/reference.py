@@ -12,9 +12,9 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .checkpoint import Checkpoint
-from .errors import GeneratorError
-from .recipe import Recipe
+from ..errors import GeneratorError
+from ..inputs.checkpoint import Checkpoint
+from ..recipe import Recipe
 
 
 def load_reference(ckpt: Checkpoint, recipe: Recipe):

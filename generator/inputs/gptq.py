@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import GeneratorError
+from ..errors import GeneratorError
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint

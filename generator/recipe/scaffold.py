@@ -20,11 +20,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .errors import GeneratorError
-from .recipe import Registry, load_recipe
+from ..errors import GeneratorError
+from ..paths import PROJECT_ROOT, TEMPLATES_DIR
+from .schema import Registry, load_recipe
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE = PROJECT_ROOT / "templates" / "new_recipe"
+TEMPLATE = TEMPLATES_DIR / "new_recipe"
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 

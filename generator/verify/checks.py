@@ -26,14 +26,15 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .bundle import dest, write_text
-from .errors import GeneratorError
-from .progress import Progress
-from .recipe import Sampling
-from .runner import (MASK_VALUE, STORAGE, Bundle, Engine, Generator, Sampler, common_prefix, eos_ids_of,
+from ..errors import GeneratorError
+from ..export.bundle import dest, write_text
+from ..paths import DATA_DIR
+from ..progress import Progress
+from ..recipe import Sampling
+from ..runtime.runner import (MASK_VALUE, STORAGE, Bundle, Engine, Generator, Sampler, common_prefix, eos_ids_of,
                      from_storage, load_tokenizer_module, session_options, to_storage)
 
-TOLERANCES = Path(__file__).resolve().parent / "data" / "tolerances.yaml"
+TOLERANCES = DATA_DIR / "tolerances.yaml"
 GENERATE_TOKENS = 16
 
 

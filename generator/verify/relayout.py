@@ -27,10 +27,10 @@ from __future__ import annotations
 import ast
 from typing import Any, Callable
 
-from .errors import GeneratorError
-from .expr import ExprError, evaluate
-from .recipe import Recipe
-from .spec import read_config
+from ..errors import GeneratorError
+from ..recipe import Recipe
+from ..recipe.expr import ExprError, evaluate
+from ..resolve.spec import read_config
 
 OPS = {"rows": 2, "grouped": 4, "scale": 1, "offset": 1}
 

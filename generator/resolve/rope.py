@@ -14,8 +14,8 @@ import math
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from .errors import GeneratorError
-from .limits import limits, rule, shown
+from ..errors import GeneratorError
+from ..limits import limits, rule, shown
 
 
 class RopeTable(BaseModel):

@@ -18,12 +18,12 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt,
                       StrictStr, ValidationError, field_validator, model_validator)
 
-from .errors import GeneratorError
+from ..errors import GeneratorError
+from ..limits import Ranged, limits, shown
+from ..names import SAFE_NAME_RULE, is_safe_name
+from ..paths import RECIPES_DIR
 from .expr import ExprError, names_in
-from .limits import Ranged, limits, shown
-from .names import SAFE_NAME_RULE, is_safe_name
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 def _safe(value: str) -> str:
     if not is_safe_name(value):

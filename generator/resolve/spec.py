@@ -10,11 +10,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from .errors import GeneratorError
-from .expr import ExprError, evaluate
-from .limits import limits, rule, rule_of, shown
-from .names import safe_name
-from .recipe import Expr, Norm, Recipe
+from ..errors import GeneratorError
+from ..limits import limits, rule, rule_of, shown
+from ..names import safe_name
+from ..recipe import Expr, Norm, Recipe
+from ..recipe.expr import ExprError, evaluate
 from .rope import RopeTable, resolve_rope
 
 ACTIVATIONS = {

@@ -13,10 +13,10 @@ from fnmatch import fnmatchcase
 
 import numpy as np
 
-from .checkpoint import Checkpoint
-from .errors import GeneratorError
-from .recipe import Recipe
-from .spec import ArchSpec
+from ..errors import GeneratorError
+from ..inputs.checkpoint import Checkpoint
+from ..recipe import Recipe
+from ..resolve.spec import ArchSpec
 
 NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
 ALL_NORMS = (*NORMS, "q_norm", "k_norm")  # the block norms and the per-head q/k norms

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from .errors import GeneratorError
+from ..errors import GeneratorError
+from ..paths import DATA_DIR
 
-CHIPS_FILE = Path(__file__).resolve().parent / "data" / "chips.yaml"
+CHIPS_FILE = DATA_DIR / "chips.yaml"
 
 
 class Chip(BaseModel):

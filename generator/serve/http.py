@@ -15,16 +15,14 @@ import time
 import traceback
 import uuid
 from itertools import chain
-from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from .errors import GeneratorError
-from .runner import load_script
-from .serve import ApiError, ChatService
+from ..errors import GeneratorError
+from ..paths import TOKENIZER_SERVER
+from ..runtime.runner import load_script
+from .service import ApiError, ChatService
 
 MAX_BODY_BYTES = 4 << 20
-# = bundle.TOKENIZER_SERVER (generator.bundle is not imported for it: it pulls in the whole build stack)
-TOKENIZER_SERVER = Path(__file__).resolve().parent.parent / "templates" / "tokenizer" / "tokenizer_uid.py"
 _tokenizer_server = load_script(TOKENIZER_SERVER, "axgen_tokenizer_server")
 JsonRequestHandler, JsonHTTPServer = _tokenizer_server.JsonRequestHandler, _tokenizer_server.JsonHTTPServer
 

@@ -15,7 +15,7 @@ import math
 import operator
 from typing import Any, Mapping
 
-from .limits import limits
+from ..limits import limits
 
 _BIN = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,

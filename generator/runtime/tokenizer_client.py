@@ -25,7 +25,7 @@ import socket
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from .errors import GeneratorError
+from ..errors import GeneratorError
 
 INVALID_UID = "Invalid uid"
 # A kept-alive connection the server closed meanwhile (idle timeout) fails like this before any

@@ -16,10 +16,10 @@ from fnmatch import fnmatch
 import numpy as np
 from onnx import TensorProto
 
+from ..resolve.options import BuildOptions, Group
+from ..resolve.spec import ArchSpec, NormSpec
 from .onnx_graph import DTYPES, Graph, WeightsFile
-from .options import BuildOptions, Group
 from .quant import pack_int4, quantize, to_bf16_bits
-from .spec import ArchSpec, NormSpec
 from .weights import ALL_NORMS
 
 WINDOW_BLOCK = -1.0e9  # added on top of the mask for keys outside a sliding window

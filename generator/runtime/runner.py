@@ -26,11 +26,11 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto
 
-from .errors import GeneratorError
-from .options import BuildOptions, Group
-from .quant import from_bf16_bits, to_bf16_bits
-from .recipe import Sampling
-from .spec import ArchSpec
+from ..errors import GeneratorError
+from ..export.quant import from_bf16_bits, to_bf16_bits
+from ..recipe import Sampling
+from ..resolve.options import BuildOptions, Group
+from ..resolve.spec import ArchSpec
 
 STORAGE = {"bf16": (np.uint16, TensorProto.BFLOAT16), "fp16": (np.float16, TensorProto.FLOAT16),
            "fp32": (np.float32, TensorProto.FLOAT)}

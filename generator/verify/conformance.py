@@ -24,8 +24,10 @@ from typing import Any
 
 import yaml
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
-GROWTH = Path(__file__).resolve().parent / "data" / "conformance.yaml"
+from ..paths import DATA_DIR, DOCS_DIR
+
+DOCS = DOCS_DIR
+GROWTH = DATA_DIR / "conformance.yaml"
 CHECKS = {  # check -> what it compares
     "layers": "every layer's K_cache_out / V_cache_out / output in every shape group (decode + all prefill "
               "groups), fed the reference's own inputs",

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
+from ..errors import GeneratorError
+from ..recipe import BuildDefaults
 from .chips import Chip, get_chip
-from .errors import GeneratorError
-from .recipe import BuildDefaults
 from .spec import ArchSpec
 
 BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "s8": 1.0, "s4": 0.5}

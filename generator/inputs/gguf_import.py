@@ -16,14 +16,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import GeneratorError
+from ..errors import GeneratorError
+from ..paths import CACHE_DIR
 
 IMPORT_VERSION = 1  # bump when the imported layout changes, so caches are rebuilt
 MARKER = "gguf_import.json"
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("AXGEN_CACHE", Path(__file__).resolve().parent.parent / ".cache"))
+    return Path(os.environ.get("AXGEN_CACHE", CACHE_DIR))
 
 
 def packaged_gguf(distribution: str, file: str) -> Path:

@@ -27,23 +27,21 @@ import numpy as np
 import onnx
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from .checkpoint import Checkpoint, recipe_chat_template, sha256_file
-from .chips import Chip
-from .errors import GeneratorError
+from ..errors import GeneratorError
+from ..inputs.checkpoint import Checkpoint, recipe_chat_template, sha256_file
+from ..interrupt import signals_held, sigterm_unwinds
+from ..names import inside
+from ..paths import PROJECT_ROOT, TEMPLATES_DIR, TOKENIZER_SERVER
+from ..progress import Progress
+from ..recipe import Recipe
+from ..resolve.chips import Chip
+from ..resolve.options import BuildOptions
+from ..resolve.spec import ArchSpec
 from .graphs import layer_graph, post_graph, store_layer, store_post
-from .interrupt import signals_held, sigterm_unwinds
-from .names import inside
 from .onnx_graph import WeightsFile
-from .options import BuildOptions
-from .progress import Progress
 from .quant import to_bf16_bits
-from .recipe import Recipe
-from .spec import ArchSpec
 from .weights import WeightSource
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-TEMPLATES = PROJECT_ROOT / "templates"
-TOKENIZER_SERVER = TEMPLATES / "tokenizer" / "tokenizer_uid.py"
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 RUN_TARGETS = {  # run script flavours (contract section 5); "board" is named after the chip as the user typed it
@@ -65,7 +63,7 @@ EMBED_FILE = "model.embed_tokens.weight.bfloat16.bin"
 
 
 def template_env() -> Environment:
-    env = Environment(loader=FileSystemLoader(str(TEMPLATES)), undefined=StrictUndefined, keep_trailing_newline=True,
+    env = Environment(loader=FileSystemLoader(str(TEMPLATES_DIR)), undefined=StrictUndefined, keep_trailing_newline=True,
                       autoescape=False)
     env.filters["q"] = lambda v: shlex.quote(str(v))  # every value that reaches a shell
     env.filters["c"] = lambda v: "".join(" " if ord(ch) < 32 or ord(ch) == 127 else ch for ch in str(v))  # comments
@@ -103,7 +101,7 @@ def tool_versions() -> dict[str, str]:
     import onnxruntime
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {"axgen": __version__, "python": platform.python_version(), "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__, "numpy": np.__version__}

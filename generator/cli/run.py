@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .cli_types import int_at_least
-from .errors import GeneratorError
+from ..errors import GeneratorError
+from .types import int_at_least
 
 if TYPE_CHECKING:
-    from .runner import Bundle
+    from ..runtime.runner import Bundle
 
 DEFAULT_TOKENIZER_URL = "http://127.0.0.1:12345"
 
@@ -105,7 +105,7 @@ def log(msg: str):
 def make_tokenizer(args):
     if args.tokenizer_type != 2:
         return None
-    from .tokenizer_client import HttpTokenizer
+    from ..runtime.tokenizer_client import HttpTokenizer
 
     url = args.url_tokenizer_model or DEFAULT_TOKENIZER_URL
     tok = HttpTokenizer(url)
@@ -116,7 +116,7 @@ def make_tokenizer(args):
 
 
 def run(args) -> int:
-    from .runner import Bundle, Chat, Engine  # onnxruntime: only for the command that runs a bundle
+    from ..runtime.runner import Bundle, Chat, Engine  # onnxruntime: only for the command that runs a bundle
 
     bundle = Bundle(bundle_dir(args))
     check_board_flags(args, bundle)
@@ -125,7 +125,7 @@ def run(args) -> int:
                     shared_pool=True)  # this process exists to run the bundle
     chat = Chat(bundle, engine, tokenizer, system_prompt=args.system_prompt, seed=args.seed)
 
-    from .kvcache import start_over as start_over_with
+    from ..runtime.kvcache import start_over as start_over_with
 
     def start_over() -> int:
         return start_over_with(chat, args.kvcache_path, log)
@@ -167,7 +167,7 @@ def run(args) -> int:
 
     def guarded(text: str):
         """One turn; if the tokenizer server forgot our session (restarted), start a new one."""
-        from .tokenizer_client import SessionLostError
+        from ..runtime.tokenizer_client import SessionLostError
 
         try:
             answer(text)

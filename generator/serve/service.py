@@ -46,8 +46,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from .cli_types import int_at_least, positive_seconds
-from .errors import GeneratorError
+from ..cli.types import int_at_least, positive_seconds
+from ..errors import GeneratorError
 
 DEFAULT_PORT = 8000  # main_api's port
 
@@ -84,7 +84,7 @@ class ApiError(Exception):
 def _number(body: dict, key: str, rule_name: str | None = None):
     """body[key] (None if absent), in the range data/limits.yaml gives `rule_name` (default: the key),
     the same rule post_config.json and recipes are held to."""
-    from .limits import rule
+    from ..limits import rule
 
     value = body.get(key)
     if value is None:
@@ -174,7 +174,7 @@ class ChatService:
                  model_name: str | None = None, max_tokens: int | None = None, queue_timeout: float = 600.0,
                  threads: int = 2, history: str = "used", seed: int | None = None, log=None,
                  shared_pool: bool = False):
-        from .runner import Bundle, Chat, Engine, Sampler
+        from ..runtime.runner import Bundle, Chat, Engine, Sampler
 
         self.bundle = Bundle(bundle_path)
         self.engine = Engine(self.bundle, threads=threads, history=history, shared_pool=shared_pool)
@@ -202,7 +202,7 @@ class ChatService:
         return self.lock.locked()
 
     def _start_over(self) -> int:
-        from .kvcache import start_over
+        from ..runtime.kvcache import start_over
 
         return start_over(self.chat, self.kvcache_path, self.log)
 
@@ -311,7 +311,7 @@ class ChatService:
     def generate(self, req: dict) -> Iterator[str]:
         """Text pieces of the answer; afterwards `req` holds finish_reason and usage. Holds the engine
         lock while it runs (close the iterator to release it early)."""
-        from .runner import StreamDecoder
+        from ..runtime.runner import StreamDecoder
 
         self._acquire()
         try:
@@ -358,7 +358,7 @@ def serve(args) -> int:
     service = ChatService(args.bundle, system_prompt=args.system_prompt, kvcache_path=args.kvcache_path,
                           model_name=args.model_name, max_tokens=args.max_tokens, queue_timeout=args.queue_timeout,
                           threads=args.threads, history=args.history, seed=args.seed, shared_pool=True)
-    from .serve_http import ApiServer  # the HTTP layer loads the tokenizer server's plumbing: only when serving
+    from .http import ApiServer  # the HTTP layer loads the tokenizer server's plumbing: only when serving
 
     try:
         server = ApiServer((args.host, args.port), service, log_requests=args.log_requests)

@@ -39,13 +39,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import GeneratorError
+from ..export.weights import ALL_NORMS, _bias_expected, expected_shapes
+from ..paths import CACHE_DIR
+from ..recipe import ChatTemplate, Recipe
+from ..resolve.spec import ArchSpec, resolve_spec
 from .checkpoint import Checkpoint, sha256_file
-from .errors import GeneratorError
-from .recipe import ChatTemplate, Recipe
-from .spec import ArchSpec, resolve_spec
-from .weights import ALL_NORMS, _bias_expected, expected_shapes
 
-CACHE = Path(__file__).resolve().parent.parent / ".cache" / "synthetic"
+CACHE = CACHE_DIR / "synthetic"
 FORMAT = 2
 EMBED_STD = 4.0  # of the embedding rows as the first layer sees them (after the family's embedding scale)
 BPE_SIZE = 1000

@@ -1,0 +1,221 @@
+"""Command line: `python -m generator {build,list,run,verify,serve,bench}`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import get_args
+
+from rich.console import Console
+
+from ..errors import GeneratorError
+from ..interrupt import Terminated
+from ..recipe import BuildDefaults, HiddenType, WeightType
+from .types import int_at_least
+
+WEIGHT_TYPES, HIDDEN_TYPES = get_args(WeightType), get_args(HiddenType)
+
+
+def add_build_args(p: argparse.ArgumentParser):
+    d = BuildDefaults()
+    recipe = lambda value: f"(default: from the recipe/variant; {value} where it sets none)"  # noqa: E731
+    p.add_argument("model", nargs="?", help="model variant, a make target (see `list`) (default: none; with "
+                   "--input_path the recipe is detected from the checkpoint)")
+    p.add_argument("--input_path", help="HF model directory, GPTQ directory or .gguf file (default: the variant's "
+                   "embedded weights, if it has any)")
+    p.add_argument("--output_path", help="bundle folder, replaced as a whole (default: out/<model>_<chip>)")
+    p.add_argument("--chip", default="AX650", help="AX650, or AX630C / AX620E; file names use the name as typed "
+                   "(default: %(default)s)")
+    p.add_argument("-w", "--weight_type", choices=WEIGHT_TYPES, help=f"layer weight type {recipe(d.weight_type)}")
+    p.add_argument("-t", "--hidden_state_type", choices=HIDDEN_TYPES,
+                   help=f"type at the graph boundaries {recipe(d.hidden_state_type)}")
+    p.add_argument("--prefill_len", type=int, help=f"tokens per prefill chunk {recipe(d.prefill_len)}")
+    p.add_argument("--kv_cache_len", type=int, help=f"KV cache rows {recipe(d.kv_cache_len)}")
+    p.add_argument("--last_kv_cache_len", type=int, nargs="+", action="extend",
+                   help="history lengths of the prefill groups, repeat the flag or list several "
+                        f"{recipe(' '.join(map(str, d.last_kv_cache_len)))}")
+    p.add_argument("--post_topk", type=int, help=f"top-k inside the post graph, 0: full logits {recipe(d.post_topk)}")
+    p.add_argument("--post_weight_type", choices=WEIGHT_TYPES, help=f"lm_head weight type {recipe(d.post_weight_type)}")
+    p.add_argument("--group_size", type=int, help=f"quantization group size along the input dim {recipe(d.group_size)}")
+    p.add_argument("-c", "--check_level", type=int, default=0, choices=[0, 1, 2],
+                   help="0: build only, 1: layer check, 2: + run the check prompt (default: %(default)s; make: 2)")
+    p.add_argument("--prompt", help="prompt for check level 2 (default: the recipe's, 1+1=)")
+    p.add_argument("--parallel", type=int_at_least(1), default=1, help="accepted for Pulsar2 compatibility, unused "
+                   "(default: %(default)s)")
+    p.add_argument("--recipe", help="force a recipe (default: from the model name or the checkpoint's architectures)")
+    p.add_argument("--synthetic", action="store_true", help="random weights with the variant's exact config "
+                   "(default: off)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (default: off)")
+    p.add_argument("--summary-json", help="also write the build summary here (default: none)")
+
+
+def cmd_build(args) -> int:
+    from ..pipeline import build
+
+    console = Console(stderr=True)
+    flags = {k: getattr(args, k) for k in ("weight_type", "hidden_state_type", "prefill_len", "kv_cache_len",
+                                            "last_kv_cache_len", "post_topk", "post_weight_type", "group_size")}
+    m = build(model=args.model, input_path=args.input_path, output_path=args.output_path, chip=args.chip,
+              synthetic=args.synthetic, recipe_name=args.recipe, check_level=args.check_level, prompt=args.prompt,
+              console=console, progress=not args.no_progress, **flags)
+    files = m["files"]
+    size = sum(f["bytes"] for f in files.values())
+    out = Console()
+    out.print(f"[bold green]bundle[/] {m['out_dir']}: {len(files)} files, {size / 2**20:.1f} MiB, "
+              f"built in {m['build_seconds']:.1f} s ({m['total_seconds']:.1f} s "
+              f"{'with checks' if m.get('checks') else 'in total'})")
+    if m.get("checks_skipped"):
+        out.print(f"[bold yellow]checks skipped:[/] {m['checks_skipped']}")
+    checks = m.get("checks")
+    summary = {"out_dir": m["out_dir"], "files": len(files), "bytes": size, "build_seconds": m["build_seconds"],
+               "total_seconds": m["total_seconds"], "checks": checks}
+    if checks:
+        if "layer" in checks:
+            l = checks["layer"]
+            out.print(f"layer check: worst {l['worst']}; post cosine {l['post']['cosine']:.6f}", highlight=False)
+        if "generate" in checks:
+            g = checks["generate"]
+            out.print(f"{g['prompt']} -> {g['ours_text']!r}  (transformers: {g['reference_text']!r})")
+        out.print("[bold green]checks passed[/]" if checks["passed"] else "[bold red]checks FAILED[/]")
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    if checks and not checks["passed"]:
+        from ..verify.checks import require_passed
+
+        require_passed(checks)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from rich import box
+    from rich.table import Table
+
+    from ..recipe import registry
+
+    reg = registry()
+    console = Console()
+    rows = []
+    for name, recipe in sorted(reg.recipes.items()):
+        for vname, v in recipe.variants.items():
+            rows.append((vname, name, ", ".join(recipe.architectures), v.hf_repo or "INPUT=", v.embedded, v.description))
+        if not recipe.variants:
+            rows.append(("-", name, ", ".join(recipe.architectures), "INPUT=", None, recipe.description))
+    # variant and recipe are never cut (make targets); narrower than 140 columns the architectures and HF
+    # repo names go (weights: embedded, or INPUT= for your checkpoint) and the description wraps
+    wide = console.width >= 140
+    table = Table(title="recipes and model variants (make <variant> CHIP=AX650)", box=box.SIMPLE_HEAD,
+                  pad_edge=False)
+    table.add_column("variant", no_wrap=True)
+    table.add_column("recipe", no_wrap=True)
+    if wide:
+        table.add_column("architectures", overflow="fold")
+    table.add_column("weights", no_wrap=not wide, overflow="fold")
+    table.add_column("description", ratio=1)
+    for vname, name, archs, repo, embedded, description in rows:
+        weights = "embedded" if embedded else (repo if wide else "INPUT=")
+        table.add_row(vname, name, *([archs] if wide else []), weights, description)
+    console.print(table)
+    if args.verified:
+        from ..verify.conformance import print_conformance
+
+        print_conformance(console)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .run import run
+
+    return run(args)
+
+
+def cmd_verify(args) -> int:
+    from ..inputs.checkpoint import open_input
+    from ..progress import Progress
+    from ..recipe import registry
+    from ..runtime.runner import Bundle
+    from ..verify.checks import require_passed, run_checks
+
+    bundle = Bundle(args.bundle)
+    recipe = registry().recipes[bundle.manifest["recipe"]["name"]]
+    if args.input_path:
+        ckpt = open_input(args.input_path)
+    elif bundle.manifest.get("synthetic"):  # the same deterministic weights, regenerated on demand
+        from ..inputs.synthetic import synthetic_checkpoint
+
+        ckpt = synthetic_checkpoint(recipe, bundle.manifest["recipe"]["variant"])
+    else:
+        ckpt = open_input(bundle.manifest["input"]["source"])
+    console = Console(stderr=True)
+    summary = run_checks(bundle.dir, ckpt, recipe, args.check_level, args.prompt, Progress(console), console)
+    Console().print("[bold green]checks passed[/]" if summary["passed"] else "[bold red]checks FAILED[/]")
+    require_passed(summary)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from ..serve import serve
+
+    return serve(args)
+
+
+def cmd_new_recipe(args) -> int:
+    from ..recipe.scaffold import new_recipe
+
+    return new_recipe(args)
+
+
+def cmd_bench(args) -> int:
+    from ..bench import bench
+
+    return bench(args)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(prog="python -m generator", description="axgen: HF LLM -> AX650/AX630C bundles")
+    parser.add_argument("--version", action="version", version=f"axgen {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_build_args(sub.add_parser("build", help="build (and verify) a bundle; Pulsar2 llm_build flag names"))
+    p = sub.add_parser("list", help="recipes and their model variants")
+    p.add_argument("--verified", action="store_true", help="also show the conformance table")
+    from .run import add_run_args
+
+    add_run_args(sub.add_parser("run", help="run a bundle locally like the board runtime"))
+    p = sub.add_parser("verify", help="re-run the checks of a bundle")
+    p.add_argument("bundle", help="bundle folder, e.g. out/smollm2-135m-instruct_ax650 (required)")
+    p.add_argument("-c", "--check_level", type=int, default=2, choices=[1, 2],
+                   help="1: layer check, 2: + the check prompt end to end (default: %(default)s)")
+    p.add_argument("--prompt", help="prompt for check level 2 (default: the recipe's, 1+1=)")
+    p.add_argument("--input_path", help="reference checkpoint (default: the one the bundle was built from)")
+    from ..serve import add_serve_args
+
+    add_serve_args(sub.add_parser("serve", help="OpenAI-compatible chat endpoint on a bundle (loopback by default)"))
+    from ..recipe.scaffold import add_new_recipe_args
+
+    add_new_recipe_args(sub.add_parser("new-recipe", help="scaffold a recipe and its conformance test"))
+    from ..bench import add_bench_args
+
+    add_bench_args(sub.add_parser("bench", help="runner speed vs transformers on this machine"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    handler = {"build": cmd_build, "list": cmd_list, "run": cmd_run, "verify": cmd_verify, "serve": cmd_serve,
+               "new-recipe": cmd_new_recipe, "bench": cmd_bench}[args.command]
+    try:
+        return handler(args)
+    except GeneratorError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except Terminated:
+        print("terminated (SIGTERM); the unfinished bundle was removed", file=sys.stderr)
+        return Terminated.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
