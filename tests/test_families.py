@@ -15,14 +15,14 @@ compared with its reference:
     long_from);
 
 within the data-driven thresholds of generator/data/tolerances.yaml. Each measurement is recorded
-into docs/conformance.md (generator/conformance.py), which `python -m generator list --verified`
+into docs/conformance.md (generator/verify/conformance.py), which `python -m generator list --verified`
 prints; an error that outgrows the committed value by more than generator/data/conformance.yaml
 allows fails as well.
 
 References. Families transformers implements (llama, qwen2, gemma2, gemma3_text, phi, phi3) load
 as they are with AutoModelForCausalLM. Remote-code families cannot be downloaded; each is proven
 against a transformers architecture that computes the same function, with the checkpoint's tensors
-re-laid out by the recipe's `reference` section (generator/relayout.py, which never uses the
+re-laid out by the recipe's `reference` section (generator/verify/relayout.py, which never uses the
 generator's own weight conversion). The equivalences:
 
   ChatGLM3 == transformers GlmForCausalLM, with

@@ -2,7 +2,7 @@
 
 A tiny random llama is packed here into GPTQ int8 / int4 (with an act-order g_idx permutation, the
 v1 and v2 zero conventions, settings in config.json or quantize_config.json) by a packer written
-independently of generator/gptq.py: per (group, output) an fp16 scale, codes round(w / scale) +
+independently of generator/inputs/gptq.py: per (group, output) an fp16 scale, codes round(w / scale) +
 zero, packed bit field by bit field. The checkpoint reader must hand on exactly the packer's
 dequantized weights; bundles built from it must pass the checks against transformers loaded with
 those weights; bad GPTQ inputs must fail with messages naming the file and field.

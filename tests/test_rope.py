@@ -1,4 +1,4 @@
-"""Every RoPE kind of generator/rope.py against transformers' own initialisation functions."""
+"""Every RoPE kind of generator/resolve/rope.py against transformers' own initialisation functions."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Tests of the bundle tokenizer server (templates/tokenizer/tokenizer_uid.py) and its client.
+"""Tests of the bundle tokenizer server (generator/runtime/tokenizer_server.py) and its client.
 
 Every expected token id comes from transformers (``AutoTokenizer.apply_chat_template``) on the same
 tokenizer folder; the server itself runs as a subprocess on a free loopback port and is spoken to

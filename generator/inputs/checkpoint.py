@@ -2,7 +2,7 @@
 
 safetensors (single or sharded) are opened lazily and tensors read one at a time;
 `pytorch_model.bin` is read only with `weights_only=True` (no pickled code runs). Every problem
-names the file and what was expected. A pre-quantized GPTQ checkpoint (generator/gptq.py) shows a
+names the file and what was expected. A pre-quantized GPTQ checkpoint (generator/inputs/gptq.py) shows a
 float `<prefix>.weight` per packed module and hides its qweight/qzeros/scales/g_idx.
 """
 

@@ -53,7 +53,7 @@ class Strict(BaseModel):
 
 
 class Expr(Strict):
-    """A value computed from config.json keys (see generator/expr.py for the language)."""
+    """A value computed from config.json keys (see generator/recipe/expr.py for the language)."""
 
     expr: str
 
@@ -68,7 +68,7 @@ class Expr(Strict):
 
 Value = Union[Expr, StrictBool, StrictInt, StrictFloat, StrictStr, None]
 # Ranged(rule): a literal must satisfy data/limits.yaml's rule now, an expression's value when the spec
-# is resolved (generator/spec.py reads the same metadata)
+# is resolved (generator/resolve/spec.py reads the same metadata)
 Flag = Annotated[Value, Ranged("flag")]
 Scale = Annotated[Value, Ranged("scale")]
 Softcap = Annotated[Value, Ranged("softcap", optional=True)]
@@ -289,7 +289,7 @@ class Reference(Strict):
     config: dict[str, Any] = {}
     # reference tensor name ({i} = layer) <- "<checkpoint tensor> | op(args) | ...", ops: rows(start, stop),
     # grouped(groups, per_group, start, stop), scale(x), offset(x) (args are expressions); key "*" maps
-    # every other reference tensor by name ("language_model.*"). See generator/relayout.py.
+    # every other reference tensor by name ("language_model.*"). See generator/verify/relayout.py.
     tensors: dict[str, str] = {}
 
 

@@ -1,8 +1,8 @@
-"""The HTTP layer of `python -m generator serve` (routes and errors: see generator/serve.py).
+"""The HTTP layer of `python -m generator serve` (routes and errors: see generator/serve/service.py).
 
 Its handler and server build on the plumbing the bundles' tokenizer server defines
 (JsonRequestHandler, JsonHTTPServer: keep-alive, JSON answers and errors, body limits), loaded from
-templates/tokenizer/tokenizer_uid.py, a standalone script that must not import this package. It is
+generator/runtime/tokenizer_server.py, a standalone script that must not import this package. It is
 imported only when a server starts, so the rest of the command line does not pay for it.
 """
 

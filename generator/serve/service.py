@@ -33,7 +33,7 @@ One engine serves all requests, one at a time (a request waits up to ``--queue_t
 for the one before it, then gets 503). Errors are JSON, OpenAI style: ``{"error": {"message",
 "type", "param", "code"}}`` with 400 (bad JSON or field, named in ``param``), 404, 405, 411, 413 or 503.
 
-The routes and the HTTP plumbing are in generator/serve_http.py; this module holds the request
+The routes and the HTTP plumbing are in generator/serve/http.py; this module holds the request
 parsing and the service on the runner.
 """
 

@@ -26,7 +26,7 @@ def load_reference(ckpt: Checkpoint, recipe: Recipe):
 
         return relayout_reference(ckpt, recipe)
     if getattr(ckpt, "synthetic", False) or getattr(ckpt, "gptq", None) is not None:
-        # SYNTHETIC=1 tensors exist only on demand; GPTQ weights are dequantized by generator/gptq.py
+        # SYNTHETIC=1 tensors exist only on demand; GPTQ weights are dequantized by generator/inputs/gptq.py
         from .relayout import reference_from_tensors
 
         return reference_from_tensors(ckpt)

@@ -7,7 +7,7 @@ short pipeline of re-layout steps:
 
     "model.layers.{i}.self_attn.k_proj.weight": "transformer.encoder.layers.{i}.self_attention.query_key_value.weight | rows(q, q + kv)"
 
-Steps (arguments are expressions over the canonical config, see generator/expr.py):
+Steps (arguments are expressions over the canonical config, see generator/recipe/expr.py):
     rows(start, stop)                      rows [start, stop) of the tensor (output dim of a linear)
     grouped(groups, per_group, start, stop) view rows as [groups, per_group, rest] and keep
                                            [:, start:stop] (per-KV-head packed q/k/v, InternLM2's wqkv)
@@ -16,7 +16,7 @@ Steps (arguments are expressions over the canonical config, see generator/expr.p
 A key "*" maps every reference tensor not listed to a name template ("language_model.*"); in the
 config, `"*": true` starts from the checkpoint's own config (its section) instead of nothing.
 
-This code never uses the generator's own weight conversion (generator/weights.py), so a re-layout
+This code never uses the generator's own weight conversion (generator/export/weights.py), so a re-layout
 reference stays an independent check of it. Each equivalence is written down in
 tests/test_families.py. The same loader builds transformers references for SYNTHETIC=1 checkpoints,
 whose tensors exist only on demand.
@@ -185,7 +185,7 @@ def relayout_reference(ckpt, recipe: Recipe):
 def reference_from_tensors(ckpt):
     """transformers' own architecture fed tensor by tensor through the Checkpoint interface: for
     checkpoints whose float tensors transformers cannot load itself, those produced on demand
-    (SYNTHETIC=1) and GPTQ-packed ones (exactly dequantized by generator/gptq.py; the
+    (SYNTHETIC=1) and GPTQ-packed ones (exactly dequantized by generator/inputs/gptq.py; the
     quantization_config is dropped, transformers would need optimum/gptqmodel kernels for it)."""
     from transformers import AutoConfig
 
