@@ -491,7 +491,10 @@ def cli(argv: list[str], capsys, stdin: str | None = None, monkeypatch=None) -> 
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     if argv and argv[0] == "run":
         argv = [*argv, "--threads", str(threads())]
-    code = cli_main(argv)
+    try:
+        code = cli_main(argv)
+    except SystemExit as exc:  # argparse refuses a bad flag value (bounded numeric types) with exit status 2
+        code = exc.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
