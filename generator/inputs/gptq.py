@@ -33,8 +33,8 @@ desc_act, checkpoint_format (alias format). Asymmetric quantization, bits other 
 formats (marlin, bitblas, ...) and other methods (awq, bitsandbytes, fp8, ...) are refused, naming
 the file and the field.
 
-The rest of the pipeline never sees the packing: `Checkpoint` asks `attach` for a view and, when
-there is one, exposes a virtual `<prefix>.weight` (float32) per packed module and hides the packed
+The rest of the pipeline never sees the packing: `Checkpoint` asks `attach` for a view (built on its
+public stored_* methods, the tensors as the files hold them) and, when there is one, exposes a virtual `<prefix>.weight` (float32) per packed module and hides the packed
 tensors. The transformers reference cannot load GPTQ without optimum/gptqmodel, so verification
 builds it from config.json without its quantization_config and feeds it these dequantized weights
 (relayout.reference_from_tensors).
@@ -153,7 +153,7 @@ class GptqView:
 
     def __init__(self, ckpt: Checkpoint, cfg: GptqConfig, prefixes: list[str]):
         self.ckpt, self.cfg = ckpt, cfg
-        raw = set(ckpt._where)
+        raw = self.stored = set(ckpt.stored_names())
         self.modules: dict[str, str] = {}  # virtual '<prefix>.weight' -> prefix
         self.dims: dict[str, tuple[int, int, int]] = {}  # prefix -> (out, in, groups)
         hidden: set[str] = set()
@@ -164,7 +164,7 @@ class GptqView:
         self.visible = (raw - hidden) | set(self.modules)
 
     def _file(self, name: str) -> Path:
-        return self.ckpt._where[name]
+        return self.ckpt.stored_file(name)
 
     def _check_module(self, prefix: str, raw: set[str]):
         cfg = self.cfg
@@ -175,7 +175,7 @@ class GptqView:
         if f"{prefix}.weight" in raw:
             raise GeneratorError(f"{self._file(prefix + '.weight')}: '{prefix}' has both a float weight and GPTQ "
                                  f"qweight; which one is meant is ambiguous.")
-        shape = self.ckpt._raw_shape
+        shape = self.ckpt.stored_shape
         qw, qz, sc = shape(f"{prefix}.qweight"), shape(f"{prefix}.qzeros"), shape(f"{prefix}.scales")
 
         def bad(what: str):
@@ -218,6 +218,10 @@ class GptqView:
     def is_packed(self, name: str) -> bool:
         return name in self.modules
 
+    def file_of(self, name: str) -> Path:
+        """The file holding a packed module's qweight."""
+        return self._file(self.modules[name] + ".qweight")
+
     def shape(self, name: str) -> tuple[int, int]:
         out, in_features, _ = self.dims[self.modules[name]]
         return (out, in_features)
@@ -231,7 +235,7 @@ class GptqView:
     def _raw(self, name: str, kinds: str) -> np.ndarray:
         import torch
 
-        t = self.ckpt._raw_tensor(name)
+        t = self.ckpt.stored_tensor(name)
         if kinds == "int" and t.dtype != torch.int32:
             raise GeneratorError(f"{self._file(name)}: GPTQ tensor '{name}' has dtype {t.dtype}; the packing stores int32.")
         if kinds == "float" and not t.is_floating_point():
@@ -255,7 +259,7 @@ class GptqView:
                                  f"{found}, but symmetric int{cfg.bits} has zero point {cfg.zero}, which "
                                  f"checkpoint_format '{cfg.checkpoint_format}' ({cfg.where}) stores as {how}.{hint}")
         scales = self._raw(f"{prefix}.scales", "float")  # [groups, out]
-        if f"{prefix}.g_idx" in self.ckpt._where:
+        if f"{prefix}.g_idx" in self.stored:
             g_idx = self._raw(f"{prefix}.g_idx", "int").astype(np.int64)
             if g_idx.size and (g_idx.min() < 0 or g_idx.max() >= groups):
                 raise GeneratorError(f"{self._file(prefix + '.g_idx')}: '{prefix}.g_idx' names groups "
@@ -270,7 +274,7 @@ class GptqView:
 def attach(ckpt: Checkpoint) -> GptqView | None:
     """A view over ckpt's GPTQ-packed modules, or None for an ordinary checkpoint."""
     cfg = read_quant_config(ckpt.dir, ckpt.config)
-    prefixes = [n[: -len(".qweight")] for n in ckpt._where if n.endswith(".qweight")]
+    prefixes = [n[: -len(".qweight")] for n in ckpt.stored_names() if n.endswith(".qweight")]
     if cfg is None:
         if prefixes:
             raise GeneratorError(f"Checkpoint '{ckpt.source}' has GPTQ-packed tensors ('{prefixes[0]}.qweight', ...) but "

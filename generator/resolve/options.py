@@ -1,7 +1,8 @@
 """Build options (Pulsar2 llm_build flag names), their layering and the chip fit check.
 
-Defaults come from Pulsar2 < recipe < variant < command line. `check_fit` refuses a build that
-a chip cannot take before any work is done, and says why.
+Defaults come from Pulsar2 < recipe < variant < command line. `check_flags` (the options alone) and
+`check_fit` (the options with the model's spec) refuse a build that a chip cannot take before any
+work is done, and say why.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..errors import GeneratorError
 from ..recipe import BuildDefaults
-from .chips import Chip, get_chip
+from .chips import Chip
 from .spec import ArchSpec
 
 BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "s8": 1.0, "s4": 0.5}
@@ -68,18 +69,24 @@ class BuildOptions(BaseModel):
         return out
 
 
-def make_options(defaults: BuildDefaults, chip: str, **flags) -> BuildOptions:
+def make_options(defaults: BuildDefaults, chip: Chip, **flags) -> BuildOptions:
+    """The build's options: the recipe's (and variant's) defaults under the flags that were given."""
     data = defaults.model_dump()
     for key, value in flags.items():
         if value is not None:
             data[key] = value
-    data["chip"] = get_chip(chip).label  # as typed (AX630C stays AX630C): it names the bundle's files
+    data["chip"] = chip.label  # as typed (AX630C stays AX630C): it names the bundle's files
     return BuildOptions(**data)
 
 
-def check_options(opts: BuildOptions, spec: ArchSpec | None = None) -> Chip:
-    """Every reason a chip cannot take this build, found before any work."""
-    chip = get_chip(opts.chip)
+def refuse(chip: Chip, problems: list[str]):
+    if problems:
+        raise GeneratorError(f"This build does not fit chip {chip.name}: " + "; ".join(problems) + ".")
+
+
+def check_flags(opts: BuildOptions, chip: Chip):
+    """Every reason the chip cannot take these options, whatever the model: checked before the checkpoint
+    is opened where the recipe is known, so a bad flag fails before any work."""
     problems = []
     if opts.weight_type not in chip.weight_types:
         problems.append(f"weight type '{opts.weight_type}' (--weight_type / make WEIGHT_TYPE=) is not supported on {chip.name}; "
@@ -106,20 +113,25 @@ def check_options(opts: BuildOptions, spec: ArchSpec | None = None) -> Chip:
     gs = opts.group_size
     if gs < 16 or gs & (gs - 1):
         problems.append(f"group size {gs} must be a power of two >= 16")
-    if opts.post_topk < 0 or (spec and opts.post_topk > spec.vocab_size):
+    if opts.post_topk < 0:
         problems.append(f"--post_topk {opts.post_topk} must be between 0 and the vocabulary size")
-    if spec is not None and not problems:
-        need = estimate_bytes(spec, opts) / 2**20
-        if need > chip.memory_mb:
-            problems.append(f"the model needs about {need:,.0f} MiB on the NPU at weight type {opts.weight_type} "
-                            f"(weights + KV cache for {opts.kv_cache_len} tokens), more than the {chip.memory_mb:,} MiB "
-                            f"of the largest {chip.name} board; try --weight_type s4 or a smaller --kv_cache_len")
-        if spec.max_position_embeddings and opts.kv_cache_len > spec.max_position_embeddings:
-            problems.append(f"--kv_cache_len {opts.kv_cache_len} exceeds the model's max_position_embeddings "
-                            f"{spec.max_position_embeddings}")
-    if problems:
-        raise GeneratorError(f"This build does not fit chip {chip.name}: " + "; ".join(problems) + ".")
-    return chip
+    refuse(chip, problems)
+
+
+def check_fit(opts: BuildOptions, chip: Chip, spec: ArchSpec):
+    """What the model adds to check_flags (run first): the vocabulary, the positions and the NPU memory."""
+    if opts.post_topk > spec.vocab_size:
+        refuse(chip, [f"--post_topk {opts.post_topk} must be between 0 and the vocabulary size"])
+    problems = []
+    need = estimate_bytes(spec, opts) / 2**20
+    if need > chip.memory_mb:
+        problems.append(f"the model needs about {need:,.0f} MiB on the NPU at weight type {opts.weight_type} "
+                        f"(weights + KV cache for {opts.kv_cache_len} tokens), more than the {chip.memory_mb:,} MiB "
+                        f"of the largest {chip.name} board; try --weight_type s4 or a smaller --kv_cache_len")
+    if spec.max_position_embeddings and opts.kv_cache_len > spec.max_position_embeddings:
+        problems.append(f"--kv_cache_len {opts.kv_cache_len} exceeds the model's max_position_embeddings "
+                        f"{spec.max_position_embeddings}")
+    refuse(chip, problems)
 
 
 def estimate_bytes(spec: ArchSpec, opts: BuildOptions) -> float:

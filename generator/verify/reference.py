@@ -13,19 +13,21 @@ from contextlib import contextmanager
 import numpy as np
 
 from ..errors import GeneratorError
-from ..inputs.checkpoint import Checkpoint
+from ..inputs.source import TensorSource
 from ..recipe import Recipe
 
 
-def load_reference(ckpt: Checkpoint, recipe: Recipe):
+def load_reference(ckpt: TensorSource, recipe: Recipe, config: dict | None = None):
+    """transformers' model of the checkpoint in fp32. `config`: the checkpoint's config as the recipe reads
+    it (spec.read_config), when the caller has it; a re-layout reference reads it otherwise."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if recipe.reference.architecture:
         from .relayout import relayout_reference
 
-        return relayout_reference(ckpt, recipe)
-    if getattr(ckpt, "synthetic", False) or getattr(ckpt, "gptq", None) is not None:
+        return relayout_reference(ckpt, recipe, config)
+    if ckpt.kind in ("synthetic", "gptq"):
         # SYNTHETIC=1 tensors exist only on demand; GPTQ weights are dequantized by generator/inputs/gptq.py
         from .relayout import reference_from_tensors
 

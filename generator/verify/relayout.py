@@ -46,9 +46,10 @@ def _eval(text: str, env: dict, where: str):
         raise GeneratorError(f"{where}: {exc}.") from None
 
 
-def reference_config(recipe: Recipe, raw: dict[str, Any]) -> dict[str, Any]:
-    """The reference architecture's config kwargs, evaluated over the recipe's canonical config."""
-    cfg = read_config(recipe, raw)
+def reference_config(recipe: Recipe, raw: dict[str, Any], cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The reference architecture's config kwargs, evaluated over the recipe's canonical config (`cfg`:
+    read_config(recipe, raw), when the caller has it)."""
+    cfg = read_config(recipe, raw) if cfg is None else cfg
     out = {}
     if recipe.reference.config.get("*") is True:  # start from the checkpoint's own (section) config
         section = raw.get(recipe.config.section) if recipe.config.section else raw
@@ -150,8 +151,9 @@ def _build(cls, config):
     return model.to(torch.float32)
 
 
-def relayout_reference(ckpt, recipe: Recipe):
-    """The recipe's reference architecture with the checkpoint's tensors re-laid out onto it."""
+def relayout_reference(ckpt, recipe: Recipe, env: dict[str, Any] | None = None):
+    """The recipe's reference architecture with the checkpoint's tensors re-laid out onto it (`env`: the
+    checkpoint's config as the recipe reads it, read here when None)."""
     import transformers
 
     ref = recipe.reference
@@ -159,12 +161,12 @@ def relayout_reference(ckpt, recipe: Recipe):
     if cls is None:
         raise GeneratorError(f"Recipe '{recipe.name}': transformers {transformers.__version__} has no "
                              f"'{ref.architecture}' (reference.architecture).")
-    kwargs = reference_config(recipe, ckpt.config)
+    env = read_config(recipe, ckpt.config, ckpt.config_where) if env is None else env
+    kwargs = reference_config(recipe, ckpt.config, env)
     try:
         config = cls.config_class.from_dict(kwargs)
     except Exception as exc:
         raise GeneratorError(f"Recipe '{recipe.name}': reference.config does not make a {cls.config_class.__name__} ({exc}).") from exc
-    env = read_config(recipe, ckpt.config)
     n_layers = int(env["num_hidden_layers"])
     table: dict[str, str] = {}
     for key, src in ref.tensors.items():
