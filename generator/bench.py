@@ -37,8 +37,9 @@ def add_bench_args(p):
 
 
 def measure_bundle(path: Path, ids: list[int], tokens: int, runs: int, threads: int) -> dict:
-    from .recipe import Sampling
-    from .runtime.runner import Bundle, Engine, Generator, Sampler
+    from .contract import Bundle, Sampling
+    from .runtime.engine import Engine
+    from .runtime.generation import Generator, Sampler
 
     t0 = time.perf_counter()
     engine = Engine(Bundle(path), threads=threads, shared_pool=True)
@@ -80,7 +81,8 @@ def measure_transformers(hf_dir: Path, ids: list[int], tokens: int, runs: int, t
 
 def bench(args) -> int:
     from .pipeline import OUT_DIR, build
-    from .runtime.runner import Bundle, load_tokenizer_module
+    from .contract import Bundle
+    from .runtime.chat import load_tokenizer_module
 
     console = Console()
     root = Path(args.out) if args.out else OUT_DIR / "bench"
@@ -101,7 +103,7 @@ def bench(args) -> int:
     results["prompt_tokens"] = len(ids)
     from .inputs.checkpoint import open_input
 
-    hf_dir = open_input(first.manifest["input"]["source"]).dir
+    hf_dir = open_input(first.manifest.input.source).dir
     for wt, path in bundles.items():
         console.print(f"running the {wt} bundle ...")
         results["bundles"][wt].update(measure_bundle(path, ids, args.tokens, args.runs, args.threads))

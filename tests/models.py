@@ -61,9 +61,9 @@ def threads() -> int:
     """Intra-op threads for engines made in this test process: the process-wide pool's size if one
     exists (onnxruntime then refuses sessions with their own pools), else 1, which creates no global
     pool (one would break the plain onnxruntime sessions of other tests in this worker)."""
-    from generator.runtime import runner
+    from generator.runtime import ort
 
-    return runner._GLOBAL_POOL or 1
+    return ort.global_pool_size() or 1
 
 
 def token_ids(n: int, vocab: int, seed: int) -> list[int]:

@@ -27,7 +27,9 @@ from generator.runtime import kvcache
 from generator.cli import main as cli_main
 from generator.export.bundle import write_scripts
 from generator.resolve.chips import get_chip
-from generator.runtime.runner import Bundle, Chat, Engine
+from generator.contract import Bundle
+from generator.runtime.chat import Chat
+from generator.runtime.engine import Engine
 from models import SMALL_GROUPS, quiet_build, threads
 
 HOSTILE = ("-x Say \"hi\" & it's $(touch PWNED_A) `touch PWNED_B` ${HOME} $HOME \\n; rm -rf /nonexistent | cat\n"
@@ -126,12 +128,12 @@ def expected_flags(ckpt: Path, bundle_dir: Path, system_prompt: str, url: str, k
 def render_scripts(bundle: Bundle, target_dir: Path, ckpt: Path, system_prompt: str, recipe_name: str,
                    chip: str = "AX650") -> list[str]:
     """The bundle's run scripts rendered again, into target_dir, with another system prompt / recipe name."""
-    g = bundle.manifest["graphs"]
+    g = bundle.manifest.graphs.model_dump()
     ctx = SimpleNamespace(model=bundle.model, recipe=SimpleNamespace(name=recipe_name), chip=get_chip(chip),
                           system_prompt=system_prompt, spec=bundle.spec, opts=bundle.opts,
                           ckpt=SimpleNamespace(dir=ckpt))
     files = {"axmodel_template": g["axmodel_template"], "post_axmodel": g["post_axmodel"], "embed": g["embed"]}
-    return write_scripts(ctx, target_dir, files, bundle.manifest["tokenizer"])
+    return write_scripts(ctx, target_dir, files, bundle.manifest.tokenizer.model_dump(exclude_unset=True))
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +162,7 @@ def tiny_server(tiny, tmp_path_factory):
 def test_every_chip_gets_its_launchers_with_the_contract_flags(tiny, tiny_llama, tiny_server, fake_main, tmp_path):
     """AX650: ax650 + both AXCL hosts (with --devices); AX620E/AX630C: ax630c. Each passes exactly the
     contract's flags with the bundle's values, and uses a tokenizer server that already answers."""
-    assert sorted(tiny.manifest["scripts"]) == sorted([f"run_{tiny.model}_{t}.sh" for t in ("ax650", *AXCL)] +
+    assert sorted(tiny.manifest.scripts) == sorted([f"run_{tiny.model}_{t}.sh" for t in ("ax650", *AXCL)] +
                                                       ["build_ax650.sh"])
     ax630c = tmp_path / "ax630c"
     ax630c.mkdir()
@@ -501,7 +503,7 @@ def cli(argv: list[str], capsys, stdin: str | None = None, monkeypatch=None) -> 
 
 def test_board_flags_are_checked_against_the_bundle(tiny, capsys):
     d = tiny.dir
-    g = tiny.manifest["graphs"]
+    g = tiny.manifest.graphs.model_dump()
     cases = [
         (["--axmodel_num", "7"], "--axmodel_num 7"),
         (["--tokens_embed_num", "5"], "--tokens_embed_num 5"),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from generator.runtime.runner import Bundle
+from generator.contract import Bundle
 from models import SMALL_GROUPS, quiet_build
 
 OPTS = dict(weight_type="s8", hidden_state_type="bf16", **SMALL_GROUPS)

@@ -70,8 +70,9 @@ from generator.errors import GeneratorError
 from generator.progress import Progress
 from generator.recipe import registry
 from generator.verify.reference import capture, load_reference
-from generator.runtime.runner import MASK_VALUE, STORAGE, Bundle, from_storage, session_options, to_storage
-from generator.verify.checks import (compare, conversation_check, failing_rows, layer_check, logits_check, run_graph, thresholds,
+from generator.contract import MASK_VALUE, STORAGE, Bundle, from_storage, to_storage
+from generator.runtime.ort import run_once as run_graph, session_options
+from generator.verify.checks import (compare, conversation_check, failing_rows, layer_check, logits_check, thresholds,
                               within)
 from models import SMALL_GROUPS, quiet_build, randomize, save_tiny, token_ids
 from tokenizer_fixtures import copy_tokenizer_files
@@ -706,7 +707,7 @@ def test_synthetic_build_verifies_for_every_family(recipe_name, tiny_variants, t
     mod_ids = json.loads((bundle.tokenizer_dir / "ax_tokenizer.json").read_text())
     assert mod_ids["eos_ids"], "the synthetic tokenizer must know the family's end-of-turn token"
     # every id the model can produce decodes (the vocabulary is padded to the model's)
-    from generator.runtime.runner import load_tokenizer_module
+    from generator.runtime.chat import load_tokenizer_module
 
     tok = load_tokenizer_module(bundle).ChatTokenizer(bundle.tokenizer_dir)
     assert tok.vocab_size == bundle.spec.vocab_size

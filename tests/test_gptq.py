@@ -21,7 +21,7 @@ from generator.inputs.checkpoint import open_input
 from generator.errors import GeneratorError
 from generator.recipe import LINEAR_TENSORS, registry
 from generator.verify.reference import capture, load_reference
-from generator.runtime.runner import Bundle
+from generator.contract import Bundle
 from generator.verify.checks import failing_rows, layer_check, logits_check, thresholds, within
 from generator.progress import Progress
 from models import SMALL_GROUPS, quiet_build, save_tiny, token_ids

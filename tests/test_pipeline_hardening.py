@@ -23,7 +23,7 @@ from generator.export.bundle import dest
 from generator.resolve.chips import get_chip
 from generator.errors import GeneratorError
 from generator.recipe import registry
-from generator.runtime.runner import Bundle
+from generator.contract import Bundle
 from generator.verify.checks import graph_weight_types, limits_for, thresholds
 from models import SMALL_GROUPS, quiet_build
 

@@ -10,8 +10,8 @@ distribution excludes)."""
 import numpy as np
 import pytest
 
-from generator.recipe import Sampling
-from generator.runtime.runner import Sampler
+from generator.contract import Sampling
+from generator.runtime.generation import Sampler
 
 DRAWS = 8000
 # |frequency - p| stays below SIGMAS standard deviations of a binomial frequency (p(1-p)/DRAWS)

@@ -21,7 +21,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from generator.runtime.runner import Bundle, Engine, Generator, Sampler, load_tokenizer_module
+from generator.contract import Bundle
+from generator.runtime.chat import load_tokenizer_module
+from generator.runtime.engine import Engine
+from generator.runtime.generation import Generator, Sampler
 from generator.serve.service import ChatService, StopMatcher
 from generator.serve.http import ApiServer
 from models import SMALL_GROUPS, quiet_build, threads

@@ -13,8 +13,9 @@ import torch
 from generator.inputs.checkpoint import open_input
 from generator.recipe import registry
 from generator.verify.reference import bf16_embedding_input, capture, load_reference
-from generator.runtime.runner import Bundle, Engine, Generator, Sampler
-from generator.recipe import Sampling
+from generator.contract import Bundle, Sampling
+from generator.runtime.engine import Engine
+from generator.runtime.generation import Generator, Sampler
 from generator.verify.checks import conversation_check, failing_rows, layer_check, logits_check, thresholds, within
 from generator.progress import Progress
 from models import SMALL_GROUPS, quiet_build, token_ids

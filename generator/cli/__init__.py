@@ -134,19 +134,19 @@ def cmd_verify(args) -> int:
     from ..inputs.checkpoint import open_input
     from ..progress import Progress
     from ..recipe import registry
-    from ..runtime.runner import Bundle
+    from ..contract import Bundle
     from ..verify.checks import require_passed, run_checks
 
     bundle = Bundle(args.bundle)
-    recipe = registry().recipes[bundle.manifest["recipe"]["name"]]
+    recipe = registry().recipes[bundle.manifest.recipe.name]
     if args.input_path:
         ckpt = open_input(args.input_path)
-    elif bundle.manifest.get("synthetic"):  # the same deterministic weights, regenerated on demand
+    elif bundle.manifest.synthetic:  # the same deterministic weights, regenerated on demand
         from ..inputs.synthetic import synthetic_checkpoint
 
-        ckpt = synthetic_checkpoint(recipe, bundle.manifest["recipe"]["variant"])
+        ckpt = synthetic_checkpoint(recipe, bundle.manifest.recipe.variant)
     else:
-        ckpt = open_input(bundle.manifest["input"]["source"])
+        ckpt = open_input(bundle.manifest.input.source)
     console = Console(stderr=True)
     summary = run_checks(bundle.dir, ckpt, recipe, args.check_level, args.prompt, Progress(console), console)
     Console().print("[bold green]checks passed[/]" if summary["passed"] else "[bold red]checks FAILED[/]")

@@ -17,13 +17,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..contract import TOKENIZER_URL
 from ..errors import GeneratorError
 from .types import int_at_least
 
 if TYPE_CHECKING:
-    from ..runtime.runner import Bundle
-
-DEFAULT_TOKENIZER_URL = "http://127.0.0.1:12345"
+    from ..contract import Bundle
 
 
 def add_run_args(p: argparse.ArgumentParser):
@@ -47,7 +46,7 @@ def add_run_args(p: argparse.ArgumentParser):
     board.add_argument("--tokenizer_type", type=int, default=None,
                        help="2 = HTTP tokenizer server (uid protocol); omit to tokenize in-process")
     board.add_argument("--url_tokenizer_model", help=f"tokenizer server URL (with --tokenizer_type 2; default "
-                                                     f"{DEFAULT_TOKENIZER_URL})")
+                                                     f"{TOKENIZER_URL})")
     board.add_argument("--use_mmap_load_embed", type=int, default=1, choices=[0, 1],
                        help="1: read embedding rows from the file (mmap), 0: load the table into memory")
     board.add_argument("--live_print", type=int, default=1, choices=[0, 1],
@@ -78,9 +77,9 @@ def check_board_flags(args, bundle: Bundle):
     tpl = args.template_filename_axmodel
     if tpl and "%d" not in tpl:
         raise GeneratorError(f"--template_filename_axmodel {tpl!r} must contain %d (the layer index).")
-    graphs = bundle.manifest.get("graphs", {})
-    expected = {"template_filename_axmodel": graphs.get("axmodel_template"),
-                "filename_post_axmodel": graphs.get("post_axmodel"), "filename_tokens_embed": graphs.get("embed")}
+    graphs = bundle.manifest.graphs
+    expected = {"template_filename_axmodel": graphs.axmodel_template, "filename_post_axmodel": graphs.post_axmodel,
+                "filename_tokens_embed": graphs.embed}
     here = bundle.dir.resolve()
     for flag, name in expected.items():
         value = getattr(args, flag)
@@ -107,7 +106,7 @@ def make_tokenizer(args):
         return None
     from ..runtime.tokenizer_client import HttpTokenizer
 
-    url = args.url_tokenizer_model or DEFAULT_TOKENIZER_URL
+    url = args.url_tokenizer_model or TOKENIZER_URL
     tok = HttpTokenizer(url)
     log(f"connect {url} ok")
     log(f"uid: {tok.uid}")
@@ -116,7 +115,9 @@ def make_tokenizer(args):
 
 
 def run(args) -> int:
-    from ..runtime.runner import Bundle, Chat, Engine  # onnxruntime: only for the command that runs a bundle
+    from ..contract import Bundle
+    from ..runtime.chat import Chat
+    from ..runtime.engine import Engine  # onnxruntime: only for the command that runs a bundle
 
     bundle = Bundle(bundle_dir(args))
     check_board_flags(args, bundle)

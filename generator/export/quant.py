@@ -10,8 +10,9 @@ onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits.
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
+
+from ..contract import from_bf16_bits, to_bf16_bits  # noqa: F401  (the storage conversions live in the bundle contract)
 
 QMAX = {"s8": 127, "s4": 7}
 
@@ -42,12 +43,3 @@ def pack_int4(q: np.ndarray) -> bytes:
     if flat.size % 2:
         flat = np.append(flat, np.uint8(0))
     return (flat[0::2] | (flat[1::2] << 4)).tobytes()
-
-
-def to_bf16_bits(a: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 (round to nearest even) as uint16 bits."""
-    return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
-
-
-def from_bf16_bits(a: np.ndarray) -> np.ndarray:
-    return np.asarray(a, np.uint16).view(ml_dtypes.bfloat16).astype(np.float32)

@@ -40,6 +40,8 @@ from typing import Callable
 
 import numpy as np
 
+from ..contract import MANIFEST
+
 FORMAT = 1
 CONFIG = "config.json"
 _LAYER_FILE = re.compile(r"[kv]_cache_(\d+)\.bin")
@@ -56,12 +58,12 @@ def layer_files(path: Path, i: int) -> tuple[Path, Path]:
 
 def bundle_fingerprint(bundle) -> str:
     """sha256 over the recorded sha256 of the files that determine K/V (graphs, weights, embedding)."""
-    files = bundle.manifest.get("files") or {}
+    files = bundle.manifest.files or {}
     h = hashlib.sha256()
-    picked = sorted((name, info.get("sha256", "")) for name, info in files.items()
+    picked = sorted((name, info.sha256) for name, info in files.items()
                     if "/" not in name and name.endswith(_IDENTITY_SUFFIXES))
     if not picked:  # a bundle being checked before its file list exists: the manifest itself
-        h.update((bundle.dir / "manifest.json").read_bytes())
+        h.update((bundle.dir / MANIFEST).read_bytes())
     for name, sha in picked:
         h.update(f"{name}\0{sha}\n".encode())
     return h.hexdigest()

@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..errors import GeneratorError
 from ..paths import TOKENIZER_SERVER
-from ..runtime.runner import load_script
+from ..runtime.chat import load_script
 from .service import ApiError, ChatService
 
 MAX_BODY_BYTES = 4 << 20

@@ -43,6 +43,7 @@ import argparse
 import sys
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -174,16 +175,13 @@ class ChatService:
                  model_name: str | None = None, max_tokens: int | None = None, queue_timeout: float = 600.0,
                  threads: int = 2, history: str = "used", seed: int | None = None, log=None,
                  shared_pool: bool = False):
-        from ..runtime.runner import Bundle, Chat, Engine, Sampler
+        from ..contract import Bundle
+        from ..runtime.chat import Chat
+        from ..runtime.engine import Engine
 
         self.bundle = Bundle(bundle_path)
         self.engine = Engine(self.bundle, threads=threads, history=history, shared_pool=shared_pool)
         self.chat = Chat(self.bundle, self.engine, system_prompt=system_prompt, seed=seed)
-        self.tokenizer = self.chat.tok.tokenizer  # the bundle's ChatTokenizer (templates whole conversations)
-        # the tokenizer module is loaded from the bundle's file, not imported: its exception comes with it
-        self._template_error = self.chat.tok_module.TemplateRenderError
-        self.default_sampler = self.chat.gen.sampler
-        self._Sampler = Sampler
         self.model_id = model_name or self.bundle.model
         self.aliases = {self.model_id, self.bundle.model, self.bundle.dir.name}
         self.max_tokens = max_tokens
@@ -269,9 +267,11 @@ class ChatService:
         sampler = self._sampler_for(body)
         if messages[0]["role"] != "system" and self.chat.system_prompt:
             messages = [{"role": "system", "content": self.chat.system_prompt}] + messages
+        from ..runtime.chat import ConversationRefused
+
         try:
-            ids = self.tokenizer.encode_messages(messages, add_generation_prompt=True)
-        except self._template_error as exc:
+            ids = self.chat.encode_conversation(messages)
+        except ConversationRefused as exc:
             raise ApiError(400, f"the chat template refused the conversation: {exc}", "messages") from None
         if len(ids) >= self.engine.C:
             raise ApiError(400, f"the conversation is {len(ids)} tokens; this bundle's KV cache holds "
@@ -281,6 +281,7 @@ class ChatService:
                 "stops": stops, "sampler": sampler}
 
     def _sampler_for(self, body: dict):
+        """The request's sampler, or None for the server's (post_config.json, --seed)."""
         for name, alias in (("top_p", "top-p"), ("top_k", "top-k")):  # main_api's spellings
             if body.get(name) is None and body.get(alias) is not None:
                 body[name] = body[alias]
@@ -293,8 +294,8 @@ class ChatService:
         seed = _number(body, "seed")
         seed = None if seed is None else seed & ((1 << 64) - 1)
         if all(v is None for v in (temperature, top_p, top_k, penalty, seed)):
-            return self.default_sampler
-        cfg = self.bundle.sampling.model_dump()
+            return None
+        cfg = {}
         if temperature is not None:
             if temperature == 0:  # OpenAI: deterministic
                 cfg.update(enable_temperature=False, enable_top_p_sampling=False, enable_top_k_sampling=True, top_k=1)
@@ -306,24 +307,19 @@ class ChatService:
             cfg.update(enable_top_k_sampling=True, top_k=top_k)
         if penalty is not None:
             cfg.update(enable_repetition_penalty=penalty != 1, repetition_penalty=float(penalty))
-        return self._Sampler(type(self.bundle.sampling)(**cfg), seed)
+        return self.chat.sampler(seed, **cfg)
 
     def generate(self, req: dict) -> Iterator[str]:
         """Text pieces of the answer; afterwards `req` holds finish_reason and usage. Holds the engine
         lock while it runs (close the iterator to release it early)."""
-        from ..runtime.runner import StreamDecoder
-
         self._acquire()
         try:
             self.stop_event.clear()
-            gen = self.chat.gen
-            gen.sampler = req["sampler"]
-            decoder = StreamDecoder(self.tokenizer.decode, gen.eos)
             stops = StopMatcher(req["stops"])
             finish = "length"
-            try:
-                for tok in gen.stream(req["ids"], req["limit"]):
-                    piece = stops.push(decoder.push(tok))
+            with closing(self.chat.complete(req["ids"], req["limit"], req["sampler"])) as answer:
+                for piece in answer:
+                    piece = stops.push(piece)
                     if piece:
                         yield piece
                     if stops.hit:
@@ -333,14 +329,12 @@ class ChatService:
                         finish = "stop"
                         break
                 else:
-                    if gen.stats.hit_eos:
+                    if self.chat.stats.hit_eos:
                         finish = "stop"
                     tail = stops.flush()
                     if tail:
                         yield tail
-            finally:
-                gen.sampler = self.default_sampler
-            st = gen.stats
+            st = self.chat.stats
             req["finish_reason"] = finish
             req["usage"] = {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.generated,
                             "total_tokens": st.prompt_tokens + st.generated,

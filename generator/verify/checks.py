@@ -19,20 +19,21 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import yaml
 from onnx import TensorProto
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from ..contract import STORAGE, Bundle, Sampling, board_mask, from_storage, is_quantized, to_storage
 from ..errors import GeneratorError
 from ..export.bundle import dest, write_text
 from ..paths import DATA_DIR
 from ..progress import Progress
-from ..recipe import Sampling
-from ..runtime.runner import (MASK_VALUE, STORAGE, Bundle, Engine, Generator, Sampler, common_prefix, eos_ids_of,
-                     from_storage, load_tokenizer_module, session_options, to_storage)
+from ..runtime.chat import eos_ids_of, load_tokenizer_module
+from ..runtime.engine import Engine
+from ..runtime.generation import Generator, Sampler, common_prefix
+from ..runtime.ort import open_session, run_once
 
 TOLERANCES = DATA_DIR / "tolerances.yaml"
 GENERATE_TOKENS = 16
@@ -144,24 +145,6 @@ def compare(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     return {"cosine": cos, "max_abs_err": err, "max_rel_err": err / scale}
 
 
-def run_graph(sess: ort.InferenceSession, feeds: dict[str, tuple[np.ndarray, int]],
-              outputs: dict[str, tuple[tuple[int, ...], np.dtype, int]]) -> dict[str, np.ndarray]:
-    """Run with IO binding (bf16 arrays are passed as uint16 bits with their ONNX type)."""
-    io = sess.io_binding()
-    keep = []
-    for name, (arr, onnx_type) in feeds.items():
-        arr = np.ascontiguousarray(arr)
-        keep.append(arr)
-        io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr, onnx_type))
-    result = {}
-    for name, (shape, dtype, onnx_type) in outputs.items():
-        buf = np.zeros(shape, dtype)
-        result[name] = buf
-        io.bind_output(name, "cpu", 0, onnx_type, list(shape), buf.ctypes.data)
-    sess.run_with_iobinding(io)
-    return result
-
-
 def check_sequence(bundle: Bundle, tok, prompt: str, length: int) -> list[int]:
     """The chat-templated prompt (tok: the bundle's ChatTokenizer), padded with random ids to length."""
     ids = list(tok.encode_messages([{"role": "user", "content": prompt}], add_generation_prompt=True))
@@ -177,7 +160,6 @@ def layer_check(bundle: Bundle, cap: dict[str, np.ndarray], progress: Progress, 
     dt, ot = STORAGE[hidden]
     P, C, kv, H = opts.prefill_len, opts.kv_cache_len, spec.kv_dim, spec.hidden_size
     T = cap["inputs"].shape[1]
-    mask_value = MASK_VALUE[hidden]
     rows = []
     with progress.task("layer check", spec.num_hidden_layers) as step:
         for i in range(spec.num_hidden_layers):
@@ -196,19 +178,14 @@ def layer_check(bundle: Bundle, cap: dict[str, np.ndarray], progress: Progress, 
                 x[0, :n] = cap["inputs"][i, h:h + n]
                 idx = np.zeros((1, g.tokens), np.uint32)
                 idx[0, :n] = np.arange(h, h + n)
-                mask = np.full((1, g.tokens, rows_hist + g.tokens), mask_value, np.float32)
-                mask[0, :, :h] = 0
-                mask[0, :, rows_hist:][np.tril(np.ones((g.tokens, g.tokens), bool))] = 0
                 path = bundle.layer_file(i, g.index)
                 types = graph_weight_types(path)
                 limit = limits_for(types, hidden)["layer"]
-                quantized = bool({"s8", "s4"} & set(types))
-                sess = ort.InferenceSession(str(path), session_options(threads, quantized),
-                                            providers=["CPUExecutionProvider"])
-                got = run_graph(sess, {
+                sess = open_session(path, threads=threads, quantized=any(map(is_quantized, types)))
+                got = run_once(sess, {
                     "K_cache": (to_storage(k_hist, hidden), ot), "V_cache": (to_storage(v_hist, hidden), ot),
                     "indices": (idx, TensorProto.UINT32), "input": (to_storage(x, hidden), ot),
-                    "mask": (to_storage(mask, hidden), ot)},
+                    "mask": (board_mask(hidden, g.tokens, rows_hist, h), ot)},
                     {"K_cache_out": ((1, g.tokens, kv), dt, ot), "V_cache_out": ((1, g.tokens, kv), dt, ot),
                      "output": ((1, g.tokens, H), dt, ot)})
                 refs = {"K_cache_out": cap["keys"][i, h:h + n], "V_cache_out": cap["values"][i, h:h + n],
@@ -226,14 +203,13 @@ def logits_check(bundle: Bundle, cap: dict[str, np.ndarray]) -> dict[str, Any]:
     hidden = opts.hidden_state_type
     dt, ot = STORAGE[hidden]
     types = graph_weight_types(bundle.post_file)
-    quantized = bool({"s8", "s4"} & set(types))
-    sess = ort.InferenceSession(str(bundle.post_file), session_options(2, quantized), providers=["CPUExecutionProvider"])
+    sess = open_session(bundle.post_file, threads=2, quantized=any(map(is_quantized, types)))
     x = cap["outputs"][-1, -1:][None]  # [1, 1, H] last layer output at the last position
     k = opts.post_topk
     outs = {"output": ((1, 1, k or spec.vocab_size), dt, ot)}
     if k:
         outs["indices"] = ((1, 1, k), np.int32, TensorProto.INT32)
-    got = run_graph(sess, {"input": (to_storage(x, hidden), ot)}, outs)
+    got = run_once(sess, {"input": (to_storage(x, hidden), ot)}, outs)
     ref = cap["logits"][-1]
     ours = from_storage(got["output"], hidden)[0, 0]
     info = {"weight_types": types, "limit": limits_for(types, hidden)["logits"]}

@@ -1,0 +1,116 @@
+"""A conversation as the board holds it (Chat): a tokenizer session, the engine's cache and a
+generator; and loading the bundle's tokenizer server file, which tokenizes in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..contract import Bundle, Sampling
+from ..errors import GeneratorError
+from .engine import Engine
+from .generation import Generator, Sampler, StreamDecoder, TurnStats
+
+
+def load_script(path: Path, name: str):
+    """Import a standalone script (the tokenizer server, which must not import this package) by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_tokenizer_module(bundle: Bundle):
+    """Import the bundle's tokenizer server file (the same code serves the board over HTTP)."""
+    path = bundle.tokenizer_server
+    return load_script(path, f"axgen_tokenizer_{abs(hash(str(path)))}")
+
+
+def eos_ids_of(tokenizer) -> list[int]:
+    """EOS ids of an in-process ChatSession or an HttpTokenizer."""
+    ids = getattr(tokenizer, "eos_ids", None)
+    if ids is None and hasattr(tokenizer, "tokenizer"):
+        ids = getattr(tokenizer.tokenizer, "eos_ids", None)
+    return list(ids or [])
+
+
+class ConversationRefused(Exception):
+    """The bundle's chat template refused to render a conversation (the message says why)."""
+
+
+class Chat:
+    """A conversation as the board holds it: a tokenizer session + the engine's cache."""
+
+    def __init__(self, bundle: Bundle, engine: Engine, tokenizer=None, *, system_prompt: str | None = None,
+                 seed: int | None = None):
+        self.b, self.engine = bundle, engine
+        self.tok_module = None  # the bundle's tokenizer server module, when tokenizing in-process
+        if tokenizer is None:
+            self.tok_module = mod = load_tokenizer_module(bundle)
+            tokenizer = mod.ChatSession(mod.ChatTokenizer(bundle.tokenizer_dir))
+        self.tok = tokenizer
+        self.gen = Generator(engine, eos_ids_of(tokenizer) or bundle.spec.eos_token_ids, Sampler(bundle.sampling, seed))
+        self.system_prompt = bundle.system_prompt if system_prompt is None else system_prompt
+        self.last_reply: str | None = None
+        self.system_ids: list[int] = []
+
+    @property
+    def stats(self) -> TurnStats:
+        return self.gen.stats
+
+    def sampler(self, seed: int | None = None, **settings) -> Sampler:
+        """A sampler with the bundle's post_config.json settings, `settings` replacing some of them."""
+        return Sampler(Sampling(**{**self.b.sampling.model_dump(), **settings}), seed)
+
+    def encode_conversation(self, messages: list[dict[str, str]]) -> list[int]:
+        """A whole conversation ({role, content} messages) rendered by the bundle's chat template, with
+        the generation prompt; ConversationRefused when the template refuses it. In-process only."""
+        if self.tok_module is None:
+            raise GeneratorError("rendering whole conversations needs the in-process tokenizer")
+        try:
+            return list(self.tok.tokenizer.encode_messages(messages, add_generation_prompt=True))
+        except self.tok_module.TemplateRenderError as exc:
+            raise ConversationRefused(str(exc)) from None
+
+    def complete(self, ids: list[int], max_new_tokens: int | None = None,
+                 sampler: Sampler | None = None) -> Iterator[str]:
+        """Continue the cached sequence to `ids` and yield, for every generated token, the text it
+        completes ("" when none). `sampler` applies to this answer only (default: the chat's)."""
+        default = self.gen.sampler
+        self.gen.sampler = sampler or default
+        try:
+            stream = StreamDecoder(self.tok.decode, self.gen.eos)
+            for tok in self.gen.stream(list(ids), max_new_tokens):
+                yield stream.push(tok)
+        finally:
+            self.gen.sampler = default
+
+    def start(self, system_ids: list[int], k: np.ndarray | None = None, v: np.ndarray | None = None) -> int:
+        """Start over from the system prompt's tokens (kept as the cached prefix): their cache rows
+        `k`, `v` installed when given (a saved --kvcache_path), else prefilled once. Returns their count."""
+        self.system_ids = list(system_ids)
+        self.last_reply = None
+        if k is not None or not self.system_ids:
+            self.engine.load_prefix(k, v, self.system_ids)
+        else:
+            self.engine.reset()
+            self.engine.prefill(self.system_ids)
+        return len(self.system_ids)
+
+    def reset(self) -> int:
+        """Start over with a new tokenizer session and the system prompt prefilled once."""
+        return self.start(self.tok.reset(self.system_prompt))
+
+    def turn(self, text: str, max_new_tokens: int | None = None) -> Iterator[str]:
+        """Send a user message; yields text pieces as they complete."""
+        ids = self.tok.encode(text, last_reply=self.last_reply)[0]
+        stream = StreamDecoder(self.tok.decode, self.gen.eos)
+        for tok in self.gen.stream(list(ids), max_new_tokens):
+            piece = stream.push(tok)
+            if piece:
+                yield piece
+        self.last_reply = self.tok.decode(stream.ids)

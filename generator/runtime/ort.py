@@ -1,0 +1,144 @@
+"""The onnxruntime adapter: session options, the shared thread pool, relaxed graph loading, IO binding.
+
+Every use of onnxruntime's private API (`InferenceSession._sess`, `IOBinding._iobinding`: binding
+numpy buffers by address and running without per-call Python wrappers) is here and only here, so an
+onnxruntime upgrade that changes them is one module's business.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto
+
+PROVIDERS = ["CPUExecutionProvider"]
+_GLOBAL_POOL: int | None = None
+
+
+def use_global_pool(threads: int) -> bool:
+    """One process-wide intra-op pool shared by every layer session (set once per process).
+
+    Per-session pools would leave ~30 pools whose threads must spin (or be woken) around each run;
+    one shared pool's worker stays warm from layer to layer, which keeps small per-layer runs fast.
+    onnxruntime then refuses sessions with their own pools in this process, so this is for
+    processes that exist to run a bundle (`generator run`, `serve`, `bench`), not for libraries."""
+    global _GLOBAL_POOL
+    if _GLOBAL_POOL is None:
+        try:
+            ort.set_global_thread_pool_sizes(threads, 1)
+            _GLOBAL_POOL = threads
+        except Exception:  # the environment already exists in this process
+            _GLOBAL_POOL = 0
+    return _GLOBAL_POOL == threads
+
+
+def global_pool_size() -> int:
+    """The process-wide pool's threads, 0 when this process has none (sessions then have their own)."""
+    return _GLOBAL_POOL or 0
+
+
+def session_options(threads: int, quantized: bool, shared_pool: bool = False) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if shared_pool or _GLOBAL_POOL:  # once a process has the global pool, every session must use it
+        so.use_per_session_threads = False
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    else:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if quantized:
+        # MatMulNBits with int8 activations (onnxruntime's fast CPU path for block-quantized weights)
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "4")
+    so.log_severity_level = 3
+    return so
+
+
+def relaxed_graph(path: Path) -> bytes:
+    """The graph with its history and token dimensions symbolic (same nodes, same weights).
+
+    The graphs take P and T from their inputs' shapes, so the only change is the declared shapes."""
+    model = onnx.load(str(path), load_external_data=False)
+    dims_of = {"K_cache": {1: "history"}, "V_cache": {1: "history"}, "indices": {1: "tokens"}, "input": {1: "tokens"},
+               "mask": {1: "tokens", 2: "total"}, "K_cache_out": {1: "tokens"}, "V_cache_out": {1: "tokens"},
+               "output": {1: "tokens"}}
+    for value in [*model.graph.input, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        for axis, name in dims_of.get(value.name, {}).items():
+            dims[axis].ClearField("dim_value")
+            dims[axis].dim_param = name
+    return model.SerializeToString()
+
+
+def open_session(path: Path, *, threads: int, quantized: bool, shared_pool: bool = False,
+                 relaxed: bool = False) -> ort.InferenceSession:
+    """A CPU session on a bundle graph; `relaxed`: with symbolic history/token dimensions (relaxed_graph)."""
+    so = session_options(threads, quantized, shared_pool)
+    if not relaxed:
+        return ort.InferenceSession(str(path), so, providers=PROVIDERS)
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    return ort.InferenceSession(relaxed_graph(path), so, providers=PROVIDERS)
+
+
+def fixed_token_outputs(sess: ort.InferenceSession) -> list[str]:
+    """Outputs whose token dimension is a number (a graph that bakes its token count into its nodes)."""
+    return [o.name for o in sess.get_outputs() if not isinstance(o.shape[1], str)]
+
+
+DEVICE = ort.OrtDevice.make("cpu", 0)._get_c_device()  # where every bound buffer lives
+
+
+class Binding:
+    """A session's inputs and outputs bound to numpy buffers by address (no copies; the caller keeps
+    the buffers alive and in place while bound). `elem`: the ONNX element type unless given."""
+
+    def __init__(self, sess: ort.InferenceSession, elem: int):
+        self._run = sess._sess.run_with_iobinding
+        self._io = sess.io_binding()._iobinding
+        self.elem = elem
+
+    def input(self, name: str, arr: np.ndarray, shape=None, elem: int | None = None):
+        self.input_at(name, arr.ctypes.data, arr.shape if shape is None else shape, elem)
+
+    def output(self, name: str, arr: np.ndarray, shape=None, elem: int | None = None):
+        self.output_at(name, arr.ctypes.data, arr.shape if shape is None else shape, elem)
+
+    def input_at(self, name: str, address: int, shape, elem: int | None = None):
+        """Bind `name` to the memory at `address` (a row inside a larger buffer)."""
+        self._io.bind_input(name, DEVICE, self.elem if elem is None else elem, list(shape), address)
+
+    def output_at(self, name: str, address: int, shape, elem: int | None = None):
+        self._io.bind_output(name, DEVICE, self.elem if elem is None else elem, list(shape), address)
+
+    def run(self):
+        self._run(self._io, None)
+
+    def raw(self) -> tuple[Callable[[], None], Callable, Callable]:
+        """(run, bind_input, bind_output) as onnxruntime's C-level calls, for a hot loop that rebinds
+        by address: bind_*(name, DEVICE, elem, shape list, address)."""
+        io, run = self._io, self._run
+        return (lambda: run(io, None)), io.bind_input, io.bind_output
+
+
+
+def run_once(sess: ort.InferenceSession, feeds: dict[str, tuple[np.ndarray, int]],
+             outputs: dict[str, tuple[tuple[int, ...], np.dtype, int]]) -> dict[str, np.ndarray]:
+    """One run with fresh buffers: feeds {name: (array, ONNX type)}, outputs {name: (shape, dtype, ONNX
+    type)} (bf16 arrays are uint16 bits with their ONNX type). Returns the output arrays."""
+    binding = Binding(sess, TensorProto.FLOAT)
+    keep = []
+    for name, (arr, onnx_type) in feeds.items():
+        arr = np.ascontiguousarray(arr)
+        keep.append(arr)
+        binding.input(name, arr, elem=onnx_type)
+    result = {}
+    for name, (shape, dtype, onnx_type) in outputs.items():
+        result[name] = np.zeros(shape, dtype)
+        binding.output(name, result[name], elem=onnx_type)
+    binding.run()
+    return result
