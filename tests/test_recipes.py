@@ -13,6 +13,11 @@ from generator.resolve.spec import read_config, resolve_spec
 LLAMA = (RECIPES_DIR / "llama.yaml").read_text()
 
 
+def with_block(text: str) -> str:
+    """llama.yaml with `text` (lines indented under block:) added to its block section."""
+    return LLAMA.replace("block:\n", "block:\n" + text, 1)
+
+
 def write(tmp_path, name, text):
     path = tmp_path / f"{name}.yaml"
     path.write_text(textwrap.dedent(text))
@@ -37,7 +42,7 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
 
 
 def test_unknown_field_names_the_field_path(tmp_path):
-    path = write(tmp_path, "llama", LLAMA.replace("  norm: {kind: rms_norm", "  norm: {kind: rms_norm, colour: red"))
+    path = write(tmp_path, "llama", with_block("  norm: {kind: rms_norm, colour: red}\n"))
     with pytest.raises(GeneratorError) as e:
         load_recipe(path)
     msg = str(e.value)
@@ -45,7 +50,7 @@ def test_unknown_field_names_the_field_path(tmp_path):
 
 
 def test_wrong_value_names_field_and_expected(tmp_path):
-    path = write(tmp_path, "llama", LLAMA.replace("kind: rms_norm", "kind: batch_norm"))
+    path = write(tmp_path, "llama", with_block("  norm: {kind: batch_norm}\n"))
     with pytest.raises(GeneratorError) as e:
         load_recipe(path)
     msg = str(e.value)
@@ -53,13 +58,13 @@ def test_wrong_value_names_field_and_expected(tmp_path):
 
 
 def test_bad_expression_is_rejected(tmp_path):
-    path = write(tmp_path, "llama", LLAMA.replace('{expr: "head_dim ** -0.5"}', '{expr: "__import__(\'os\')"}'))
+    path = write(tmp_path, "llama", LLAMA.replace("  attention:\n", "  attention:\n    scale: {expr: \"__import__('os')\"}\n", 1))
     with pytest.raises(GeneratorError, match="block.attention.scale"):
         load_recipe(path)
 
 
 def test_missing_block_tensor_is_reported(tmp_path):
-    text = "\n".join(l for l in LLAMA.splitlines() if "gate_proj:" not in l)
+    text = LLAMA.replace("tensors:\n", "tensors:\n  layer: {gate_proj: null}\n", 1)  # drops Llama's default
     with pytest.raises(GeneratorError, match="lacks gate_proj"):
         load_recipe(write(tmp_path, "llama", text))
 

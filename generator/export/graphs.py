@@ -20,7 +20,7 @@ from ..resolve.options import BuildOptions, Group
 from ..resolve.spec import ArchSpec, NormSpec
 from .onnx_graph import DTYPES, Graph, WeightsFile
 from .quant import pack_int4, quantize, to_bf16_bits
-from .weights import ALL_NORMS
+from ..recipe.tensors import NORMS
 
 WINDOW_BLOCK = -1.0e9  # added on top of the mask for keys outside a sliding window
 
@@ -79,8 +79,8 @@ def store_layer(wf: WeightsFile, spec: ArchSpec, opts: BuildOptions, i: int, w: 
     # conversion-time rewrite: q * attention_scale (RoPE is linear, so scaling before it is exact)
     scale = np.float32(spec.attention_scale)
     q_w, q_b = w["q_proj.weight"], w.get("q_proj.bias")
-    if spec.qk_norm:
-        w = dict(w, **{"q_norm.weight": w["q_norm.weight"] * scale})
+    if spec.qk_norm is not None:  # after the q norm: scale its weight (and a LayerNorm's bias)
+        w = dict(w, **{f"q_norm.{p}": w[f"q_norm.{p}"] * scale for p in ("weight", "bias") if f"q_norm.{p}" in w})
     else:
         q_w, q_b = q_w * scale, (q_b * scale if q_b is not None else None)
     qkv_w = np.concatenate([q_w, w["k_proj.weight"], w["v_proj.weight"]], axis=0)
@@ -94,7 +94,7 @@ def store_layer(wf: WeightsFile, spec: ArchSpec, opts: BuildOptions, i: int, w: 
     else:
         refs["up_proj"] = store_linear(wf, inits, "up_proj", w["up_proj.weight"], w.get("up_proj.bias"), wt("up_proj"), opts.group_size)
     refs["down_proj"] = store_linear(wf, inits, "down_proj", w["down_proj.weight"], w.get("down_proj.bias"), wt("down_proj"), opts.group_size)
-    for norm in ALL_NORMS:
+    for norm in NORMS:
         if f"{norm}.weight" in w:
             refs[norm] = (store_vector(wf, inits, f"{norm}.weight", w[f"{norm}.weight"]),
                           store_vector(wf, inits, f"{norm}.bias", w[f"{norm}.bias"]) if f"{norm}.bias" in w else None)
@@ -208,10 +208,10 @@ def layer_graph(spec: ArchSpec, opts: BuildOptions, i: int, group: Group, refs: 
     qkv = linear(g, h, refs["qkv_proj"])  # the attention scale is folded into q_proj (see store_layer)
     cos, sin = rope_tables(g, spec, layer_type, indices)
     rope = lambda t, heads: apply_rope(g, t, cos, sin, table.rotary_dim, d, table.interleaved, heads)  # noqa: E731
-    if spec.qk_norm:
+    if spec.qk_norm is not None:
         q, k, v = g.op("Split", qkv, g.ints(spec.q_dim, kv, kv), axis=-1, n_out=3)
-        q4 = norm(g, g.op("Reshape", q, g.ints(1, -1, n_h, d)), NormSpec(kind="rms_norm", eps=spec.norm.eps), refs["q_norm"])
-        k4 = norm(g, g.op("Reshape", k, g.ints(1, -1, n_kv, d)), NormSpec(kind="rms_norm", eps=spec.norm.eps), refs["k_norm"])
+        q4 = norm(g, g.op("Reshape", q, g.ints(1, -1, n_h, d)), spec.qk_norm, refs["q_norm"])
+        k4 = norm(g, g.op("Reshape", k, g.ints(1, -1, n_kv, d)), spec.qk_norm, refs["k_norm"])
         q4, k4 = rope(q4, n_h), rope(k4, n_kv)
     else:  # q and k heads rotate together
         qk, v = g.op("Split", qkv, g.ints(spec.q_dim + kv, kv), axis=-1, n_out=2)

@@ -16,41 +16,8 @@ import numpy as np
 from ..errors import GeneratorError
 from ..inputs.checkpoint import Checkpoint
 from ..recipe import Recipe
+from ..recipe.tensors import MODEL, NORMS, bias_expected, expected_shapes, norm_offset
 from ..resolve.spec import ArchSpec
-
-NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
-ALL_NORMS = (*NORMS, "q_norm", "k_norm")  # the block norms and the per-head q/k norms
-
-
-def expected_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
-    h, i, q, kv, d = spec.hidden_size, spec.intermediate_size, spec.q_dim, spec.kv_dim, spec.head_dim
-    shapes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-              "up_proj": (i, h), "down_proj": (h, i), "input_layernorm": (h,)}
-    if spec.mlp_gated:
-        shapes["gate_proj"] = (i, h)
-    if not spec.parallel_residual:
-        shapes["pre_feedforward_layernorm"] = (h,)
-    if spec.post_attention_norm:
-        shapes["post_attention_layernorm"] = (h,)
-    if spec.post_feedforward_norm:
-        shapes["post_feedforward_layernorm"] = (h,)
-    if spec.qk_norm:
-        shapes["q_norm"] = (d,)
-        shapes["k_norm"] = (d,)
-    return shapes
-
-
-def _bias_expected(spec: ArchSpec, name: str) -> bool:
-    if name in ("q_proj", "k_proj", "v_proj"):
-        return spec.qkv_bias
-    if name == "o_proj":
-        return spec.o_bias
-    if name in ("gate_proj", "up_proj", "down_proj"):
-        return spec.mlp_bias
-    if name in NORMS:
-        return spec.norm.kind == "layer_norm"
-    return False
-
 
 class WeightSource:
     """Canonical tensors of one checkpoint under one recipe (read lazily, one layer at a time)."""
@@ -66,7 +33,7 @@ class WeightSource:
     def _layer_map(self, i: int):
         """(key, parts, weight name, bias name) of each mapped layer-i tensor this spec needs."""
         t = self.recipe.tensors
-        for key, path in t.layer.items():
+        for key, path in t.paths().items():
             parts = t.split[key].into if key in t.split else [key]
             if any(p in self.shapes for p in parts):
                 yield key, parts, self._name(path, i, "weight"), self._name(path, i, "bias")
@@ -148,7 +115,7 @@ class WeightSource:
             w_shape = None if split else self.shapes[key]
             w = self._read(w_name, w_shape, f"layer {i} {key}")
             has_bias = self.ckpt.has(b_name)
-            expect_bias = [_bias_expected(spec, p) for p in parts]
+            expect_bias = [bias_expected(spec, p) for p in parts]
             if has_bias and not any(expect_bias):
                 raise GeneratorError(f"Checkpoint has '{b_name}', but config.json with recipe '{self.recipe.name}' says "
                                      f"{key} has no bias. Fix the recipe's bias setting or the checkpoint.")
@@ -176,10 +143,9 @@ class WeightSource:
 
     def _rewrite_layer(self, w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = self.spec
-        if spec.norm.weight_offset:
-            for n in ALL_NORMS:
-                if f"{n}.weight" in w:
-                    w[f"{n}.weight"] = w[f"{n}.weight"] + np.float32(spec.norm.weight_offset)
+        for n in NORMS:  # Gemma's x * (1 + w): the offset is folded into the stored weight
+            if f"{n}.weight" in w and norm_offset(spec, n):
+                w[f"{n}.weight"] = w[f"{n}.weight"] + np.float32(norm_offset(spec, n))
         if spec.residual_scale != 1.0:
             for n in ("o_proj", "down_proj"):
                 for suffix in ("weight", "bias"):
@@ -189,15 +155,16 @@ class WeightSource:
 
     def embed_tokens(self) -> np.ndarray:
         """The input embedding table as the reference computes it (before embedding_scale)."""
-        return self._read(self.recipe.tensors.embed_tokens + ".weight", (self.spec.vocab_size, self.spec.hidden_size),
+        return self._read(self.recipe.tensors.embed_tokens + ".weight", MODEL["embed_tokens"].shape(self.spec),
                           "embed_tokens")
 
     def final_norm(self) -> dict[str, np.ndarray]:
         spec = self.spec
         base = self.recipe.tensors.norm
-        out = {"weight": self._read(base + ".weight", (spec.hidden_size,), "final norm")}
-        if spec.final_norm.kind == "layer_norm":
-            out["bias"] = self._read(base + ".bias", (spec.hidden_size,), "final norm bias")
+        shape = MODEL["norm"].shape(spec)
+        out = {"weight": self._read(base + ".weight", shape, "final norm")}
+        if MODEL["norm"].bias(spec):
+            out["bias"] = self._read(base + ".bias", shape, "final norm bias")
         if spec.final_norm.weight_offset:
             out["weight"] = out["weight"] + np.float32(spec.final_norm.weight_offset)
         return out

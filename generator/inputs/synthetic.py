@@ -40,11 +40,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GeneratorError
-from ..export.weights import ALL_NORMS, _bias_expected, expected_shapes
 from ..paths import CACHE_DIR
 from ..recipe import ChatTemplate, Recipe
+from ..recipe.tensors import LAYER, MODEL, bias_expected, expected_shapes, norm_offset
 from ..resolve.spec import ArchSpec, resolve_spec
-from .checkpoint import Checkpoint, sha256_file
+from .source import TensorSource, sha256_file
 
 CACHE = CACHE_DIR / "synthetic"
 FORMAT = 2
@@ -75,7 +75,7 @@ def tensor_plan(recipe: Recipe, spec: ArchSpec) -> dict[str, tuple[tuple[int, ..
         f"{t.embed_tokens}.weight": ((v, h), "embed", emb_std),
         f"{t.norm}.weight": ((h,), "norm", spec.final_norm.weight_offset),
     }
-    if spec.final_norm.kind == "layer_norm":
+    if MODEL["norm"].bias(spec):
         plan[f"{t.norm}.bias"] = ((h,), "bias", 0.0)
     if not spec.tie_word_embeddings:
         if not t.lm_head:
@@ -84,36 +84,31 @@ def tensor_plan(recipe: Recipe, spec: ArchSpec) -> dict[str, tuple[tuple[int, ..
     if spec.lm_head_bias:
         plan[f"{t.lm_head}.bias"] = ((v,), "bias", 0.0)
     for i in range(spec.num_hidden_layers):
-        for key, path in t.layer.items():
+        for key, path in t.paths().items():
             split = t.split.get(key)
             parts = [p for p in (split.into if split else [key]) if p in shapes]
             if not parts:
                 continue
             base = path.format(i=i)
             rows = sum(shapes[p][0] for p in parts)
-            if key in ALL_NORMS:
-                plan[f"{base}.weight"] = ((rows,), "norm", spec.norm.weight_offset)
+            if key in LAYER and LAYER[key].kind == "norm":
+                plan[f"{base}.weight"] = ((rows,), "norm", norm_offset(spec, key))
             else:
                 plan[f"{base}.weight"] = ((rows, shapes[parts[0]][1]), "linear", 0.0)
-            if any(_bias_expected(spec, p) for p in parts):
+            if any(bias_expected(spec, p) for p in parts):
                 plan[f"{base}.bias"] = ((rows,), "bias", 0.0)
     return plan
 
 
-class SyntheticCheckpoint(Checkpoint):
-    """A Checkpoint whose tensors are generated on demand (deterministic per name)."""
+class SyntheticCheckpoint(TensorSource):
+    """A tensor source whose tensors are generated on demand (deterministic per name)."""
 
-    synthetic = True
+    kind = "synthetic"
 
     def __init__(self, directory: Path, config: dict, plan: dict, seed: int, source: str):
-        self.dir = Path(directory)
-        self.source = source
-        self.config = config
+        super().__init__(directory, config, source)
         self.plan = plan
         self.seed = seed
-        self.weight_files: list[Path] = []
-        self.gptq = None
-        self._where = {}
         self._embed_name = next(n for n, p in plan.items() if p[1] == "embed")
 
     def names(self) -> set[str]:
@@ -134,7 +129,7 @@ class SyntheticCheckpoint(Checkpoint):
 
     def tensor(self, name: str) -> np.ndarray:
         if name not in self.plan:
-            raise GeneratorError(f"Checkpoint '{self.source}' has no tensor '{name}'.")
+            raise self.missing(name)
         shape, kind, p = self.plan[name]
         x = self._noise(name, shape)
         if kind == "linear":
@@ -220,7 +215,7 @@ def write_tokenizer(target: Path, template: ChatTemplate, config: dict, vocab_si
 
 # -- the checkpoint ---------------------------------------------------------------------------------
 
-def _variant_config(recipe: Recipe, variant: str | None) -> dict:
+def variant_config(recipe: Recipe, variant: str | None) -> dict:
     v = recipe.variants.get(variant) if variant else None
     if v is None or not v.config:
         raise GeneratorError(f"SYNTHETIC=1 needs a model variant with its config.json in recipe '{recipe.name}' "
@@ -229,11 +224,13 @@ def _variant_config(recipe: Recipe, variant: str | None) -> dict:
 
 
 def synthetic_checkpoint(recipe: Recipe, variant: str | None, *, config: dict | None = None, seed: int = 0,
-                         cache_dir: Path | None = None) -> SyntheticCheckpoint:
-    """Random weights with the exact config of `variant` (or an explicit config.json dict)."""
-    config = dict(config) if config is not None else _variant_config(recipe, variant)
+                         cache_dir: Path | None = None, spec: ArchSpec | None = None) -> SyntheticCheckpoint:
+    """Random weights with the exact config of `variant` (or an explicit config.json dict). `spec`: the
+    config's resolved spec when the caller has it (a build does), else it is resolved here."""
+    config = dict(config) if config is not None else variant_config(recipe, variant)
     name = variant or recipe.name
-    spec = resolve_spec(recipe, config, model_name=name, max_positions=1, where=f"recipe variant {name}")
+    if spec is None:
+        spec = resolve_spec(recipe, config, model_name=name, max_positions=1, where=f"recipe variant {name}")
     template = recipe.chat_template(variant)
     if template is None:
         raise GeneratorError(f"Recipe '{recipe.name}' has no chat template for a synthetic tokenizer (chat.template).")

@@ -22,7 +22,7 @@ from rich.console import Console
 
 from ..errors import GeneratorError
 from ..paths import PROJECT_ROOT, TEMPLATES_DIR
-from .schema import Registry, load_recipe
+from .registry import Registry, load_recipe
 
 TEMPLATE = TEMPLATES_DIR / "new_recipe"
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")

@@ -4,25 +4,25 @@ A recipe says how to read a family's config.json (aliases, defaults), which arch
 its decoder block has (as data: norm kind, rope, biases, softcaps, window pattern, scales), where
 each canonical tensor lives in the HF checkpoint, and which model variants (make targets) exist.
 Values that depend on the checkpoint are expressions over config keys: `{expr: "hidden_size ** 0.5"}`.
+Loading (YAML limits, `extends` inheritance, the registry) is generator/recipe/registry.py; the
+canonical tensor names and their facts are generator/recipe/tensors.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt,
                       StrictStr, ValidationError, field_validator, model_validator)
 
+from ..contract import Sampling  # post_config.json: the bundle format owns it; recipes set its defaults
 from ..errors import GeneratorError
 from ..limits import Ranged, limits, shown
 from ..names import SAFE_NAME_RULE, is_safe_name
-from ..paths import RECIPES_DIR
 from .expr import ExprError, names_in
+from .tensors import LAYER_TENSORS, LLAMA_LAYER, MODEL
 
 
 def _safe(value: str) -> str:
@@ -37,16 +37,6 @@ SafeName = Annotated[StrictStr, AfterValidator(_safe)]
 WeightType = Literal["s8", "s4", "bf16", "fp16", "fp32"]
 HiddenType = Literal["bf16", "fp16", "fp32"]
 PostWeightType = WeightType
-
-# The canonical per-layer tensor names (HF names where they are unambiguous). Llama's
-# `post_attention_layernorm` is applied *before* the MLP, so recipes map it to
-# `pre_feedforward_layernorm`; `post_attention_layernorm` here is Gemma2's sandwich norm after attention.
-LAYER_TENSORS = (
-    "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
-    "q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "gate_proj", "up_proj", "down_proj",
-)
-LINEAR_TENSORS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -91,6 +81,8 @@ class ConfigReading(Strict):
 
     # Multimodal checkpoints nest the language model's config (InternVL: llm_config).
     section: Union[StrictStr, None] = None
+    # canonical key <- the first present of the family's keys; a dotted key reads a nested value
+    # (Gemma3 under transformers 5: rope_parameters.sliding_attention.rope_theta)
     aliases: dict[str, Union[str, list[str]]] = {}
     defaults: dict[str, Any] = {}
     refuse: list[Refusal] = []
@@ -101,6 +93,15 @@ class Norm(Strict):
     eps: Annotated[Value, Ranged("norm_eps")] = E("rms_norm_eps")
     # Gemma computes x * (1 + w): weight_offset 1.0 is folded into the stored weight at conversion.
     weight_offset: Annotated[StrictFloat, Ranged("norm_weight_offset")] = 0.0
+
+
+class QkNorm(Strict):
+    """The per-head q/k norms (switched on by mapping q_norm and k_norm): null eps / weight_offset
+    take the block norm's."""
+
+    kind: Literal["rms_norm", "layer_norm"] = "rms_norm"
+    eps: Annotated[Value, Ranged("norm_eps", optional=True)] = None
+    weight_offset: Annotated[Union[StrictFloat, None], Ranged("norm_weight_offset", optional=True)] = None
 
 
 class Rope(Strict):
@@ -136,6 +137,7 @@ class Block(Strict):
     attention: Attention = Attention()
     mlp: Mlp = Mlp()
     rope: Rope = Rope()
+    qk_norm: QkNorm = QkNorm()
     # Phi-2: attention and MLP both read the same input norm; x + attn(h) + mlp(h).
     parallel_residual: StrictBool = False
     # MiniCPM: each branch output is scaled before the residual add (folded into o_proj/down_proj).
@@ -165,35 +167,71 @@ class Split(Strict):
 
 
 class Tensors(Strict):
-    """Where each canonical tensor lives: HF module paths ({i} = layer index); .weight/.bias appended."""
+    """Where each canonical tensor lives: HF module paths ({i} = layer index); .weight/.bias appended.
 
-    embed_tokens: str
-    norm: str
-    lm_head: Union[str, None] = "lm_head"
-    layer: dict[str, str]
+    Every path defaults to Llama's (generator/recipe/tensors.py): a recipe maps only the names that
+    differ, and null drops a default (Phi-2: gate_proj: null). The parts of a fused tensor listed
+    under split are not defaulted. `prefix` is prepended to every path (not to `ignore`); once
+    validated, the paths are whole and the prefix is empty."""
+
+    prefix: StrictStr = ""
+    embed_tokens: StrictStr = MODEL["embed_tokens"].llama
+    norm: StrictStr = MODEL["norm"].llama
+    lm_head: Union[StrictStr, None] = MODEL["lm_head"].llama
+    layer: dict[str, Union[StrictStr, None]] = {}
     split: dict[str, Split] = {}
     # fnmatch patterns of checkpoint tensors the recipe deliberately leaves unused (vision towers,
     # rotary inv_freq buffers); any other tensor the map does not read fails the build
     ignore: list[StrictStr] = []
 
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_and_prefix(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data  # pydantic reports it
+        layer, split, prefix = data.get("layer", {}), data.get("split", {}), data.get("prefix", "")
+        if not (isinstance(layer, dict) and isinstance(split, dict) and isinstance(prefix, str)):
+            return data
+        given = set(layer)
+        for s in split.values():
+            into = s.into if isinstance(s, Split) else s.get("into") if isinstance(s, dict) else None
+            if isinstance(into, list):
+                given.update(p for p in into if isinstance(p, str))
+        full = {k: v for k, v in LLAMA_LAYER.items() if k not in given}
+        full.update(layer)
+        order = {k: n for n, k in enumerate(LAYER_TENSORS)}  # table order, then fused names as written
+        full = dict(sorted(full.items(), key=lambda kv: order.get(kv[0], len(order))))
+        out = {**data, "layer": full, "prefix": ""}
+        for key in ("embed_tokens", "norm", "lm_head"):
+            out.setdefault(key, MODEL[key].llama)
+        if prefix:
+            add = lambda v: prefix + v if isinstance(v, str) else v  # noqa: E731
+            out.update({k: add(out[k]) for k in ("embed_tokens", "norm", "lm_head")})
+            out["layer"] = {k: add(v) for k, v in full.items()}
+        return out
+
     @model_validator(mode="after")
     def _known_names(self):
-        for key in self.layer:
+        for key, path in self.layer.items():
             if key not in LAYER_TENSORS and key not in self.split:
                 raise ValueError(f"layer tensor '{key}' is not a canonical name ({', '.join(LAYER_TENSORS)}) "
                                  f"nor a fused tensor listed under split")
-            if "{i}" not in self.layer[key]:
-                raise ValueError(f"layer tensor '{key}' path '{self.layer[key]}' must contain '{{i}}'")
+            if path is not None and "{i}" not in path:
+                raise ValueError(f"layer tensor '{key}' path '{path}' must contain '{{i}}'")
         for key, split in self.split.items():
-            if key not in self.layer:
+            if self.layer.get(key) is None:
                 raise ValueError(f"split '{key}' has no path under layer")
             for part in split.into:
                 if part not in LAYER_TENSORS:
                     raise ValueError(f"split '{key}' part '{part}' is not a canonical name")
         return self
 
+    def paths(self) -> dict[str, str]:
+        """The mapped layer tensors: name (canonical or fused) -> path (defaults dropped by null left out)."""
+        return {k: v for k, v in self.layer.items() if v is not None}
+
     def provides(self) -> set[str]:
-        names = {k for k in self.layer if k not in self.split}
+        names = {k for k in self.paths() if k not in self.split}
         for split in self.split.values():
             names.update(split.into)
         return names
@@ -246,29 +284,6 @@ class BuildDefaults(Strict):
     # Tensors kept in a wider type than weight_type: first matching rule wins (fnmatch on
     # "layers.<i>.<canonical>"), e.g. {"layers.0.down_proj": s8} for an s4 build.
     overrides: dict[str, WeightType] = {}
-
-
-class Sampling(Strict):
-    """post_config.json (contract section 4)."""
-
-    enable_temperature: StrictBool = False
-    temperature: Annotated[float, Ranged("temperature")] = 0.9
-    enable_repetition_penalty: StrictBool = False
-    repetition_penalty: Annotated[float, Ranged("repetition_penalty")] = 1.2
-    penalty_window: Annotated[StrictInt, Ranged("penalty_window")] = 20
-    enable_top_p_sampling: StrictBool = False
-    top_p: Annotated[float, Ranged("top_p")] = 0.8
-    enable_top_k_sampling: StrictBool = True
-    top_k: Annotated[StrictInt, Ranged("top_k")] = 1
-
-    @classmethod
-    def read(cls, path: Path) -> "Sampling":
-        """A bundle's post_config.json, with a clear error for a value out of range."""
-        try:
-            return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError) as exc:  # ValidationError and JSONDecodeError are ValueErrors
-            text = _format_errors(exc) if isinstance(exc, ValidationError) else str(exc)
-            raise GeneratorError(f"{path}: invalid sampling settings: {text}.") from None
 
 
 class Embedded(Strict):
@@ -324,7 +339,7 @@ class Recipe(Strict):
     block: Block = Block()
     embedding: Embedding = Embedding()
     head: Head = Head()
-    tensors: Tensors
+    tensors: Tensors = Tensors()
     reference: Reference = Reference()
     chat: Chat = Chat()
     build: BuildDefaults = BuildDefaults()
@@ -349,7 +364,11 @@ class Recipe(Strict):
         if missing:
             raise ValueError(f"tensors.layer lacks {', '.join(missing)}, which this block needs")
         if not self.block.mlp.gated and "gate_proj" in have:
-            raise ValueError("tensors.layer maps gate_proj but block.mlp.gated is false")
+            raise ValueError("tensors.layer maps gate_proj but block.mlp.gated is false (gate_proj: null drops "
+                             "Llama's default)")
+        if self.block.parallel_residual and "pre_feedforward_layernorm" in have:
+            raise ValueError("tensors.layer maps pre_feedforward_layernorm but block.parallel_residual reads one "
+                             "norm (pre_feedforward_layernorm: null drops Llama's default)")
         if ("q_norm" in have) != ("k_norm" in have):
             raise ValueError("q_norm and k_norm come together")
         for name, v in self.variants.items():
@@ -384,161 +403,3 @@ def _format_errors(err: ValidationError, most: int = 6) -> str:
 
 def _format_validation(path: Path, err: ValidationError) -> str:
     return f"Recipe {path}: invalid: {_format_errors(err)}."
-
-
-class _LimitedLoader(yaml.SafeLoader):
-    """SafeLoader that refuses documents too deep or too large once aliases are expanded
-    (data/limits.yaml `yaml`) before building any Python object from them."""
-
-    def __init__(self, stream):
-        super().__init__(stream)
-        self.limits, self.depth, self.aliases = limits()["yaml"], 0, 0
-
-    def _refuse(self, what: str, key: str | None = None):
-        limit = f" (yaml.{key} in generator/data/limits.yaml)" if key else ""
-        raise yaml.YAMLError(f"{what}{limit}")
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            self.aliases += 1
-            if self.aliases > self.limits["max_aliases"]:
-                self._refuse(f"more than {self.limits['max_aliases']} aliases", "max_aliases")
-        self.depth += 1
-        if self.depth > self.limits["max_depth"]:
-            self._refuse(f"nested deeper than {self.limits['max_depth']} levels", "max_depth")
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
-
-    def expanded_size(self, root: yaml.Node) -> int:
-        """Nodes of the document with every alias expanded (each shared node counted per use);
-        refuses a recursive alias (a node inside itself)."""
-        size: dict[int, int | None] = {}  # None: being counted (an ancestor of the node at hand)
-        todo = [(root, False)]
-        while todo:  # iterative post-order: children are counted before their parent
-            node, children_done = todo.pop()
-            if children_done:
-                sizes = [size[id(c)] for c in _children(node)]
-                if None in sizes:
-                    self._refuse("a recursive alias (a node that contains itself)")
-                size[id(node)] = min(1 + sum(sizes), 1 << 62)
-            elif id(node) not in size:
-                size[id(node)] = None
-                todo.append((node, True))
-                todo.extend((c, False) for c in _children(node))
-        return size[id(root)]
-
-    def load(self):
-        node = self.get_single_node()
-        if node is None:
-            return None
-        if self.expanded_size(node) > self.limits["max_nodes"]:
-            self._refuse(f"more than {self.limits['max_nodes']} nodes once aliases are expanded", "max_nodes")
-        return self.construct_document(node)
-
-
-def _children(node: yaml.Node) -> list[yaml.Node]:
-    if isinstance(node, yaml.SequenceNode):
-        return list(node.value)
-    if isinstance(node, yaml.MappingNode):
-        return [n for pair in node.value for n in pair]
-    return []
-
-
-def read_yaml(path: Path) -> Any:
-    """A YAML file, bounded in size, nesting and alias expansion; GeneratorError naming the file."""
-    max_bytes = limits()["yaml"]["max_bytes"]
-    try:
-        with path.open("rb") as f:
-            raw = f.read(max_bytes + 1)
-    except OSError as exc:
-        raise GeneratorError(f"Recipe {path}: cannot read: {exc.strerror or exc}.") from None
-    if len(raw) > max_bytes:
-        raise GeneratorError(f"Recipe {path}: larger than {max_bytes} bytes (yaml.max_bytes in generator/data/limits.yaml).")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise GeneratorError(f"Recipe {path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8.") from None
-    loader = None
-    try:
-        loader = _LimitedLoader(text)  # the reader refuses control characters here
-        return loader.load()
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        what = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line
-        raise GeneratorError(f"Recipe {path}: not valid YAML{where}: {what}.") from None
-    except (ValueError, TypeError, OverflowError, AttributeError) as exc:  # a scalar the constructor rejects
-        # (a bad date; pyyaml's !!timestamp constructor fails with AttributeError on a malformed one)
-        raise GeneratorError(f"Recipe {path}: not valid YAML: {exc}.") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-
-
-def load_recipe(path: str | Path) -> Recipe:
-    path = Path(path)
-    data = read_yaml(path)
-    if not isinstance(data, dict):
-        raise GeneratorError(f"Recipe {path}: expected a mapping at the top level, got {type(data).__name__}.")
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise GeneratorError(_format_validation(path, exc)) from None
-    if recipe.name != path.stem:
-        raise GeneratorError(f"Recipe {path}: field 'name' is '{recipe.name}' but must equal the file name '{path.stem}'.")
-    recipe._path = path
-    return recipe
-
-
-class Registry:
-    """All recipes of a directory, their variants (make targets) and architectures."""
-
-    def __init__(self, recipes_dir: str | Path = RECIPES_DIR):
-        self.dir = Path(recipes_dir)
-        self.recipes: dict[str, Recipe] = {}
-        self.paths: dict[str, Path] = {}
-        for path in sorted(self.dir.glob("*.yaml")):
-            recipe = load_recipe(path)
-            self.recipes[recipe.name] = recipe
-            self.paths[recipe.name] = path
-        self.variants: dict[str, str] = {}
-        for recipe in self.recipes.values():
-            for v in recipe.variants:
-                if v in self.variants:
-                    raise GeneratorError(f"Variant '{v}' is defined by both recipes '{self.variants[v]}' and '{recipe.name}'; "
-                                         f"variant names are make targets and must be unique.")
-                self.variants[v] = recipe.name
-
-    def variant(self, name: str) -> tuple[Recipe, str]:
-        if name not in self.variants:
-            known = ", ".join(sorted(self.variants))
-            raise GeneratorError(f"Unknown model '{name}'. Known models: {known}. (`make list` shows them with their recipes.)")
-        return self.recipes[self.variants[name]], name
-
-    def by_architecture(self, architectures: list[str], model_type: str | None = None,
-                        config: dict | None = None) -> Recipe:
-        """The recipe for a checkpoint. A recipe that reads a config section (InternVL: llm_config)
-        matches on the architectures inside that section, and wins over one matching at the top."""
-        for recipe in self.recipes.values():
-            section = (config or {}).get(recipe.config.section) if recipe.config.section else None
-            if isinstance(section, dict) and any(a in recipe.architectures for a in section.get("architectures") or []):
-                return recipe
-        for recipe in self.recipes.values():
-            if not recipe.config.section and any(a in recipe.architectures for a in architectures):
-                return recipe
-        supported = sorted({a for r in self.recipes.values() for a in r.architectures})
-        raise GeneratorError(f"Unsupported architecture {architectures or [model_type]}: no recipe in {self.dir} "
-                             f"declares it. Supported architectures: {', '.join(supported)}. "
-                             f"To add one, run `make new-recipe` (see ADDING_A_MODEL.md).")
-
-
-def registry(recipes_dir: str | None = None) -> Registry:
-    """The registry of `recipes_dir`, else $AXGEN_RECIPES_DIR, else the project's recipes/ (cached)."""
-    return _registry(str(recipes_dir or os.environ.get("AXGEN_RECIPES_DIR") or RECIPES_DIR))
-
-
-@lru_cache(maxsize=8)
-def _registry(recipes_dir: str) -> Registry:
-    return Registry(recipes_dir)

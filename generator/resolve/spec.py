@@ -14,6 +14,7 @@ from ..errors import GeneratorError
 from ..limits import limits, rule, rule_of, shown
 from ..names import safe_name
 from ..recipe import Expr, Norm, Recipe
+from ..recipe.schema import QkNorm
 from ..recipe.expr import ExprError, evaluate
 from .rope import RopeTable, resolve_rope
 
@@ -54,7 +55,7 @@ class ArchSpec(BaseModel):
     mlp_bias: bool
     qkv_bias: bool
     o_bias: bool
-    qk_norm: bool
+    qk_norm: NormSpec | None  # the per-head q/k norms, when the recipe maps q_norm/k_norm
     post_attention_norm: bool
     post_feedforward_norm: bool
     parallel_residual: bool
@@ -110,17 +111,16 @@ class ArchSpec(BaseModel):
 
 
 def _normalise_rope(cfg_in: dict[str, Any]) -> dict[str, Any]:
-    """transformers >= 5 writes `rope_parameters` (flat, or keyed by layer type); older configs write
-    `rope_theta` + `rope_scaling`. Return the old-style keys (rope_theta, rope_scaling,
-    partial_rotary_factor, rope_local_base_freq) that recipes refer to."""
+    """transformers >= 5 writes `rope_parameters` (flat, or keyed by layer type: the full-attention
+    one is read here; a recipe aliases a family's other keys, e.g. Gemma3's sliding-layer base);
+    older configs write `rope_theta` + `rope_scaling`. Return the old-style keys (rope_theta,
+    rope_scaling, partial_rotary_factor) that recipes refer to."""
     out: dict[str, Any] = {}
     rp = cfg_in.get("rope_parameters")
     if not isinstance(rp, dict) or not rp:
         return out
     if all(isinstance(v, dict) for v in rp.values()):
         flat = rp.get("full_attention") or next(iter(rp.values()))
-        if isinstance(rp.get("sliding_attention"), dict):
-            out["rope_local_base_freq"] = rp["sliding_attention"].get("rope_theta")
     else:
         flat = rp
     out["rope_theta"] = flat.get("rope_theta")
@@ -148,6 +148,16 @@ def _rope_scaling_with_original(cfg: dict[str, Any]):
     return scaling
 
 
+def _nested(cfg: dict[str, Any], dotted: str) -> Any:
+    """The value under a dotted key path (rope_parameters.sliding_attention.rope_theta), else None."""
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
 def read_config(recipe: Recipe, raw: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
     """Apply the recipe's reading rules (section, aliases, defaults) and transformers' conventions."""
     cfg_in = raw
@@ -159,8 +169,9 @@ def read_config(recipe: Recipe, raw: dict[str, Any], where: str = "config.json")
     present.update(_normalise_rope(cfg_in))
     for canonical, keys in recipe.config.aliases.items():
         for key in [keys] if isinstance(keys, str) else keys:
-            if present.get(key) is not None:
-                present[canonical] = present[key]
+            value = present.get(key) if key in present or "." not in key else _nested(cfg_in, key)
+            if value is not None:
+                present[canonical] = value
                 break
     cfg: dict[str, Any] = dict(recipe.config.defaults)
     cfg.update(present)
@@ -218,6 +229,13 @@ def _norm(n: Norm, field: str, cfg: dict, recipe: Recipe, where: str) -> NormSpe
                     weight_offset=n.weight_offset)
 
 
+def _qk_norm(qk: QkNorm, block: NormSpec, cfg: dict, recipe: Recipe, where: str) -> NormSpec:
+    """The q/k norms' spec: the recipe's block.qk_norm, its null eps / weight_offset the block norm's."""
+    eps = block.eps if qk.eps is None else float(_field(qk, "eps", "block.qk_norm.eps", cfg, recipe, where))
+    offset = block.weight_offset if qk.weight_offset is None else qk.weight_offset
+    return NormSpec(kind=qk.kind, eps=eps, weight_offset=offset)
+
+
 def _token_ids(cfg: dict, key: str, vocab: int, where: str) -> list[int]:
     value = cfg.get(key)
     ids = [e for e in (value if isinstance(value, list) else [value]) if e is not None]
@@ -229,8 +247,9 @@ def _token_ids(cfg: dict, key: str, vocab: int, where: str) -> list[int]:
 
 
 def resolve_spec(recipe: Recipe, raw_config: dict[str, Any], *, model_name: str, max_positions: int,
-                 where: str = "config.json") -> ArchSpec:
-    cfg = read_config(recipe, raw_config, where)
+                 where: str = "config.json", config: dict[str, Any] | None = None) -> ArchSpec:
+    """`config`: read_config(recipe, raw_config, where), when the caller has read it already (a build does)."""
+    cfg = read_config(recipe, raw_config, where) if config is None else config
     for k, refusal in enumerate(recipe.config.refuse):
         if _value(refusal.when, cfg, f"config.refuse[{k}].when", recipe):
             raise GeneratorError(f"{where}: {refusal.reason} ({refusal.when.expr}), which recipe '{recipe.name}' "
@@ -292,6 +311,7 @@ def resolve_spec(recipe: Recipe, raw_config: dict[str, Any], *, model_name: str,
     softcap = field(b.attention, "logit_softcap", "block.attention.logit_softcap")
     final_softcap = field(recipe.head, "final_logit_softcap", "head.final_logit_softcap")
     have = recipe.tensors.provides()
+    block_norm = _norm(b.norm, "block.norm", cfg, recipe, where)
     tie = field(recipe.head, "tie_word_embeddings", "head.tie_word_embeddings")
     bos = _token_ids(cfg, "bos_token_id", dims["vocab_size"], where)
     model_type = safe_name(recipe.model_type or cfg.get("model_type") or recipe.name,
@@ -303,14 +323,14 @@ def resolve_spec(recipe: Recipe, raw_config: dict[str, Any], *, model_name: str,
         architecture=arch,
         **dims,
         max_position_embeddings=max_pos,
-        norm=_norm(b.norm, "block.norm", cfg, recipe, where),
+        norm=block_norm,
         final_norm=_norm(recipe.head.final_norm or b.norm, "head.final_norm", cfg, recipe, where),
         hidden_act=ACTIVATIONS[act_name],
         mlp_gated=b.mlp.gated,
         mlp_bias=field(b.mlp, "bias", "block.mlp.bias"),
         qkv_bias=field(b.attention, "qkv_bias", "block.attention.qkv_bias"),
         o_bias=field(b.attention, "o_bias", "block.attention.o_bias"),
-        qk_norm="q_norm" in have,
+        qk_norm=_qk_norm(b.qk_norm, block_norm, cfg, recipe, where) if "q_norm" in have else None,
         post_attention_norm="post_attention_layernorm" in have,
         post_feedforward_norm="post_feedforward_layernorm" in have,
         parallel_residual=b.parallel_residual,
