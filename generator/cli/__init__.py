@@ -166,6 +166,16 @@ def cmd_new_recipe(args) -> int:
     return new_recipe(args)
 
 
+def cmd_show_recipe(args) -> int:
+    from ..recipe import registry, show
+
+    reg = registry()
+    if args.recipe not in reg.recipes:
+        raise GeneratorError(f"Unknown recipe '{args.recipe}'. Known recipes: {', '.join(sorted(reg.recipes))}.")
+    sys.stdout.write(show(reg.recipes[args.recipe]))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from ..bench import bench
 
@@ -196,6 +206,8 @@ def make_parser() -> argparse.ArgumentParser:
     from ..recipe.scaffold import add_new_recipe_args
 
     add_new_recipe_args(sub.add_parser("new-recipe", help="scaffold a recipe and its conformance test"))
+    p = sub.add_parser("show-recipe", help="a recipe flattened: its `extends` parents merged in, tensor paths whole")
+    p.add_argument("recipe", help="recipe name, e.g. gemma3 (`list` shows them)")
     from ..bench import add_bench_args
 
     add_bench_args(sub.add_parser("bench", help="runner speed vs transformers on this machine"))
@@ -206,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     handler = {"build": cmd_build, "list": cmd_list, "run": cmd_run, "verify": cmd_verify, "serve": cmd_serve,
-               "new-recipe": cmd_new_recipe, "bench": cmd_bench}[args.command]
+               "new-recipe": cmd_new_recipe, "bench": cmd_bench,
+               "show-recipe": cmd_show_recipe}[args.command]
     try:
         return handler(args)
     except GeneratorError as exc:
