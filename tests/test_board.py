@@ -631,3 +631,80 @@ def test_ctrl_c_stops_the_answer_not_the_session(tiny, capsys, monkeypatch):
     assert code == 0, err
     assert seen == ["one", "two"] and "[I] stopped" in err and "partial" in out
     assert err.count("input token num") == 1 and "avg" in err  # the second question was answered in full
+
+
+# ------------------------------------------------------------------------------------------------
+# the bundle contract (generator/contract.py): file names, manifest validation, port, mask
+# ------------------------------------------------------------------------------------------------
+def test_contract_file_names_match_the_manifest_templates_and_the_files(tiny):
+    from generator import contract
+
+    g = tiny.manifest.graphs
+    for i in range(tiny.spec.num_hidden_layers):
+        for group in tiny.groups:
+            name = tiny.manifest.layer_graph(i, group.index)
+            assert name == g.layer_template.replace("%d", str(i)).replace("{group}", str(group.index))
+            assert (tiny.dir / name).is_file()
+        assert (tiny.dir / tiny.manifest.layer_data(i)).is_file()
+        assert contract.layer_axmodel_name(tiny.spec.model_type, tiny.opts.prefill_len, i) == g.axmodel_template % i
+    assert g.embed == contract.EMBED_FILE and (tiny.dir / g.embed).is_file()
+    assert tiny.tokenizer_dir.name == contract.tokenizer_dir_name(tiny.model)
+    assert tiny.tokenizer_server.name == contract.tokenizer_script_name(tiny.model)
+
+
+def test_a_broken_or_older_manifest_is_refused_naming_file_and_field(tiny, tmp_path):
+    from generator.errors import GeneratorError
+
+    good = json.loads((tiny.dir / "manifest.json").read_text())
+    cases = {
+        "older": ({**good, "format_version": 0}, "format_version 0"),
+        "missing": ({k: v for k, v in good.items() if k != "graphs"}, "graphs"),
+        "wrong type": ({**good, "options": {**good["options"], "kv_cache_len": "many"}}, "options.kv_cache_len"),
+        "unknown weight type": ({**good, "options": {**good["options"], "weight_type": "s3"}}, "options.weight_type"),
+        "bad group": ({**good, "graphs": {**good["graphs"], "groups": [{"index": 0}]}}, "graphs.groups.0"),
+        "not an object": ([], "JSON object"),
+        "unknown key": ({**good, "surprise": 1}, "surprise"),
+    }
+    for case, (data, needle) in cases.items():
+        d = tmp_path / case.replace(" ", "_")
+        d.mkdir()
+        (d / "manifest.json").write_text(json.dumps(data))
+        with pytest.raises(GeneratorError) as err:
+            Bundle(d)
+        assert str(d / "manifest.json") in str(err.value) and needle in str(err.value), (case, str(err.value))
+        assert "rebuild" in str(err.value).lower()
+    (tmp_path / "unreadable").mkdir()
+    (tmp_path / "unreadable" / "manifest.json").write_text("{not json")
+    with pytest.raises(GeneratorError, match="unreadable bundle manifest"):
+        Bundle(tmp_path / "unreadable")
+
+
+def test_tokenizer_port_is_one_fact(tiny):
+    """The standalone tokenizer server (which imports nothing of the package) defaults to the contract's
+    port, and so do the run scripts and the HTTP client."""
+    import inspect
+
+    from generator import contract
+    from generator.runtime.chat import load_script
+    from generator.runtime.tokenizer_client import HttpTokenizer
+
+    server = load_script(tiny.tokenizer_server, "port_check")
+    assert server.DEFAULT_PORT == contract.TOKENIZER_PORT
+    script = (tiny.dir / f"run_{tiny.model}_ax650.sh").read_text()
+    assert f"DEFAULT_TOKENIZER_PORT={contract.TOKENIZER_PORT}\n" in script
+    assert inspect.signature(HttpTokenizer).parameters["url"].default == contract.TOKENIZER_URL
+
+
+@pytest.mark.parametrize("hidden", ["bf16", "fp16", "fp32"])
+def test_board_mask_opens_the_cached_rows_and_the_causal_new_tokens(hidden):
+    from generator.contract import MASK_VALUE, board_mask, from_storage
+
+    tokens, rows, cached = 3, 5, 2
+    got = from_storage(board_mask(hidden, tokens, rows, cached), hidden)[0]
+    assert got.shape == (tokens, rows + tokens)
+    for t in range(tokens):
+        open_cols = set(range(cached)) | {rows + j for j in range(t + 1)}
+        for col in range(rows + tokens):
+            assert got[t, col] == (0.0 if col in open_cols else MASK_VALUE[hidden]), (t, col)
+    decode = from_storage(board_mask(hidden, 1, 1, 0), hidden)[0, 0]  # position 0: one masked dummy row
+    assert decode.tolist() == [MASK_VALUE[hidden], 0.0]

@@ -27,39 +27,28 @@ from typing import Any
 import numpy as np
 import onnx
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from pydantic import ValidationError
 
+from ..contract import (EMBED_FILE, FORMAT_VERSION, MANIFEST, POST_CONFIG, TOKENIZER_HOST, TOKENIZER_PORT, Manifest,
+                        layer_axmodel_name, layer_data_name, layer_graph_name, post_stem, tokenizer_dir_name,
+                        tokenizer_script_name, validation_text)
 from ..errors import GeneratorError
 from ..inputs.checkpoint import recipe_chat_template, sha256_file
 from ..interrupt import signals_held, sigterm_unwinds
 from ..names import inside
 from ..paths import PROJECT_ROOT, TEMPLATES_DIR, TOKENIZER_SERVER
 from ..progress import Progress
-from ..resolve.options import BuildOptions
 from ..resolve.resolved import Resolved
-from ..resolve.spec import ArchSpec
 from .graphs import layer_graph, post_graph, store_layer, store_post
 from .onnx_graph import WeightsFile
 from .quant import to_bf16_bits
 from .weights import WeightSource
 
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
 RUN_TARGETS = {  # run script flavours (contract section 5); "board" is named after the chip as the user typed it
     "board": (None, "main_ax650", None),
     "axcl_x86": ("AXCL x86_64 host", "main_axcl_x86", "0"),
     "axcl_aarch64": ("AXCL aarch64 host", "main_axcl_aarch64", "0"),
 }
-
-
-def layer_stem(spec: ArchSpec, opts: BuildOptions, i: int | str) -> str:
-    return f"{spec.model_type}_p{opts.prefill_len}_l{i}_together"
-
-
-def post_stem(spec: ArchSpec) -> str:
-    return f"{spec.model_type}_post"
-
-
-EMBED_FILE = "model.embed_tokens.weight.bfloat16.bin"
 
 
 def template_env() -> Environment:
@@ -96,31 +85,32 @@ def write_graphs(ctx: Resolved, tmp: Path, progress: Progress) -> dict[str, Any]
     spec, opts = ctx.spec, ctx.opts
     src = WeightSource(ctx.ckpt, ctx.recipe, spec)
     groups = opts.groups()
+    mt, P = spec.model_type, opts.prefill_len  # file names: generator/contract.py
     with progress.task("building llm decode layers", spec.num_hidden_layers) as step:
         for i in range(spec.num_hidden_layers):
-            stem = layer_stem(spec, opts, i)
-            wf = WeightsFile(dest(tmp, f"{stem}.data"))
+            wf = WeightsFile(dest(tmp, layer_data_name(mt, P, i)))
             inits, refs = store_layer(wf, spec, opts, i, src.layer(i))
             wf.close()
             for group in groups:
-                onnx.save_model(layer_graph(spec, opts, i, group, refs, inits), dest(tmp, f"{stem}.g{group.index}.onnx"))
+                onnx.save_model(layer_graph(spec, opts, i, group, refs, inits),
+                                dest(tmp, layer_graph_name(mt, P, i, group.index)))
             step()
     with progress.task("building llm post layer", 1) as step:
         embed = src.embed_tokens()
-        wf = WeightsFile(dest(tmp, f"{post_stem(spec)}.data"))
+        wf = WeightsFile(dest(tmp, f"{post_stem(mt)}.data"))
         inits, refs = store_post(wf, spec, opts, src.final_norm(), src.lm_head(embed))
         wf.close()
-        onnx.save_model(post_graph(spec, opts, refs, inits), dest(tmp, f"{post_stem(spec)}.onnx"))
+        onnx.save_model(post_graph(spec, opts, refs, inits), dest(tmp, f"{post_stem(mt)}.onnx"))
         # the board reads rows of this table; embedding scales (Gemma, MiniCPM) are applied here
         table = embed if spec.embedding_scale == 1.0 else embed * np.float32(spec.embedding_scale)
         to_bf16_bits(table).tofile(dest(tmp, EMBED_FILE))
         step()
-    return {
-        "layer_template": f"{layer_stem(spec, opts, '%d')}.g{{group}}.onnx",
-        "layer_data_template": f"{layer_stem(spec, opts, '%d')}.data",
-        "axmodel_template": f"{layer_stem(spec, opts, '%d')}.axmodel",
-        "post": f"{post_stem(spec)}.onnx",
-        "post_axmodel": f"{post_stem(spec)}.axmodel",
+    return {  # the templates as data for other tools (the board's axmodel template is printf's %d)
+        "layer_template": layer_graph_name(mt, P, "%d", "{group}"),
+        "layer_data_template": layer_data_name(mt, P, "%d"),
+        "axmodel_template": layer_axmodel_name(mt, P, "%d"),
+        "post": f"{post_stem(mt)}.onnx",
+        "post_axmodel": f"{post_stem(mt)}.axmodel",
         "embed": EMBED_FILE,
         "groups": [{"index": g.index, "kind": g.kind, "tokens": g.tokens, "history": g.history,
                     "history_rows": g.history_rows, "dummy_history": g.dummy_history, "capacity": g.capacity}
@@ -129,7 +119,7 @@ def write_graphs(ctx: Resolved, tmp: Path, progress: Progress) -> dict[str, Any]
 
 
 def write_tokenizer(ctx: Resolved, tmp: Path) -> dict[str, str]:
-    tok_dir = dest(tmp, f"{ctx.model}_tokenizer")
+    tok_dir = dest(tmp, tokenizer_dir_name(ctx.model))
     tok_dir.mkdir()
     ctx.ckpt.check_tokenizer()
     files = ctx.ckpt.tokenizer_files()
@@ -156,7 +146,7 @@ def write_tokenizer(ctx: Resolved, tmp: Path) -> dict[str, str]:
           "img_start_token": chat.img_start_token, "img_context_token": chat.img_context_token,
           "img_end_token": chat.img_end_token, "img_token_num": chat.img_token_num}
     write_text(dest(tok_dir, "ax_tokenizer.json"), json.dumps(ax, indent=2, ensure_ascii=False) + "\n")
-    script = f"{ctx.model}_tokenizer_uid.py"
+    script = tokenizer_script_name(ctx.model)
     shutil.copy2(TOKENIZER_SERVER, dest(tmp, script))
     dest(tmp, script).chmod(0o755)
     return {"dir": tok_dir.name, "server": script, **({"chat_template": chat_fallback} if chat_fallback else {})}
@@ -175,8 +165,8 @@ def write_scripts(ctx: Resolved, tmp: Path, files: dict, tok: dict) -> list[str]
                   system_prompt=ctx.system_prompt, num_layers=spec.num_hidden_layers, vocab_size=spec.vocab_size,
                   hidden_size=spec.hidden_size, layer_template=files["axmodel_template"], post_file=files["post_axmodel"],
                   embed_file=files["embed"], tokenizer_script=tok["server"], tokenizer_dir=tok["dir"],
-                  tokenizer_host="127.0.0.1", tokenizer_port=12345, use_mmap_load_embed=0, python=sys.executable,
-                  project_root=str(PROJECT_ROOT))
+                  tokenizer_host=TOKENIZER_HOST, tokenizer_port=TOKENIZER_PORT, use_mmap_load_embed=0,
+                  python=sys.executable, project_root=str(PROJECT_ROOT))
     written = []
     for target in ctx.chip.run_scripts:
         title, binary, devices = RUN_TARGETS[target]
@@ -285,6 +275,13 @@ def publish(tmp: Path, final: Path):
 
 
 def write_manifest(tmp: Path, manifest: dict[str, Any]):
+    """manifest.json, validated against the bundle contract's Manifest (generator/contract.py) first, so a
+    build never writes a manifest the runtime would refuse."""
+    try:
+        Manifest.model_validate(manifest)
+    except ValidationError as exc:
+        raise GeneratorError(f"internal error: the manifest does not follow the bundle contract: "
+                             f"{validation_text(exc)}") from None
     write_text(dest(tmp, MANIFEST), json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -293,7 +290,7 @@ def write_bundle(ctx: Resolved, tmp: Path, progress: Progress, extra: dict[str, 
     verification report is written too). `extra`: manifest entries of the pipeline (synthetic, ...)."""
     started = time.time()
     files = write_graphs(ctx, tmp, progress)
-    write_text(dest(tmp, "post_config.json"), json.dumps(ctx.recipe.sampling.model_dump(), indent=4) + "\n")
+    write_text(dest(tmp, POST_CONFIG), json.dumps(ctx.recipe.sampling.model_dump(), indent=4) + "\n")
     tok = write_tokenizer(ctx, tmp)
     scripts = write_scripts(ctx, tmp, files, tok)
     build_seconds = time.time() - started

@@ -25,6 +25,7 @@ import socket
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from ..contract import TOKENIZER_URL
 from ..errors import GeneratorError
 
 INVALID_UID = "Invalid uid"
@@ -55,13 +56,13 @@ class SessionLostError(TokenizerServerError):
 class HttpTokenizer:
     """A session on a tokenizer server. Not thread-safe: use one instance per conversation."""
 
-    def __init__(self, url: str = "http://127.0.0.1:12345", timeout: float = 10.0):
+    def __init__(self, url: str = TOKENIZER_URL, timeout: float = 10.0):
         self.url = url.rstrip("/")
         self.timeout = timeout
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise TokenizerServerError(f"The tokenizer server URL {url!r} is not http://HOST:PORT.",
-                                       hint="Pass --url_tokenizer_model like http://127.0.0.1:12345.")
+                                       hint=f"Pass --url_tokenizer_model like {TOKENIZER_URL}.")
         try:
             port = parts.port
         except ValueError:
