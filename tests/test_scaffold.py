@@ -52,7 +52,8 @@ def test_llama_example_scaffolds_a_valid_recipe_whose_test_passes(tmp_path, tiny
     assert recipe.tensors == llama.tensors
     text = recipe_file.read_text()
     for field in ("weight_offset", "logit_softcap", "sliding_window", "layer_type_default", "partial_rotary_factor",
-                  "interleaved", "parallel_residual", "residual_scale", "final_logit_softcap", "split:", "reference:"):
+                  "interleaved", "parallel_residual", "residual_scale", "final_logit_softcap", "split:", "reference:",
+                  "qk_norm:", "prefix:", "extends:"):
         assert field in text, field  # every quirk field is shown
     assert 'HF_CONFIG_CLASS = "LlamaConfig"' in test_file.read_text()
 

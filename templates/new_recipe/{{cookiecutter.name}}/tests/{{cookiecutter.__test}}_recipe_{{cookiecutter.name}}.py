@@ -15,11 +15,11 @@ field that is wrong makes this test fail.
 import pytest
 import torch
 
+from generator.contract import Bundle
 from generator.inputs.checkpoint import open_input
 from generator.progress import Progress
 from generator.recipe import registry
 from generator.verify.reference import capture, load_reference
-from generator.runtime.runner import Bundle
 from generator.resolve.spec import resolve_spec
 from generator.verify.checks import conversation_check, failing_rows, layer_check, logits_check, thresholds, within
 from models import SMALL_GROUPS, quiet_build, save_tiny, tiny_tokenizer, token_ids
