@@ -25,7 +25,7 @@ from generator.contract import Bundle
 from generator.runtime.chat import load_tokenizer_module
 from generator.runtime.engine import Engine
 from generator.runtime.generation import Generator, Sampler
-from generator.serve.service import ChatService, StopMatcher
+from generator.serve.service import ApiError, ChatService, StopMatcher
 from generator.serve.http import ApiServer
 from models import SMALL_GROUPS, quiet_build, threads
 
@@ -393,3 +393,38 @@ def test_sampling_fields(served, ref, tiny):
     assert ask(seed=7, **sampled) == first and ask(seed=7, temperature=1.5, **{"top-k": 100}) == first
     assert any(ask(seed=s, **sampled) != first for s in (8, 9, 10))
     assert ask() == greedy  # post_config.json again for requests without sampling fields
+
+
+def test_chat_gives_the_service_what_it_needs(tiny, monkeypatch):
+    """The service goes through Chat's public methods: conversations rendered by the bundle's template
+    (a refusal is a 400 naming messages), and a sampler that applies to one answer only, even one
+    closed early."""
+    from generator.runtime.chat import ConversationRefused
+
+    service = ChatService(tiny.dir, threads=threads())
+    chat = service.chat
+    messages = [{"role": "user", "content": "hi"}]
+    want = load_tokenizer_module(tiny).ChatTokenizer(tiny.tokenizer_dir).encode_messages(messages,
+                                                                                          add_generation_prompt=True)
+    assert chat.encode_conversation(messages) == list(want)
+
+    def refuse(messages, add_generation_prompt=False):
+        raise chat.tok_module.TemplateRenderError("roles must alternate")
+
+    monkeypatch.setattr(chat.tok.tokenizer, "encode_messages", refuse)
+    with pytest.raises(ConversationRefused, match="roles must alternate"):
+        chat.encode_conversation(messages)
+    with pytest.raises(ApiError) as err:
+        service.prepare({"messages": messages})
+    assert (err.value.status, err.value.param) == (400, "messages") and "roles must alternate" in err.value.message
+
+    sampler = chat.sampler(7, enable_temperature=True, temperature=1.5)
+    assert sampler.cfg == tiny.sampling.model_copy(update={"enable_temperature": True, "temperature": 1.5})
+    default = chat.gen.sampler
+    answer = chat.complete(list(want), 4, sampler)
+    next(answer)
+    assert chat.gen.sampler is sampler
+    answer.close()
+    assert chat.gen.sampler is default
+    pieces = list(chat.complete(list(want), 3))
+    assert len(pieces) == chat.stats.generated and chat.gen.sampler is default
