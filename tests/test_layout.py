@@ -52,7 +52,6 @@ PENDING: dict[tuple[str, str], str] = {
                                             "types (generator/cli/types.py)",
     ("lines", "generator.runtime.tokenizer_server"): "runtime is being reworked: the tokenizer server (one file, "
                                                      "copied into every bundle) has no docstring reason yet",
-    ("lines", "generator.recipe.schema"): "recipe inheritance is being added to the schema right now",
 }
 
 

@@ -22,7 +22,7 @@ from ..errors import GeneratorError
 from ..limits import Ranged, limits, shown
 from ..names import SAFE_NAME_RULE, is_safe_name
 from .expr import ExprError, names_in
-from .tensors import LAYER_TENSORS, LLAMA_LAYER, MODEL
+from .tensors import LAYER_TENSORS, MODEL, whole_paths
 
 
 def _safe(value: str) -> str:
@@ -189,26 +189,11 @@ class Tensors(Strict):
     def _defaults_and_prefix(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data  # pydantic reports it
-        layer, split, prefix = data.get("layer", {}), data.get("split", {}), data.get("prefix", "")
-        if not (isinstance(layer, dict) and isinstance(split, dict) and isinstance(prefix, str)):
+        split = data.get("split", {})
+        if not isinstance(split, dict):
             return data
-        given = set(layer)
-        for s in split.values():
-            into = s.into if isinstance(s, Split) else s.get("into") if isinstance(s, dict) else None
-            if isinstance(into, list):
-                given.update(p for p in into if isinstance(p, str))
-        full = {k: v for k, v in LLAMA_LAYER.items() if k not in given}
-        full.update(layer)
-        order = {k: n for n, k in enumerate(LAYER_TENSORS)}  # table order, then fused names as written
-        full = dict(sorted(full.items(), key=lambda kv: order.get(kv[0], len(order))))
-        out = {**data, "layer": full, "prefix": ""}
-        for key in ("embed_tokens", "norm", "lm_head"):
-            out.setdefault(key, MODEL[key].llama)
-        if prefix:
-            add = lambda v: prefix + v if isinstance(v, str) else v  # noqa: E731
-            out.update({k: add(out[k]) for k in ("embed_tokens", "norm", "lm_head")})
-            out["layer"] = {k: add(v) for k, v in full.items()}
-        return out
+        into = [s.into if isinstance(s, Split) else s.get("into") if isinstance(s, dict) else None for s in split.values()]
+        return whole_paths(data, {p for parts in into if isinstance(parts, list) for p in parts if isinstance(p, str)})
 
     @model_validator(mode="after")
     def _known_names(self):

@@ -6,7 +6,8 @@ the resolved spec, whether the spec's block reads it, whether the checkpoint sto
 it, which of the spec's norms applies (norms only) and Llama's HF module path, the default a recipe
 overrides only where its family differs. The recipe schema (names a recipe may map), the weight
 converter (shapes, bias checks, norm offsets) and the synthetic checkpoint (its tensor plan) read
-this table; nothing else states these facts.
+this table; nothing else states these facts. `whole_paths` fills a recipe's tensor map from it
+(Llama's paths as defaults, the `prefix`).
 
 The spec is the resolved ArchSpec (generator/resolve/spec.py); the table only reads its attributes,
 so this module imports nothing from the later stages.
@@ -112,3 +113,26 @@ def norm_offset(spec: Spec, name: str) -> float:
     """The weight offset folded into a norm's stored weight (Gemma's x * (1 + w)); 0 for a non-norm."""
     t = LAYER.get(name)
     return float(t.norm(spec).weight_offset) if t is not None and t.kind == "norm" else 0.0
+
+
+def whole_paths(data: dict, fused_parts: set[str]) -> dict:
+    """A recipe's `tensors` mapping made whole: Llama's path for each canonical layer tensor it neither
+    maps nor cuts from a fused tensor (`fused_parts`; a null entry drops a default), the model-level
+    defaults, and `prefix` put in front of every path (not of `ignore`) and then emptied, so that
+    validating the result again changes nothing. A malformed mapping is returned as it is (the
+    schema reports it)."""
+    layer, prefix = data.get("layer", {}), data.get("prefix", "")
+    if not (isinstance(layer, dict) and isinstance(prefix, str)):
+        return data
+    full = {k: v for k, v in LLAMA_LAYER.items() if k not in set(layer) | fused_parts}
+    full.update(layer)
+    order = {k: n for n, k in enumerate(LAYER_TENSORS)}  # table order, then fused names as written
+    full = dict(sorted(full.items(), key=lambda kv: order.get(kv[0], len(order))))
+    out = {**data, "layer": full, "prefix": ""}
+    for key in ("embed_tokens", "norm", "lm_head"):
+        out.setdefault(key, MODEL[key].llama)
+    if prefix:
+        add = lambda v: prefix + v if isinstance(v, str) else v  # noqa: E731
+        out.update({k: add(out[k]) for k in ("embed_tokens", "norm", "lm_head")})
+        out["layer"] = {k: add(v) for k, v in full.items()}
+    return out
