@@ -201,3 +201,36 @@ def test_nested_config_aliases_read_transformers5_rope_parameters():
     # a recipe without the alias does not read it (no family-specific code left)
     llama = registry().recipes["llama"]
     assert "rope_local_base_freq" not in read_config(llama, {"rope_parameters": cfg["rope_parameters"]})
+
+
+def test_qk_norm_fields_reach_the_weights_and_the_graph(tmp_path, monkeypatch):
+    """A recipe extending gemma3 with LayerNorm q/k norms (eps 1e-3, no offset): the synthetic plan
+    and the weight converter read their biases, and the graph normalises q and k with them."""
+    import onnx
+
+    from generator.contract import Bundle
+    from models import SMALL_GROUPS, quiet_build
+
+    g3 = registry().recipes["gemma3"]
+    cfg = {k: v for k, v in g3.variants["gemma3-1b"].config.items() if k != "layer_types"}
+    cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16)
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "g3ln.yaml").write_text(yaml.safe_dump({
+        "name": "g3ln", "extends": "gemma3", "description": "Gemma 3 with LayerNorm q/k norms",
+        "block": {"qk_norm": {"kind": "layer_norm", "eps": 1.0e-3, "weight_offset": 0.0}},
+        "variants": {"g3ln-tiny": {"description": "test", "config": cfg}}}))
+    monkeypatch.setenv("AXGEN_RECIPES_DIR", str(recipes))
+    monkeypatch.setenv("AXGEN_SYNTHETIC_CACHE", str(tmp_path / "cache"))
+    m = quiet_build(model="g3ln-tiny", synthetic=True, output_path=str(tmp_path / "b"), check_level=0,
+                    weight_type="fp32", hidden_state_type="fp32", post_weight_type="fp32", **SMALL_GROUPS)
+    assert m["spec"]["qk_norm"] == {"kind": "layer_norm", "eps": 1.0e-3, "weight_offset": 0.0}
+    assert m["spec"]["norm"]["weight_offset"] == 1.0
+    bundle = Bundle(tmp_path / "b")
+    for group in bundle.groups:
+        graph = onnx.load(str(bundle.layer_file(0, group.index)), load_external_data=False).graph
+        ln = [n for n in graph.node if n.op_type == "LayerNormalization"]  # the block norms are RMSNorm
+        assert len(ln) == 2, group
+        assert all(next(a.f for a in n.attribute if a.name == "epsilon") == pytest.approx(1e-3) for n in ln)
+        assert [n.input[2] for n in ln] == ["q_norm.bias", "k_norm.bias"]
