@@ -200,7 +200,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="1: layer check, 2: + the check prompt end to end (default: %(default)s)")
     p.add_argument("--prompt", help="prompt for check level 2 (default: the recipe's, 1+1=)")
     p.add_argument("--input_path", help="reference checkpoint (default: the one the bundle was built from)")
-    from ..serve import add_serve_args
+    from .serve import add_serve_args
 
     add_serve_args(sub.add_parser("serve", help="OpenAI-compatible chat endpoint on a bundle (loopback by default)"))
     from ..recipe.scaffold import add_new_recipe_args

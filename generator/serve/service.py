@@ -39,7 +39,6 @@ parsing and the service on the runner.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import threading
 import time
@@ -47,29 +46,9 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..cli.types import int_at_least, positive_seconds
 from ..errors import GeneratorError
 
-DEFAULT_PORT = 8000  # main_api's port
-
-
-def add_serve_args(p: argparse.ArgumentParser):
-    p.add_argument("bundle", help="bundle directory (out/<model>_<chip>)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default %(default)s, loopback only; 0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int_at_least(0, 65535), default=DEFAULT_PORT, help="port (default %(default)s; 0 picks a free one)")
-    p.add_argument("--system_prompt", help="system prompt put first when a request has none (default: the bundle's)")
-    p.add_argument("--kvcache_path", help="load/save the system prompt's KV cache here (as `run --kvcache_path`)")
-    p.add_argument("--model_name", help="model id reported and accepted (default: the bundle's model name)")
-    p.add_argument("--max_tokens", type=int_at_least(1), default=None,
-                   help="default and upper limit of generated tokens per request (default: until EOS or the "
-                        "cache is full)")
-    p.add_argument("--queue_timeout", type=positive_seconds, default=600.0,
-                   help="seconds a request waits for the engine before 503 (default %(default)s)")
-    p.add_argument("--threads", type=int_at_least(1), default=2, help="intra-op threads (default 2)")
-    p.add_argument("--history", choices=["used", "board"], default="used", help="as for `run`")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed for requests without one")
-    p.add_argument("--log_requests", action="store_true", help="log every request to stderr")
+DEFAULT_PORT = 8000  # main_api's port (the command line is generator/cli/serve.py)
 
 
 class ApiError(Exception):
