@@ -172,3 +172,37 @@ def test_a_tokenizer_with_its_own_template_keeps_it(reference_bundle, tiny_llama
     assert "chat_template" not in manifest["tokenizer"]
     ours = (reference_bundle / manifest["tokenizer"]["dir"] / "chat_template.jinja").read_text()
     assert ours == json.loads((tiny_llama / "tokenizer_config.json").read_text())["chat_template"]
+
+
+def test_every_input_kind_is_one_tensor_source(tiny_llama, tmp_path):
+    """HF directories and synthetic checkpoints are initialised TensorSources with a `kind`; a source that
+    leaves out part of the protocol cannot be made."""
+    from generator.errors import GeneratorError
+    from generator.inputs.checkpoint import Checkpoint, open_input
+    from generator.inputs.source import TensorSource
+    from generator.inputs.synthetic import SyntheticCheckpoint
+
+    hf = open_input(tiny_llama)
+    assert isinstance(hf, TensorSource) and hf.kind == "hf" and hf.config_where == f"{tiny_llama}/config.json"
+    as_gguf = Checkpoint(tiny_llama, source="/models/x.gguf", gguf=True)  # what open_input makes of an imported .gguf
+    assert as_gguf.kind == "gguf" and as_gguf.config_where == "/models/x.gguf" and as_gguf.dir == Path(tiny_llama)
+    plan = {"model.embed_tokens.weight": ((8, 4), "embed", 1.0), "model.norm.weight": ((4,), "norm", 0.0)}
+    syn = SyntheticCheckpoint(tmp_path, {"hidden_size": 4}, plan, 0, "synthetic:x")
+    assert isinstance(syn, TensorSource) and syn.kind == "synthetic"
+    assert (syn.dir, syn.config, syn.source, syn.config_where) == (tmp_path, {"hidden_size": 4}, "synthetic:x",
+                                                                   "synthetic:x/config.json")
+    assert syn.names() == set(plan) and syn.shape("model.norm.weight") == (4,) and syn.file_of("x") == "synthetic:x"
+    assert syn.tokenizer_files() == []
+    with pytest.raises(GeneratorError, match="has no tensor 'nope'"):
+        syn.tensor("nope")
+    with pytest.raises(GeneratorError, match="has no tensor 'nope'"):
+        hf.tensor("nope")
+
+    class Partial(TensorSource):
+        kind = "hf"
+
+        def names(self):
+            return set()
+
+    with pytest.raises(TypeError, match="abstract"):
+        Partial(tmp_path, {}, "partial")

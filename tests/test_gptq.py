@@ -116,6 +116,7 @@ def test_dequantized_weights_equal_the_packers(packed, case, tiny_llama):
     names = ckpt.names()
     assert not any(n.endswith((".qweight", ".qzeros", ".scales", ".g_idx")) for n in names)
     assert names == open_input(tiny_llama).names()  # an ordinary checkpoint, as far as anyone can tell
+    assert ckpt.kind == "gptq" and open_input(tiny_llama).kind == "hf"  # what callers ask instead of attributes
     for name, want in expected.items():
         assert ckpt.has(name) and ckpt.shape(name) == want.shape
         got = ckpt.tensor(name)
@@ -277,3 +278,16 @@ def test_qwen2_style_int8_like_the_vendor_example(tiny_tok, tmp_path_factory):
                            post_weight_type="s8", check_level=1, **SMALL_GROUPS)
     assert manifest["recipe"]["name"] == "qwen2" and manifest["spec"]["qkv_bias"] and manifest["spec"]["tie_word_embeddings"]
     assert manifest["checks"]["passed"], manifest["checks"]["failures"]
+
+
+def test_the_gptq_view_uses_only_the_checkpoints_public_methods():
+    """gptq.py reads the packed tensors through Checkpoint's stored_* methods, never its private members."""
+    import ast
+
+    import generator.inputs.gptq as gptq
+
+    tree = ast.parse(Path(gptq.__file__).read_text())
+    private = [f"line {n.lineno}: .{n.attr}" for n in ast.walk(tree)
+               if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")
+               and not (isinstance(n.value, ast.Name) and n.value.id == "self")]
+    assert not private, private

@@ -21,6 +21,8 @@ from generator import pipeline
 from generator.cli import main
 from generator.export.bundle import dest
 from generator.resolve.chips import get_chip
+from generator.resolve.options import BuildOptions
+from generator.resolve.spec import ArchSpec
 from generator.errors import GeneratorError
 from generator.recipe import registry
 from generator.contract import Bundle
@@ -347,13 +349,12 @@ def test_chip_as_typed_names_folder_and_scripts_and_the_log_says_what_is_built(t
                  "g3 prefill p16 h32, g4 prefill p16 h64"):
         assert fact in flat, flat
     # 80 columns before any terminal wrapping: no line of the Config / Build dumps is longer
-    b = Bundle(out)
-    wide = b.opts.model_copy(update={"prefill_len": 128, "last_kv_cache_len": [128, 256, 384, 512]})
+    wide = BuildOptions(**m["options"]).model_copy(update={"prefill_len": 128, "last_kv_cache_len": [128, 256, 384, 512]})
     lines = pipeline.build_summary(wide, get_chip("AX630C")).splitlines()
     assert max(map(len, lines)) <= 80
     for g in wide.groups():  # wrapped between groups, never inside a label
         assert any(f"g{g.index} {g.label}" in line for line in lines), lines
-    spec = b.spec
+    spec = ArchSpec(**m["spec"])  # the build's own spec (the bundle's reader keeps only what runs it)
     mixed = spec.model_copy(update={"layer_types": ["sliding_attention"] * 5 + ["full_attention"]})
     for s in (spec, mixed):
         assert max(map(len, s.pretty().splitlines())) <= 80, s.pretty()
@@ -395,3 +396,51 @@ def test_list_never_cuts_a_variant_name_at_80_columns():
     first_words = {line.split()[0] for line in lines if line.strip()}
     variants = [v for r in registry().recipes.values() for v in r.variants]
     assert variants and all(v in first_words for v in variants), [v for v in variants if v not in first_words]
+
+
+# -- one resolution per build --------------------------------------------------------------------
+
+def count_calls(monkeypatch, function) -> list:
+    """Replace `function` in every generator module that holds it; returns the list of calls' args."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return function(*args, **kwargs)
+
+    for module in [m for name, m in sys.modules.items() if name.startswith("generator")]:
+        if getattr(module, function.__name__, None) is function:
+            monkeypatch.setattr(module, function.__name__, counted)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["llama", "chatglm"])
+def test_a_verified_build_reads_the_config_makes_and_checks_options_once(family, tiny_tok, tmp_path, monkeypatch):
+    """read_config, make_options, check_flags and check_fit run once per build (verification included:
+    chatglm's re-layout reference used to read the config twice more), and the chip check still runs."""
+    import test_families  # its tiny checkpoint makers
+    from generator.resolve import options, spec
+
+    tok_dir, vocab = tiny_tok
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    test_families.FAMILIES[family].make(ckpt, tok_dir, vocab)
+    calls = {f.__name__: count_calls(monkeypatch, f)
+             for f in (spec.read_config, options.make_options, options.check_flags, options.check_fit)}
+    m = quiet_build(input_path=str(ckpt), output_path=str(tmp_path / "b"), check_level=1, **SMALL_GROUPS)
+    assert m["checks"]["passed"], m["checks"]["failures"]
+    assert {name: len(c) for name, c in calls.items()} == dict.fromkeys(calls, 1)
+
+
+def test_a_synthetic_variant_resolves_its_config_once_and_its_weights_from_that_spec(tmp_path, monkeypatch):
+    from generator.resolve import spec
+
+    monkeypatch.setenv("AXGEN_SYNTHETIC_CACHE", str(tmp_path / "cache"))
+    calls = count_calls(monkeypatch, spec.read_config)
+    r = pipeline.resolve(model="smollm-135m", synthetic=True, output_path=str(tmp_path / "b"), **SMALL_GROUPS)
+    assert len(calls) == 1 and calls[0][1] == registry().recipes["llama"].variants["smollm-135m"].config
+    assert r.ckpt.kind == "synthetic" and r.config["num_hidden_layers"] == 30
+    assert r.spec.num_hidden_layers == 30 and r.opts.kv_cache_len == SMALL_GROUPS["kv_cache_len"]
+    assert r.ckpt.shape("model.layers.29.mlp.down_proj.weight") == (r.spec.hidden_size, r.spec.intermediate_size)
+    with pytest.raises(Exception):  # frozen: later stages cannot change what was resolved
+        r.opts = None
