@@ -44,8 +44,9 @@ def build_kwargs(path, **extra):
 
 def test_malformed_recipe(tmp_path, monkeypatch):
     recipes = Path(shutil.copytree(RECIPES_DIR, tmp_path / "recipes"))
-    text = (recipes / "llama.yaml").read_text().replace("gated: true", "gated: maybe")
-    (recipes / "llama.yaml").write_text(text)
+    text = (recipes / "llama.yaml").read_text()
+    assert "\n  mlp: {bias: {expr: mlp_bias}}\n" in text  # gated is the schema's default: set it, wrongly
+    (recipes / "llama.yaml").write_text(text.replace("  mlp: {bias: {expr: mlp_bias}}", "  mlp: {bias: {expr: mlp_bias}, gated: maybe}"))
     monkeypatch.setenv("AXGEN_RECIPES_DIR", str(recipes))
     msg = fails(tmp_path / "out", "block.mlp.gated", model="smollm2-135m-instruct")
     assert str(recipes / "llama.yaml") in msg and "boolean" in msg
