@@ -70,7 +70,7 @@ from generator.errors import GeneratorError
 from generator.progress import Progress
 from generator.recipe import registry
 from generator.verify.reference import capture, load_reference
-from generator.contract import MASK_VALUE, STORAGE, Bundle, from_storage, to_storage
+from generator.contract import MASK_VALUE, STORAGE, Bundle, from_storage, is_quantized, to_storage
 from generator.runtime.ort import run_once as run_graph, session_options
 from generator.verify.checks import (compare, conversation_check, failing_rows, layer_check, logits_check, thresholds,
                               within)
@@ -455,7 +455,7 @@ def placement_rows(bundle: Bundle, ref, ids: list[int], group, history: int, tok
     mask[0, :, rows_hist:][np.tril(np.ones((T, T), bool))] = 0
     idx = np.zeros((1, T), np.uint32)
     idx[0, :n] = np.arange(h, h + n)
-    quantized = bundle.opts.weight_type in ("s8", "s4")
+    quantized = is_quantized(bundle.opts.weight_type)
     rows = []
     for i in range(bundle.spec.num_hidden_layers):
         k, v, x = np.zeros((1, rows_hist, kv), np.float32), np.zeros((1, rows_hist, kv), np.float32), np.zeros((1, T, H), np.float32)

@@ -16,6 +16,7 @@ from fnmatch import fnmatch
 import numpy as np
 from onnx import TensorProto
 
+from ..contract import is_quantized
 from ..resolve.options import BuildOptions, Group
 from ..resolve.spec import ArchSpec, NormSpec
 from .onnx_graph import DTYPES, Graph, WeightsFile
@@ -48,7 +49,7 @@ def store_linear(wf: WeightsFile, inits: list, name: str, w_out_in: np.ndarray, 
                  wtype: str, group: int) -> Linear:
     w = np.ascontiguousarray(w_out_in.T, dtype=np.float32)  # [K, N], one copy
     k, n = w.shape
-    if wtype in ("s8", "s4"):
+    if is_quantized(wtype):
         q, scale = quantize(w, wtype, group)
         raw = q.tobytes() if wtype == "s8" else pack_int4(q)
         inits.append(wf.tensor(f"{name}.qweight", raw, TensorProto.INT8 if wtype == "s8" else TensorProto.INT4, [k, n]))
@@ -104,7 +105,7 @@ def store_layer(wf: WeightsFile, spec: ArchSpec, opts: BuildOptions, i: int, w: 
 # -- graph pieces -----------------------------------------------------------------------------
 
 def linear(g: Graph, x: str, lin: Linear) -> str:
-    if lin.wtype in ("s8", "s4"):
+    if is_quantized(lin.wtype):
         w = g.op("DequantizeLinear", f"{lin.name}.qweight", f"{lin.name}.scales", axis=0, block_size=lin.group)
     elif lin.wtype in ("bf16", "fp16"):
         w = g.op("Cast", f"{lin.name}.weight", to=TensorProto.FLOAT)

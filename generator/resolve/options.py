@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
+from ..contract import is_quantized
 from ..errors import GeneratorError
 from ..recipe import BuildDefaults
 from .chips import Chip
@@ -136,7 +137,7 @@ def check_fit(opts: BuildOptions, chip: Chip, spec: ArchSpec):
 
 def estimate_bytes(spec: ArchSpec, opts: BuildOptions) -> float:
     wb = BYTES_PER_WEIGHT[opts.weight_type]
-    if opts.weight_type in ("s8", "s4"):
+    if is_quantized(opts.weight_type):
         wb += 2.0 / opts.group_size  # one scale per group
     layers = spec.num_hidden_layers * spec.layer_params * wb
     post = spec.vocab_size * spec.hidden_size * BYTES_PER_WEIGHT[opts.post_weight_type]
