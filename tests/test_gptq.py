@@ -211,6 +211,10 @@ def test_unsupported_setting_in_quantize_config_json(packed, tmp_path):
     qc = json.loads((path / "quantize_config.json").read_text())
     (path / "quantize_config.json").write_text(json.dumps({**qc, "bits": 3}))
     fails(path, tmp_path, f"{path / 'quantize_config.json'}: bits is 3")
+    for text, needle in (('{"bits": 8,', "not valid JSON"), ("[8]", "expected a JSON object")):
+        (path / "quantize_config.json").write_text(text)
+        msg = fails(path, tmp_path, f"{path / 'quantize_config.json'}: {needle}")
+        assert "\n" not in msg, msg
 
 
 def test_wrong_zero_convention_is_caught(packed, tmp_path):

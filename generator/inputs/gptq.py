@@ -42,7 +42,6 @@ builds it from config.json without its quantization_config and feeds it these de
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import GeneratorError
+from .source import read_json_object
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -94,12 +94,7 @@ def read_quant_config(directory: Path, config: dict[str, Any]) -> GptqConfig | N
             raise GeneratorError(f"{file}: quantization_config should be a mapping, got {qc!r}.")
     elif (directory / "quantize_config.json").is_file():
         file, prefix = directory / "quantize_config.json", ""
-        try:
-            qc = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise GeneratorError(f"{file}: not valid JSON ({exc}).") from None
-        if not isinstance(qc, dict):
-            raise GeneratorError(f"{file}: expected a JSON object, got {type(qc).__name__}.")
+        qc = read_json_object(file)
     else:
         return None
 
