@@ -30,14 +30,6 @@ def load_tokenizer_module(bundle: Bundle):
     return load_script(path, f"axgen_tokenizer_{abs(hash(str(path)))}")
 
 
-def eos_ids_of(tokenizer) -> list[int]:
-    """EOS ids of an in-process ChatSession or an HttpTokenizer."""
-    ids = getattr(tokenizer, "eos_ids", None)
-    if ids is None and hasattr(tokenizer, "tokenizer"):
-        ids = getattr(tokenizer.tokenizer, "eos_ids", None)
-    return list(ids or [])
-
-
 class ConversationRefused(Exception):
     """The bundle's chat template refused to render a conversation (the message says why)."""
 
@@ -47,13 +39,18 @@ class Chat:
 
     def __init__(self, bundle: Bundle, engine: Engine, tokenizer=None, *, system_prompt: str | None = None,
                  seed: int | None = None):
+        """`tokenizer`: an HttpTokenizer (the board's tokenizer server); None tokenizes in-process with
+        the bundle's tokenizer server module."""
         self.b, self.engine = bundle, engine
         self.tok_module = None  # the bundle's tokenizer server module, when tokenizing in-process
         if tokenizer is None:
             self.tok_module = mod = load_tokenizer_module(bundle)
-            tokenizer = mod.ChatSession(mod.ChatTokenizer(bundle.tokenizer_dir))
+            chat_tokenizer = mod.ChatTokenizer(bundle.tokenizer_dir)
+            tokenizer, eos = mod.ChatSession(chat_tokenizer), chat_tokenizer.eos_ids
+        else:
+            eos = tokenizer.eos_ids
         self.tok = tokenizer
-        self.gen = Generator(engine, eos_ids_of(tokenizer) or bundle.spec.eos_token_ids, Sampler(bundle.sampling, seed))
+        self.gen = Generator(engine, list(eos) or bundle.spec.eos_token_ids, Sampler(bundle.sampling, seed))
         self.system_prompt = bundle.system_prompt if system_prompt is None else system_prompt
         self.last_reply: str | None = None
         self.system_ids: list[int] = []

@@ -28,7 +28,7 @@ from ..errors import GeneratorError
 from ..export.bundle import dest, write_text
 from ..paths import DATA_DIR
 from ..progress import Progress
-from ..runtime.chat import eos_ids_of, load_tokenizer_module
+from ..runtime.chat import load_tokenizer_module
 from ..runtime.engine import Engine
 from ..runtime.generation import Generator, Sampler, common_prefix
 from ..runtime.ort import open_session, run_once
@@ -195,7 +195,7 @@ def generate_check(bundle: Bundle, model, session, prompt: str, max_new_tokens: 
     from .reference import greedy
 
     tok = session.tokenizer
-    eos = eos_ids_of(session) or bundle.spec.eos_token_ids
+    eos = list(session.tokenizer.eos_ids) or bundle.spec.eos_token_ids
     engine = Engine(bundle, threads=2)
     gen = Generator(engine, eos, Sampler(Sampling()))  # greedy, whatever post_config says
     system_ids = list(session.reset(bundle.system_prompt))
