@@ -244,10 +244,6 @@ class Manifest(Record):
     checks: dict[str, Any] | None = None  # the verification summary
     files: dict[str, FileEntry] | None = None  # absent only while checks run on the unpublished bundle
 
-    def to_json(self) -> str:
-        """As the bundle stores it: only the keys that were given (optional ones absent, not null)."""
-        return json.dumps(self.model_dump(mode="json", exclude_unset=True), indent=2, ensure_ascii=False) + "\n"
-
     # file names, formatted here rather than from the templates
     def layer_graph(self, layer: int, group: int) -> str:
         return layer_graph_name(self.spec.model_type, self.options.prefill_len, layer, group)
@@ -315,9 +311,6 @@ class Sampling(Record):
         except (OSError, ValueError) as exc:  # ValidationError and JSONDecodeError are ValueErrors
             text = validation_text(exc) if isinstance(exc, ValidationError) else str(exc)
             raise GeneratorError(f"{path}: invalid sampling settings: {text}.") from None
-
-    def to_json(self) -> str:
-        return json.dumps(self.model_dump(), indent=4) + "\n"
 
 
 # -- a bundle on disk -------------------------------------------------------------------------------
