@@ -112,9 +112,7 @@ def write_graphs(ctx: Resolved, tmp: Path, progress: Progress) -> dict[str, Any]
         "post": f"{post_stem(mt)}.onnx",
         "post_axmodel": f"{post_stem(mt)}.axmodel",
         "embed": EMBED_FILE,
-        "groups": [{"index": g.index, "kind": g.kind, "tokens": g.tokens, "history": g.history,
-                    "history_rows": g.history_rows, "dummy_history": g.dummy_history, "capacity": g.capacity}
-                   for g in groups],
+        "groups": [g.model_dump() for g in groups],
     }
 
 

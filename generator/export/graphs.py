@@ -16,8 +16,8 @@ from fnmatch import fnmatch
 import numpy as np
 from onnx import TensorProto
 
-from ..contract import is_quantized
-from ..resolve.options import BuildOptions, Group
+from ..contract import ShapeGroup, is_quantized
+from ..resolve.options import BuildOptions
 from ..resolve.spec import ArchSpec, NormSpec
 from .onnx_graph import DTYPES, Graph, WeightsFile
 from .quant import pack_int4, quantize, to_bf16_bits
@@ -189,7 +189,7 @@ def from_f32(g: Graph, x: str, dt: int) -> str:
     return x if dt == TensorProto.FLOAT else g.op("Cast", x, to=dt)
 
 
-def layer_graph(spec: ArchSpec, opts: BuildOptions, i: int, group: Group, refs: dict, inits: list) -> "onnx.ModelProto":  # noqa: F821
+def layer_graph(spec: ArchSpec, opts: BuildOptions, i: int, group: ShapeGroup, refs: dict, inits: list) -> "onnx.ModelProto":  # noqa: F821
     dt = DTYPES[opts.hidden_state_type]
     hid, kv, d = spec.hidden_size, spec.kv_dim, spec.head_dim
     n_h, n_kv = spec.num_attention_heads, spec.num_key_value_heads

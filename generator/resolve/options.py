@@ -7,9 +7,7 @@ work is done, and say why.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
-
-from ..contract import is_quantized
+from ..contract import Options, ShapeGroup, is_quantized
 from ..errors import GeneratorError
 from ..recipe import BuildDefaults
 from .chips import Chip
@@ -18,56 +16,20 @@ from .spec import ArchSpec
 BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "s8": 1.0, "s4": 0.5}
 
 
-class Group(BaseModel):
-    """One shape group of a layer graph. Group 0 decodes one token against a cache of `history`
-    rows; groups >= 1 prefill `tokens` (= prefill_len) rows after `history` cached rows."""
+class BuildOptions(Options):
+    """The build's options: the fields the bundle's manifest records (contract.Options), and the shape
+    groups they make. Group 0 decodes one token against a cache of kv_cache_len rows; groups >= 1
+    prefill prefill_len rows after a history of last_kv_cache_len rows, the first after none (the
+    board passes a dummy 1-row cache, masked)."""
 
-    model_config = ConfigDict(frozen=True)
-    index: int
-    tokens: int
-    history: int
-    # The first prefill group has no history; the board passes a dummy 1-row cache (masked).
-    dummy_history: bool = False
+    def groups(self) -> list[ShapeGroup]:
+        def group(index: int, tokens: int, history: int, dummy: bool = False) -> ShapeGroup:
+            rows = 1 if dummy else history  # K_cache/V_cache rows; the largest precompute_len + n (section 5)
+            return ShapeGroup(index=index, kind="decode" if index == 0 else "prefill", tokens=tokens,
+                              history=history, history_rows=rows, dummy_history=dummy, capacity=rows)
 
-    @property
-    def kind(self) -> str:
-        return "decode" if self.index == 0 else "prefill"
-
-    @property
-    def label(self) -> str:
-        """How logs, tables and plots name the group: decode, prefill p128 h0, prefill p128 h256."""
-        return "decode" if self.index == 0 else f"prefill p{self.tokens} h{self.history}"
-
-    @property
-    def history_rows(self) -> int:
-        """Rows of the K_cache/V_cache inputs."""
-        return 1 if self.dummy_history else self.history
-
-    @property
-    def capacity(self) -> int:
-        """Largest precompute_len + n a turn may have to use this group (contract section 5)."""
-        return self.history_rows
-
-
-class BuildOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    chip: str
-    weight_type: str
-    hidden_state_type: str
-    prefill_len: int
-    kv_cache_len: int
-    last_kv_cache_len: list[int]
-    post_topk: int
-    post_weight_type: str
-    group_size: int
-    overrides: dict[str, str] = {}
-
-    def groups(self) -> list[Group]:
-        out = [Group(index=0, tokens=1, history=self.kv_cache_len)]
-        out.append(Group(index=1, tokens=self.prefill_len, history=0, dummy_history=True))
-        for i, h in enumerate(self.last_kv_cache_len, start=2):
-            out.append(Group(index=i, tokens=self.prefill_len, history=h))
-        return out
+        return [group(0, 1, self.kv_cache_len), group(1, self.prefill_len, 0, dummy=True),
+                *(group(i, self.prefill_len, h) for i, h in enumerate(self.last_kv_cache_len, start=2))]
 
 
 def make_options(defaults: BuildDefaults, chip: Chip, **flags) -> BuildOptions:
