@@ -182,3 +182,23 @@ def build(*, check_level: int = 0, prompt: str | None = None, console: Console |
     manifest["out_dir"] = str(r.out_dir)
     manifest["total_seconds"] = round(time.time() - started, 2)
     return manifest
+
+
+def verify_bundle(bundle_dir: str | Path, *, input_path: str | None, check_level: int, prompt: str | None,
+                  console: Console) -> dict[str, Any]:
+    """Verify a published bundle again (`python -m generator verify`), against --input_path, else the
+    checkpoint it was built from (SYNTHETIC=1 weights are regenerated, the same on every run)."""
+    from .contract import Bundle
+    from .verify.checks import run_checks
+
+    bundle = Bundle(bundle_dir)
+    recipe = registry().recipes[bundle.manifest.recipe.name]
+    if input_path:
+        ckpt = open_input(input_path)
+    elif bundle.manifest.synthetic:
+        from .inputs.synthetic import synthetic_checkpoint
+
+        ckpt = synthetic_checkpoint(recipe, bundle.manifest.recipe.variant)
+    else:
+        ckpt = open_input(bundle.manifest.input.source)
+    return run_checks(bundle.dir, ckpt, recipe, check_level, prompt, Progress(console), console)

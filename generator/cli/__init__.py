@@ -131,24 +131,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from ..inputs.checkpoint import open_input
-    from ..progress import Progress
-    from ..recipe import registry
-    from ..contract import Bundle
-    from ..verify.checks import require_passed, run_checks
+    from ..pipeline import verify_bundle
+    from ..verify.checks import require_passed
 
-    bundle = Bundle(args.bundle)
-    recipe = registry().recipes[bundle.manifest.recipe.name]
-    if args.input_path:
-        ckpt = open_input(args.input_path)
-    elif bundle.manifest.synthetic:  # the same deterministic weights, regenerated on demand
-        from ..inputs.synthetic import synthetic_checkpoint
-
-        ckpt = synthetic_checkpoint(recipe, bundle.manifest.recipe.variant)
-    else:
-        ckpt = open_input(bundle.manifest.input.source)
-    console = Console(stderr=True)
-    summary = run_checks(bundle.dir, ckpt, recipe, args.check_level, args.prompt, Progress(console), console)
+    summary = verify_bundle(args.bundle, input_path=args.input_path, check_level=args.check_level,
+                            prompt=args.prompt, console=Console(stderr=True))
     Console().print("[bold green]checks passed[/]" if summary["passed"] else "[bold red]checks FAILED[/]")
     require_passed(summary)
     return 0
