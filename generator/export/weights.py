@@ -14,7 +14,7 @@ from fnmatch import fnmatchcase
 import numpy as np
 
 from ..errors import GeneratorError
-from ..inputs.checkpoint import Checkpoint
+from ..inputs.source import TensorSource
 from ..recipe import Recipe
 from ..recipe.tensors import MODEL, NORMS, bias_expected, expected_shapes, norm_offset
 from ..resolve.spec import ArchSpec
@@ -22,7 +22,7 @@ from ..resolve.spec import ArchSpec
 class WeightSource:
     """Canonical tensors of one checkpoint under one recipe (read lazily, one layer at a time)."""
 
-    def __init__(self, ckpt: Checkpoint, recipe: Recipe, spec: ArchSpec):
+    def __init__(self, ckpt: TensorSource, recipe: Recipe, spec: ArchSpec):
         self.ckpt, self.recipe, self.spec = ckpt, recipe, spec
         self.shapes = expected_shapes(spec)
         self.check_unused()

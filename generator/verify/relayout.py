@@ -185,10 +185,11 @@ def relayout_reference(ckpt, recipe: Recipe, env: dict[str, Any] | None = None):
 
 
 def reference_from_tensors(ckpt):
-    """transformers' own architecture fed tensor by tensor through the Checkpoint interface: for
-    checkpoints whose float tensors transformers cannot load itself, those produced on demand
-    (SYNTHETIC=1) and GPTQ-packed ones (exactly dequantized by generator/inputs/gptq.py; the
-    quantization_config is dropped, transformers would need optimum/gptqmodel kernels for it)."""
+    """transformers' own architecture fed tensor by tensor through the TensorSource interface
+    (generator/inputs/source.py): for checkpoints whose float tensors transformers cannot load itself,
+    those produced on demand (SYNTHETIC=1) and GPTQ-packed ones (exactly dequantized by
+    generator/inputs/gptq.py; the quantization_config is dropped, transformers would need
+    optimum/gptqmodel kernels for it)."""
     from transformers import AutoConfig
 
     try:
