@@ -1,4 +1,5 @@
-"""Chip profiles (data in data/chips.yaml) and the fit check a build must pass before any work."""
+"""Chip profiles (data in data/chips.yaml); a build is checked against its chip by options.py's
+check_flags and check_fit before any work."""
 
 from __future__ import annotations
 
