@@ -20,7 +20,7 @@ from onnx import TensorProto
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
 
 from .errors import GeneratorError
-from .limits import Ranged, shown
+from .limits import Ranged, shown, validation_text
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -202,7 +202,7 @@ class Options(Record):
 class RecipeRef(Record):
     name: str
     file: str
-    sha256: str
+    sha256: str  # of the flattened recipe (parents merged): a parent's edit changes it too
     variant: str | None
 
 
@@ -250,19 +250,6 @@ class Manifest(Record):
 
     def layer_data(self, layer: int) -> str:
         return layer_data_name(self.spec.model_type, self.options.prefill_len, layer)
-
-
-def validation_text(err: ValidationError, most: int = 6) -> str:
-    """pydantic's errors as 'field.path: message (got value)', at most `most` of them."""
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith(("function-after", "union[")))
-        got = e.get("input")
-        msg = e["msg"].removeprefix("Value error, ")
-        got_s = "" if isinstance(got, dict) or "got " in msg else f" (got {shown(got)})"
-        parts.append(f"{loc or '<top>'}: {msg}{got_s}")
-    more = f"; and {len(parts) - most} more" if len(parts) > most else ""
-    return "; ".join(parts[:most]) + more
 
 
 def read_manifest(bundle_dir: Path) -> Manifest:

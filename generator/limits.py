@@ -13,7 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from pydantic_core import core_schema
 
 from .paths import DATA_DIR
@@ -90,3 +90,16 @@ class Ranged:
 
 def rule_of(model: type[BaseModel], field: str) -> Ranged | None:
     return next((m for m in model.model_fields[field].metadata if isinstance(m, Ranged)), None)
+
+
+def validation_text(err: ValidationError, most: int = 6) -> str:
+    """pydantic's errors as 'field.path: message (got value)', at most `most` of them."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith(("function-after", "union[")))
+        got = e.get("input")
+        msg = e["msg"].removeprefix("Value error, ")
+        got_s = "" if isinstance(got, dict) or "got " in msg else f" (got {shown(got)})"
+        parts.append(f"{loc or '<top>'}: {msg}{got_s}")
+    more = f"; and {len(parts) - most} more" if len(parts) > most else ""
+    return "; ".join(parts[:most]) + more

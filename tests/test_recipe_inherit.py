@@ -234,3 +234,22 @@ def test_qk_norm_fields_reach_the_weights_and_the_graph(tmp_path, monkeypatch):
         assert len(ln) == 2, group
         assert all(next(a.f for a in n.attribute if a.name == "epsilon") == pytest.approx(1e-3) for n in ln)
         assert [n.input[2] for n in ln] == ["q_norm.bias", "k_norm.bias"]
+
+
+def test_manifest_recipe_hash_covers_the_parents(tmp_path):
+    """A bundle records the sha256 of the flattened recipe: editing only the parent changes the child's."""
+    import shutil
+
+    from generator.export.bundle import recipe_sha256
+    from generator.paths import RECIPES_DIR
+
+    for name in ("gemma2", "gemma3"):
+        shutil.copy(RECIPES_DIR / f"{name}.yaml", tmp_path / f"{name}.yaml")
+    before = recipe_sha256(Registry(tmp_path).recipes["gemma3"])
+    assert before == recipe_sha256(Registry(tmp_path).recipes["gemma3"])  # deterministic
+    parent = tmp_path / "gemma2.yaml"
+    data = yaml.safe_load(parent.read_text())
+    data.setdefault("sampling", {})["penalty_window"] = 7  # a field gemma3 inherits and does not restate
+    parent.write_text(yaml.safe_dump(data))
+    child = Registry(tmp_path).recipes["gemma3"]
+    assert child.sampling.penalty_window == 7 and recipe_sha256(child) != before

@@ -999,10 +999,12 @@ def test_bundle_readme_states_requirements_and_the_lost_session_limitation(serve
     """The bundle's README (rendered as bundle.py renders it) and its launchers name what the tokenizer
     server needs, as the server itself says it when a package is missing; the README explains a lost
     session and what to do, and lists the launchers."""
+    from generator.contract import TOKENIZER_PORT
     from generator.export.bundle import template_env
     from generator.paths import TEMPLATES_DIR
 
     values = dict(model="demo", recipe="llama", chip="AX650", chip_lower="ax650", tokenizer_dir="demo_tokenizer",
+                  tokenizer_port=TOKENIZER_PORT,
                   tokenizer_script="demo_tokenizer_uid.py", scripts=["run_demo_ax650.sh", "run_demo_axcl_x86.sh",
                                                                      "build_ax650.sh"])
     readme = " ".join(template_env().get_template("bundle_README.md.j2").render(**values).split())

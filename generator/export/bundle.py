@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import glob
+import hashlib
 import json
 import os
 import platform
@@ -31,8 +32,9 @@ from pydantic import ValidationError
 
 from ..contract import (EMBED_FILE, FORMAT_VERSION, MANIFEST, POST_CONFIG, TOKENIZER_HOST, TOKENIZER_PORT, Manifest,
                         layer_axmodel_name, layer_data_name, layer_graph_name, post_stem, tokenizer_dir_name,
-                        tokenizer_script_name, validation_text)
+                        tokenizer_script_name)
 from ..errors import GeneratorError
+from ..limits import validation_text
 from ..inputs.checkpoint import recipe_chat_template, sha256_file
 from ..interrupt import signals_held, sigterm_unwinds
 from ..names import inside
@@ -79,6 +81,11 @@ def tool_versions() -> dict[str, str]:
 
     return {"axgen": __version__, "python": platform.python_version(), "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__, "numpy": np.__version__}
+
+
+def recipe_sha256(recipe) -> str:
+    """sha256 of the flattened recipe (its `extends` parents merged in), so a parent's edit shows too."""
+    return hashlib.sha256(json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
 def write_graphs(ctx: Resolved, tmp: Path, progress: Progress) -> dict[str, Any]:
@@ -295,7 +302,7 @@ def write_bundle(ctx: Resolved, tmp: Path, progress: Progress, extra: dict[str, 
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "model": ctx.model,
-        "recipe": {"name": ctx.recipe.name, "file": ctx.recipe_path.name, "sha256": sha256_file(ctx.recipe_path),
+        "recipe": {"name": ctx.recipe.name, "file": ctx.recipe_path.name, "sha256": recipe_sha256(ctx.recipe),
                    "variant": ctx.variant},
         "chip": ctx.chip.name,
         "options": ctx.opts.model_dump(),

@@ -17,9 +17,9 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt,
                       StrictStr, ValidationError, field_validator, model_validator)
 
-from ..contract import Sampling  # post_config.json: the bundle format owns it; recipes set its defaults
+from ..contract import HiddenType, Sampling, WeightType  # post_config.json: the bundle format owns it; recipes set its defaults
 from ..errors import GeneratorError
-from ..limits import Ranged, limits, shown
+from ..limits import Ranged, limits, shown, validation_text
 from ..names import SAFE_NAME_RULE, is_safe_name
 from .expr import ExprError, names_in
 from .tensors import LAYER_TENSORS, MODEL, whole_paths
@@ -34,8 +34,6 @@ def _safe(value: str) -> str:
 # recipe, variant and chat template names become file and make target names
 SafeName = Annotated[StrictStr, AfterValidator(_safe)]
 
-WeightType = Literal["s8", "s4", "bf16", "fp16", "fp32"]
-HiddenType = Literal["bf16", "fp16", "fp32"]
 PostWeightType = WeightType
 
 class Strict(BaseModel):
@@ -311,7 +309,7 @@ class Variant(Strict):
         try:
             BuildDefaults.model_validate(build)
         except ValidationError as exc:
-            raise ValueError(_format_errors(exc)) from None
+            raise ValueError(validation_text(exc)) from None
         return build
 
 
@@ -373,18 +371,5 @@ class Recipe(Strict):
         return BuildDefaults(**data)
 
 
-def _format_errors(err: ValidationError, most: int = 6) -> str:
-    """pydantic's errors as 'field.path: message (got value)', at most `most` of them."""
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith(("function-after", "union[")))
-        got = e.get("input")
-        msg = e["msg"].removeprefix("Value error, ")  # our validators' messages read whole
-        got_s = "" if isinstance(got, dict) or "got " in msg else f" (got {shown(got)})"
-        parts.append(f"{loc or '<top>'}: {msg}{got_s}")
-    more = f"; and {len(parts) - most} more" if len(parts) > most else ""
-    return "; ".join(parts[:most]) + more
-
-
 def _format_validation(path: Path, err: ValidationError) -> str:
-    return f"Recipe {path}: invalid: {_format_errors(err)}."
+    return f"Recipe {path}: invalid: {validation_text(err)}."

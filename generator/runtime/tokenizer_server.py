@@ -15,6 +15,10 @@ the ``{% generation %}`` tag, the named special tokens as variables) and the res
 ``add_special_tokens=False``, so the ids equal ``AutoTokenizer.apply_chat_template(...,
 tokenize=True)`` of transformers 5.
 
+Why one file of over 400 lines: a bundle ships this server as one self-contained script next to its
+tokenizer folder (the board has no axgen package), so the template rendering, both protocols, the
+session store and the shared HTTP handler cannot be split into modules of the package.
+
 Command line::
 
     python3 <model>_tokenizer_uid.py [--host 127.0.0.1] [--port 12345] [--port_file FILE]
