@@ -552,10 +552,13 @@ def test_every_family_of_the_issue_has_a_recipe_and_a_test():
 
 def _transformers_view(recipe, raw: dict):
     """transformers' config for a variant: its own class, or the recipe's reference architecture."""
+    import copy
+
     from transformers import AutoConfig
 
     from generator.verify.relayout import reference_config
 
+    raw = copy.deepcopy(raw)  # transformers' config classes edit nested dicts (rope_scaling) in place
     if recipe.reference.architecture:
         import transformers
 

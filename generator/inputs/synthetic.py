@@ -30,6 +30,7 @@ Text is tokenized as bytes; ids differ from the real tokenizer's.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -220,14 +221,14 @@ def variant_config(recipe: Recipe, variant: str | None) -> dict:
     if v is None or not v.config:
         raise GeneratorError(f"SYNTHETIC=1 needs a model variant with its config.json in recipe '{recipe.name}' "
                              f"(variants: {', '.join(recipe.variants) or 'none'}).")
-    return dict(v.config)
+    return copy.deepcopy(v.config)  # a copy: transformers' config classes edit nested dicts in place
 
 
 def synthetic_checkpoint(recipe: Recipe, variant: str | None, *, config: dict | None = None, seed: int = 0,
                          cache_dir: Path | None = None, spec: ArchSpec | None = None) -> SyntheticCheckpoint:
     """Random weights with the exact config of `variant` (or an explicit config.json dict). `spec`: the
     config's resolved spec when the caller has it (a build does), else it is resolved here."""
-    config = dict(config) if config is not None else variant_config(recipe, variant)
+    config = copy.deepcopy(config) if config is not None else variant_config(recipe, variant)
     name = variant or recipe.name
     if spec is None:
         spec = resolve_spec(recipe, config, model_name=name, max_positions=1, where=f"recipe variant {name}")
