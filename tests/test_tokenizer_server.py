@@ -429,7 +429,8 @@ def test_image_tokens_and_img_prompt(cases):
     qwen, smol = cases["qwen"], cases["smol"]
     with tf.Connection(qwen.server.port) as conn:
         for name, token in tf.IMG_TOKENS.items():
-            assert conn.get(f"/{name}") == {name: qwen.ref.convert_tokens_to_ids(token), "token": token}
+            assert conn.get(f"/{name}") == {name: qwen.ref.convert_tokens_to_ids(token), "token": token,
+                                            "img_token_num": 4}
         uid = new_uid(conn)
         answer = conn.post("/encode", {"uid": uid, "text": "Describe the picture.", "img_prompt": True})
         content = "<img>" + "<IMG_CONTEXT>" * 4 + "</img>" + "Describe the picture."

@@ -368,3 +368,112 @@ class NagleClient:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision-language tokenizer folders and their reference processors
+# ----------------------------------------------------------------------------------------------
+
+# transformers' InternVL chat template (the -hf checkpoints): an image part renders as the context
+# token and a newline, which InternVLProcessor expands to <img> + <IMG_CONTEXT> x N + </img>.
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "{{ '<IMG_CONTEXT>\\n' }}{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}{{'<|im_end|>\\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\\n' }}{% endif %}")
+
+# Qwen2.5-VL's chat template: an image part renders as <|vision_start|><|image_pad|><|vision_end|>,
+# which Qwen2_5_VLProcessor expands to one pad per merged patch.
+QWEN_VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}")
+
+# family -> the bundle's ax_tokenizer.json image facts (img_token_num is the test's), as the
+# generator writes them for that family
+VL_FAMILIES = {
+    "internvl": {"img_start_token": "<img>", "img_context_token": "<IMG_CONTEXT>", "img_end_token": "</img>",
+                 "img_text_separator": "\n"},
+    "qwen_vl": {"img_start_token": "<|vision_start|>", "img_context_token": "<|image_pad|>",
+                "img_end_token": "<|vision_end|>", "img_text_separator": ""},
+}
+
+
+def make_vl_dir(target: Path, family: str, img_token_num: int, system_prompt: str = "") -> Path:
+    """A tiny byte-level BPE tokenizer folder of a vision-language family (its special tokens and chat
+    template) with the ax_tokenizer.json a bundle of that family has."""
+    from transformers import PreTrainedTokenizerFast
+
+    common = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    if family == "internvl":
+        specials = common + ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+        # the names InternVLProcessor reads from its tokenizer (tokenizer.start_image_token ...)
+        named = {"extra_special_tokens": {"start_image_token": "<img>", "end_image_token": "</img>",
+                                          "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}}
+        template = INTERNVL_TEMPLATE
+    else:
+        specials = common + ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+        named, template = {}, QWEN_VL_TEMPLATE
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_train_tiny_bpe(specials), eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", chat_template=template, **named)
+    tokenizer.save_pretrained(target)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    write_ax_tokenizer(target, bos_id=-1, eos_id=eos, eos_ids=[eos], system_prompt=system_prompt,
+                       img_token_num=img_token_num, **VL_FAMILIES[family])
+    return target
+
+
+def vl_reference_processor(tokenizer_dir: Path, family: str, img_token_num: int):
+    """transformers' processor of the family on the folder's tokenizer, built offline, and an image
+    for which it gives exactly ``img_token_num`` image tokens (one tile, no video processor)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if family == "internvl":
+        from transformers import GotOcr2ImageProcessorPil
+        from transformers.models.internvl import InternVLProcessor as base
+
+        images = GotOcr2ImageProcessorPil(crop_to_patches=False, size={"height": 28, "width": 28})
+        kwargs, side = {"image_seq_length": img_token_num, "chat_template": INTERNVL_TEMPLATE}, 28
+    else:
+        from transformers import Qwen2VLImageProcessorPil
+        from transformers.models.qwen2_5_vl import Qwen2_5_VLProcessor as base
+
+        side = 28 * int(round(img_token_num ** 0.5))  # a grid of (side/14)^2 patches, merged 2x2
+        assert (side // 28) ** 2 == img_token_num, "Qwen-VL tests use a square number of image tokens"
+        images = Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side)
+        kwargs = {"chat_template": QWEN_VL_TEMPLATE}
+
+    class Processor(base):  # without a video processor (it needs torchvision, which is not installed)
+        def check_argument_for_proper_class(self, name, arg):
+            return None if arg is None else super().check_argument_for_proper_class(name, arg)
+
+    processor = Processor(image_processor=images, tokenizer=tokenizer, video_processor=None, **kwargs)
+    rng = np.random.default_rng(0)
+    return processor, Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+
+
+def vl_reference_ids(processor, image, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """The processor's input_ids for a conversation whose user messages may hold ``{"type": "image"}``
+    parts (each gets ``image``); other content is a string."""
+    chat = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = [{"type": "image", "image": image} if p == "image" else {"type": "text", "text": p}
+                       for p in content]
+        else:
+            content = [{"type": "text", "text": content}]
+        chat.append({"role": m["role"], "content": content})
+    out = processor.apply_chat_template(chat, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                        return_dict=True)
+    return [int(i) for i in out["input_ids"][0]]

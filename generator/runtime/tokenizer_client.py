@@ -13,6 +13,8 @@ when the server answers ``Connection: close`` or has closed an idle connection.
     ids, diff = tok.encode("Hello")                          # prefill `diff` on top of the cache
     text = tok.decode(generated_ids)                         # complete characters only
     ids, diff = tok.encode("And then?", last_reply=text)     # next turn
+    img = tok.image_tokens()                                 # a vision-language model's image tokens
+    ids, diff = tok.encode("What is this?", img_prompt=True) # the turn's image: img.count context tokens
 
 See the server module's docstring for the protocol.
 """
@@ -22,7 +24,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote, urlsplit
 
 from ..contract import TOKENIZER_URL
@@ -51,6 +53,16 @@ class SessionLostError(TokenizerServerError):
     The conversation state on the server is gone: call ``HttpTokenizer.new_session()`` and
     ``reset()`` (and drop the KV cache) before encoding again.
     """
+
+
+class ImageTokens(NamedTuple):
+    """A vision-language model's image tokens (ids; None when the model has no such token) and how
+    many context tokens one image takes (the rows its embeddings overwrite)."""
+
+    start: int | None
+    context: int
+    end: int | None
+    count: int
 
 
 class HttpTokenizer:
@@ -101,7 +113,8 @@ class HttpTokenizer:
         return self._expect_ids(self._request("POST", "/reset", body), "token_ids", "/reset")
 
     def encode(self, text: str, last_reply: str | None = None, img_prompt: bool = False) -> tuple[list[int], list[int]]:
-        """Add a user turn (after ``last_reply`` as the assistant's answer, when given).
+        """Add a user turn (after ``last_reply`` as the assistant's answer, when given); with
+        ``img_prompt`` the turn starts with one image's tokens (see ``image_tokens``).
 
         Returns ``(token_ids, diff)``: the whole conversation with generation prompt, and the part
         the client still has to prefill. When the server had to send everything again
@@ -116,6 +129,29 @@ class HttpTokenizer:
         answer = self._request("POST", "/encode", body)
         self.last_prefix_mismatch = bool(answer.get("prefix_mismatch", False))
         return self._expect_ids(answer, "token_ids", "/encode"), self._expect_ids(answer, "diff", "/encode")
+
+    def image_tokens(self) -> ImageTokens | None:
+        """The server's image tokens (``GET /img_context_token`` and friends); None for a text-only
+        model (the server answers 404, or declares ``img_token_num`` 0). An ``encode(..., img_prompt=True)`` turn holds ``count``
+        consecutive ``context`` ids, the rows the image's embeddings overwrite."""
+        ids: dict[str, int | None] = {}
+        count = 0
+        for name in ("img_start_token", "img_context_token", "img_end_token"):
+            try:
+                answer = self._request("GET", f"/{name}?uid={quote(self.uid)}")
+            except TokenizerServerError as exc:
+                if exc.status != 404:
+                    raise
+                ids[name] = None
+                continue
+            ids[name] = self._expect(answer, name, int, f"/{name}")
+            count = answer.get("img_token_num", count)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise TokenizerServerError(f"The tokenizer server at {self.url} answered /img_context_token with an "
+                                       f"invalid \"img_token_num\": {count!r}.")
+        if ids["img_context_token"] is None or count == 0:  # tokens in the vocabulary, but no image input
+            return None
+        return ImageTokens(ids["img_start_token"], ids["img_context_token"], ids["img_end_token"], count)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids`` up to the last complete character (a cut UTF-8 sequence is held back)."""

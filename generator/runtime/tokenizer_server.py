@@ -41,12 +41,20 @@ transformers), plus ``ax_tokenizer.json`` written by the generator so that nothi
     {"bos_id": int (-1: none), "eos_id": int, "eos_ids": [int, ...],
      "system_prompt": str (default system prompt; "" = no system message),
      "img_start_token": str | null, "img_context_token": str | null, "img_end_token": str | null,
-     "img_token_num": int (0: no image)}
+     "img_token_num": int (0: no image), "img_text_separator": str (default "")}
 
 Without ``ax_tokenizer.json`` (or for a key it leaves out) the fallbacks are: ``bos_id``/``eos_id``
 = the ids of ``bos_token``/``eos_token`` in ``tokenizer_config.json`` (-1 when absent),
 ``eos_ids`` = ``[eos_id]``, ``system_prompt`` = "" (the template's own default, if any, applies),
 no image tokens.
+
+Image prompt: a user turn sent with ``img_prompt`` true has the content ``img_start_token +
+img_context_token * img_token_num + img_end_token + img_text_separator + text``: the image first,
+then the text, as the reference processors put it. InternVL (its remote code and transformers'
+``InternVLProcessor``: ``<image>\\n`` + question, the ``<image>`` expanded) has ``img_text_separator``
+``"\\n"``; Qwen2.5-VL (its chat template renders an image part as ``<|vision_start|><|image_pad|>
+<|vision_end|>`` with nothing after it, the processor repeats the pad) has ``""``. The client
+overwrites the embedding rows of the ``img_token_num`` context tokens with the image's embeddings.
 
 Without any chat template a conversation is the message contents joined by "\\n", encoded with
 the tokenizer's post-processor (``add_special_tokens=True``, like ``tokenizer(text)``); the BOS id is
@@ -69,7 +77,8 @@ Session ("uid") protocol, used by current ax-llm:
 ``POST /encode {"uid", "text", "last_reply"?, "img_prompt"?}``
     -> ``{"token_ids": [...], "diff": [...], "prefix_mismatch": bool}``. ``last_reply`` (a string,
     the model's previous answer), when present, is first appended as an assistant message; then
-    the user message ``text`` (with the image placeholder in front when ``img_prompt`` is true).
+    the user message ``text`` (with the image placeholder in front when ``img_prompt`` is true:
+    see "Image prompt" above; every turn may carry one image).
     ``token_ids`` is the whole rendered conversation with generation prompt. ``diff`` is what the
     board still has to prefill: ``token_ids`` minus the prefix the board already holds. That
     prefix is the ``token_ids`` the session last returned (the reset tokens at first) or, when
@@ -95,9 +104,8 @@ Stateless protocol (older run scripts), the same server without ``uid``:
 -> ``{"text", "pending_ids"}``.
 
 VLM extras: ``GET /img_start_token``, ``GET /img_context_token``, ``GET /img_end_token`` ->
-``{"img_start_token": id, "token": "<img>"}`` etc. when ``ax_tokenizer.json`` declares them, else
-404. The image placeholder is ``img_start_token + img_context_token * img_token_num +
-img_end_token``, put in front of the user text.
+``{"img_start_token": id, "token": "<img>", "img_token_num": N}`` etc. when ``ax_tokenizer.json``
+declares them, else 404. ``img_prompt: true`` on a tokenizer without image tokens is a 400.
 
 ``GET /`` -> ``{"status": "ok", ...}`` (health check).
 
@@ -493,6 +501,7 @@ class ChatTokenizer:
                                              f"the vocabulary.")
                 self.img_tokens[key] = (text, token_id)
         self.img_token_num = get("img_token_num", int, 0)
+        self.img_text_separator = get("img_text_separator", str, "")
         if self.img_token_num < 0:
             raise TokenizerLoadError(f"'{path}': \"img_token_num\" must be >= 0.")
         if self.img_token_num and "img_context_token" not in self.img_tokens:
@@ -523,7 +532,8 @@ class ChatTokenizer:
         return start + self.img_tokens["img_context_token"][0] * self.img_token_num + end
 
     def user_content(self, text: str, img_prompt: bool = False) -> str:
-        return self.image_placeholder() + text if img_prompt else text
+        """A user turn's content: ``text``, after the image placeholder and separator when ``img_prompt``."""
+        return self.image_placeholder() + self.img_text_separator + text if img_prompt else text
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
         """The conversation as text, exactly like ``apply_chat_template(..., tokenize=False)``.
@@ -608,6 +618,7 @@ class ChatTokenizer:
             "bos_id": self.bos_id,
             "eos_ids": self.eos_ids,
             "images": self.supports_images,
+            "img_token_num": self.img_token_num,
         }
 
 
@@ -852,7 +863,7 @@ class TokenizerApp:
         if name not in self.tokenizer.img_tokens:
             raise RequestError(404, f"this model declares no {name} (ax_tokenizer.json)")
         text, token_id = self.tokenizer.img_tokens[name]
-        return {name: token_id, "token": text}
+        return {name: token_id, "token": text, "img_token_num": self.tokenizer.img_token_num}
 
     # POST (GET /reset reads the query) --------------------------------------------------------------
 
