@@ -154,6 +154,15 @@ class Graphs(Record):
     groups: list[ShapeGroup]
 
 
+def position_rows(rope: dict[str, Any] | None) -> int:
+    """Rows of the layers' `indices` input (board contract section 9): 3 (temporal, height, width
+    positions) when the rope tables carry an mRoPE split, else 1. `rope`: the spec's tables (objects or
+    as the manifest records them)."""
+    tables = (rope or {}).values()
+    split = lambda t: t.get("mrope_section") if isinstance(t, dict) else getattr(t, "mrope_section", None)  # noqa: E731
+    return 3 if any(split(t) for t in tables) else 1
+
+
 class ModelSpec(BaseModel):
     """The resolved architecture as the bundle records it (generator/resolve/spec.py's ArchSpec): the
     fields read outside the build are typed here; the rest is kept as written."""
@@ -177,6 +186,11 @@ class ModelSpec(BaseModel):
     @property
     def kv_dim(self) -> int:
         return self.num_key_value_heads * self.head_dim
+
+    @property
+    def position_rows(self) -> int:
+        """Rows of the layers' `indices` input: 3 for mRoPE, else 1."""
+        return position_rows(getattr(self, "rope", None))
 
 
 class Options(Record):

@@ -16,7 +16,8 @@ from fnmatch import fnmatch
 import numpy as np
 from onnx import TensorProto
 
-from ..contract import ShapeGroup, is_quantized
+from ..contract import ShapeGroup, is_quantized, position_rows
+from ..errors import GeneratorError
 from ..resolve.options import BuildOptions
 from ..resolve.spec import ArchSpec, NormSpec
 from .onnx_graph import DTYPES, Graph, WeightsFile
@@ -150,8 +151,16 @@ def rope_tables(g: Graph, spec: ArchSpec, layer_type: str, indices: str) -> tupl
         top = g.op("ReduceMax", g.op("Cast", indices, to=TensorProto.INT64), keepdims=0)
         use_long = g.op("GreaterOrEqual", top, g.const(table.long_from, np.int64))
         inv = g.op("Where", use_long, g.const(signed(np.asarray(table.long_inv_freq, np.float32))), inv)
-    shape = (1, -1, 1, 1) if not table.interleaved else (1, -1, 1, 1, 1)
-    pos = g.op("Reshape", g.op("Cast", indices, to=TensorProto.FLOAT), g.ints(*shape))
+    rows = table.pair_rows()
+    if rows is not None:
+        # mRoPE: indices [3, P] (temporal, height, width); each rotated dim takes its pair's row
+        # (the (-f, f) layout repeats the pairs), then the same product as 1-D RoPE: [1, P, 1, rot]
+        pick = g.const(np.asarray(rows + rows), np.int64)
+        pos = g.op("Transpose", g.op("Gather", g.op("Cast", indices, to=TensorProto.FLOAT), pick, axis=0), perm=[1, 0])
+        pos = g.op("Reshape", pos, g.ints(1, -1, 1, table.rotary_dim))
+    else:
+        shape = (1, -1, 1, 1) if not table.interleaved else (1, -1, 1, 1, 1)
+        pos = g.op("Reshape", g.op("Cast", indices, to=TensorProto.FLOAT), g.ints(*shape))
     if table.interleaved:
         inv = g.op("Unsqueeze", inv, g.ints(-1))  # [rot/2, 1]
     freqs = g.op("Mul", pos, inv)
@@ -200,7 +209,7 @@ def layer_graph(spec: ArchSpec, opts: BuildOptions, i: int, group: ShapeGroup, r
     g = Graph(f"{spec.model_type}_l{i}_g{group.index}")
     k_cache = g.input("K_cache", dt, [1, hist, kv])
     v_cache = g.input("V_cache", dt, [1, hist, kv])
-    indices = g.input("indices", TensorProto.UINT32, [1, p])
+    indices = g.input("indices", TensorProto.UINT32, [position_rows(spec.rope), p])  # [3, P] for mRoPE
     x_in = g.input("input", dt, [1, p, hid])
     mask = g.input("mask", dt, [1, p, hist + p])
 
@@ -241,6 +250,8 @@ def layer_graph(spec: ArchSpec, opts: BuildOptions, i: int, group: ShapeGroup, r
         scores = g.op("Reshape", scores, g.op("Concat", g.ints(n_kv, grp), p_t, axis=0))
     m = to_f32(g, mask, dt)  # [1, P, T] broadcasts over [n_kv, grp, (P,) T]
     if layer_type == "sliding_attention":
+        if table.mrope_section is not None:  # window positions are cache rows; mRoPE positions are not
+            raise GeneratorError(f"{spec.model_name}: sliding-window attention with mRoPE is not supported.")
         # keys: history slot j is position j; chunk keys sit at `indices`. Block q - k >= window.
         pos = g.op("Cast", indices, to=TensorProto.FLOAT)
         hist_len = g.op("Squeeze", g.op("Slice", g.op("Shape", k_cache), g.ints(1), g.ints(2)), g.ints(0))

@@ -5,6 +5,10 @@ the data the graph needs: inverse frequencies for the rotated dims, the cos/sin 
 longrope a second table used once positions pass the original context. Partial rotary and
 interleaved pairs are properties of the block and travel along. Written from the papers' formulas;
 tests/test_rope.py checks every kind against transformers' implementation.
+
+Multimodal RoPE (Qwen2-VL / Qwen2.5-VL) is data in the same dict: `mrope_section` splits the rotated
+pairs into (temporal, height, width) sections, each taking its angle from its own row of the
+positions (the layers' `indices` input is then [3, P]); tests/test_mrope.py checks it.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_serializer
 
 from ..errors import GeneratorError
 from ..limits import limits, rule, shown
@@ -29,6 +33,23 @@ class RopeTable(BaseModel):
     # longrope: `long_inv_freq` replaces `inv_freq` when the largest position of a forward is >= long_from
     long_inv_freq: list[float] | None = None
     long_from: int | None = None
+    # mRoPE: rotated pairs per (temporal, height, width) position row, summing to rotary_dim / 2
+    mrope_section: list[int] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset_mrope(self, handler):
+        """Tables without mRoPE are recorded as before (manifests of text-only bundles unchanged)."""
+        data = handler(self)
+        if self.mrope_section is None:
+            data.pop("mrope_section", None)
+        return data
+
+    def pair_rows(self) -> list[int] | None:
+        """mRoPE: the position row (0 temporal, 1 height, 2 width) of each rotated pair, as
+        transformers' Qwen2.5-VL takes it (section k from row k % 3); None without mRoPE."""
+        if self.mrope_section is None:
+            return None
+        return [k % 3 for k, n in enumerate(self.mrope_section) for _ in range(n)]
 
 
 def _base_freq(theta: float, dim: int) -> np.ndarray:
@@ -79,6 +100,9 @@ def resolve_rope(
     kind = params.get("rope_type") or params.get("type") or "default"
     if kind == "su":
         kind = "longrope"
+    mrope = _mrope_section(params, kind, head_dim, partial_rotary_factor, interleaved, where)
+    if kind == "mrope":  # older configs: {type: mrope, mrope_section}; the frequencies are plain RoPE's
+        kind = "default"
     dim = int(head_dim * partial_rotary_factor)
     if dim % 2 or dim <= 0:
         raise GeneratorError(f"{where}: rotary dim {dim} (head_dim {head_dim} x partial_rotary_factor "
@@ -165,4 +189,28 @@ def resolve_rope(
                              f"longrope (su), llama3.")
     return RopeTable(kind=kind, theta=float(theta), rotary_dim=dim, interleaved=interleaved,
                      inv_freq=[float(x) for x in inv], attention_factor=factor_attn,
-                     long_inv_freq=long_inv, long_from=long_from)
+                     long_inv_freq=long_inv, long_from=long_from, mrope_section=mrope)
+
+
+def _mrope_section(params: dict, kind: str, head_dim: int, partial_rotary_factor: float, interleaved: bool,
+                   where: str) -> list[int] | None:
+    """The checked mRoPE split (None without one): positive ints, one section per position row
+    (at most 3: temporal, height, width), summing to the rotated pairs; plain frequencies only."""
+    section = params.get("mrope_section")
+    if section is None:
+        if kind == "mrope":
+            raise GeneratorError(f"{where}: rope type 'mrope' needs 'mrope_section' (rotated pairs per temporal, "
+                                 f"height and width position row, e.g. [16, 24, 24]).")
+        return None
+    pairs = int(head_dim * partial_rotary_factor) // 2
+    if (not isinstance(section, list) or not 1 <= len(section) <= 3
+            or not all(type(n) is int and n > 0 for n in section) or sum(section) != pairs):
+        raise GeneratorError(f"{where}: 'mrope_section' must list 1 to 3 positive integers (rotated pairs per "
+                             f"temporal, height and width position row) summing to {pairs} (rotary dim / 2), "
+                             f"got {shown(section)}.")
+    if kind not in ("default", "mrope"):
+        raise GeneratorError(f"{where}: mRoPE ('mrope_section') with rope_type '{kind}' is not supported; "
+                             f"mRoPE takes plain RoPE frequencies.")
+    if interleaved:
+        raise GeneratorError(f"{where}: mRoPE ('mrope_section') with interleaved rotary pairs is not supported.")
+    return list(section)

@@ -104,6 +104,10 @@ class Engine:
         self.v_cache = np.zeros((self.L, self.C, self.kv), self.dtype)
         self.precompute_len = 0
         self.cached_ids: list[int] = []
+        # positions: `indices` has 3 rows (temporal, height, width) for mRoPE, else 1; _next[k] is the
+        # position of the token after the first k cached ones (k for text; after an image, more)
+        self.rows = self.spec.position_rows
+        self._next: list[int] = [0]
         self._sessions: dict[tuple[int, int], object] = {}
         self._setup_decode()
         self._setup_post()
@@ -132,7 +136,7 @@ class Engine:
     # -- decode --------------------------------------------------------------------------------
     def _setup_decode(self):
         self.h_dec = [np.zeros((1, 1, self.H), self.dtype) for _ in range(2)]
-        self.idx_dec = np.zeros((1, 1), np.uint32)
+        self.idx_dec = np.zeros((self.rows, 1), np.uint32)
         # per layer, the C-level calls decode() makes for each token (no per-token Python wrappers)
         self._dec_calls = []
         for i in range(self.L):
@@ -143,13 +147,20 @@ class Engine:
             self._dec_calls.append((*io.raw(), self.k_cache[i].ctypes.data, self.v_cache[i].ctypes.data))
         self.h_final_dec = self.h_dec[self.L % 2]
 
-    def decode(self, token: int) -> np.ndarray:
-        """Run one token at position precompute_len through all layers; returns its final hidden state."""
+    @property
+    def next_position(self) -> int:
+        """The position the next token takes (precompute_len, plus what images added for mRoPE): where a
+        turn's mRoPE positions start (runtime/mrope.py)."""
+        return self._next[self.precompute_len]
+
+    def decode(self, token: int, position: np.ndarray | None = None) -> np.ndarray:
+        """Run one token at cache row precompute_len through all layers; returns its final hidden state.
+        `position`: its `indices` column (rows values), else next_position on every row."""
         pos = self.precompute_len
         if pos >= self.C:
             raise GeneratorError(f"KV cache full ({self.C} tokens, --kv_cache_len); reset the conversation.")
         self._embed_into(self.h_dec[0][0], [token])
-        self.idx_dec[0, 0] = pos
+        self.idx_dec[:, 0] = self.next_position if position is None else position
         rows = self.history.decode_rows(self, pos)
         mask = board_mask(self.hidden, 1, rows, pos)
         row = self.kv * self.k_cache.itemsize
@@ -164,6 +175,7 @@ class Engine:
             run()
         self.precompute_len = pos + 1
         self.cached_ids.append(token)
+        self._next.append(int(self.idx_dec.max()) + 1)
         return self.h_final_dec[0, 0]
 
     # -- prefill -------------------------------------------------------------------------------
@@ -186,9 +198,10 @@ class Engine:
                              or (not g.dummy_history and g.history_rows >= hist)), None))
         return out
 
-    def prefill(self, tokens: list[int]) -> np.ndarray:
+    def prefill(self, tokens: list[int], positions: np.ndarray | None = None) -> np.ndarray:
         """Prefill `tokens` after the cached ones in chunks of prefill_len; returns the last token's
-        final hidden state.
+        final hidden state. `positions`: their `indices` rows ([rows, n]; mRoPE: runtime/mrope.py's
+        from next_position), else consecutive from next_position.
 
         board: each chunk runs the contract's group with its static shapes (history rows of the
         group, the chunk padded to prefill_len, new K/V rows copied into the cache).
@@ -200,25 +213,31 @@ class Engine:
         if self.precompute_len + n > self.C:
             raise GeneratorError(f"Conversation too long: {self.precompute_len} cached + {n} new tokens exceed "
                                  f"--kv_cache_len {self.C}; reset the conversation.")
+        if positions is None:
+            positions = np.arange(self.next_position, self.next_position + n)
+        positions = np.asarray(positions, np.int64).reshape(-1, n)
+        if positions.shape[0] not in (1, self.rows):
+            raise GeneratorError(f"positions of {positions.shape[0]} rows for a bundle whose layers take {self.rows}.")
+        positions = np.broadcast_to(positions, (self.rows, n))
+        following = np.maximum.accumulate(positions.max(axis=0)) + 1  # _next after each token
         P, in_place = self.P, self.history.in_place
         h = [np.zeros((1, P, self.H), self.dtype) for _ in range(2)]
         k_out = np.zeros((1, P, self.kv), self.dtype)
         v_out = np.zeros((1, P, self.kv), self.dtype)
-        idx = np.zeros((1, P), np.uint32)
         row = self.kv * self.k_cache.itemsize
         last = None
         for c, group in enumerate(self.history.plan(self, n)):
             start = self.precompute_len
             chunk = tokens[c * P:(c + 1) * P]
             if group is None:  # longer than every prefill group's history: one token at a time
-                for tok in chunk:
-                    last = self.decode(tok).copy()
+                for j, tok in enumerate(chunk):
+                    last = self.decode(tok, positions[:, c * P + j]).copy()
                 continue
             m = len(chunk)
             rows, width, cached = self.history.chunk(self, group, start, m)
             mask = board_mask(self.hidden, width, rows, cached)
-            idx[:] = 0
-            idx[0, :m] = np.arange(start, start + m, dtype=np.uint32)
+            idx = np.zeros((self.rows, width), np.uint32)  # [rows, width]: contiguous as bound
+            idx[:, :m] = positions[:, c * P:c * P + m]
             h[0][:] = 0
             self._embed_into(h[0][0, :m], chunk)
             tok_shape = (1, width)
@@ -226,7 +245,7 @@ class Engine:
                 io = self.binding(i, group.index)
                 io.input("K_cache", self.k_cache[i], shape=(1, rows, self.kv))
                 io.input("V_cache", self.v_cache[i], shape=(1, rows, self.kv))
-                io.input("indices", idx, shape=tok_shape, elem=TensorProto.UINT32)
+                io.input("indices", idx, elem=TensorProto.UINT32)
                 io.input("input", h[i % 2], shape=(*tok_shape, self.H))
                 io.input("mask", mask)
                 io.output("output", h[(i + 1) % 2], shape=(*tok_shape, self.H))
@@ -243,6 +262,7 @@ class Engine:
             last = h[self.L % 2][0, m - 1].copy()
             self.precompute_len = start + m
             self.cached_ids.extend(chunk)
+            self._next.extend(following[c * P:c * P + m].tolist())
         return last
 
     def _embed_into(self, dst: np.ndarray, ids: list[int]):
@@ -279,6 +299,7 @@ class Engine:
         step is built from precompute_len, so nothing else changes)."""
         self.precompute_len = min(length, self.precompute_len)
         del self.cached_ids[self.precompute_len:]
+        del self._next[self.precompute_len + 1:]
 
     def reset(self):
         self.rewind(0)
@@ -295,3 +316,4 @@ class Engine:
             self.v_cache[:, :n] = v
         self.precompute_len = n
         self.cached_ids = list(ids)
+        self._next = list(range(n + 1))  # a text prefix

@@ -147,8 +147,8 @@ def layer_check(bundle: Bundle, cap: dict[str, np.ndarray], progress: Progress, 
                 v_hist[0, :h] = cap["values"][i, :h]
                 x = np.zeros((1, g.tokens, H), np.float32)
                 x[0, :n] = cap["inputs"][i, h:h + n]
-                idx = np.zeros((1, g.tokens), np.uint32)
-                idx[0, :n] = np.arange(h, h + n)
+                idx = np.zeros((spec.position_rows, g.tokens), np.uint32)  # text positions (mRoPE: rows equal)
+                idx[:, :n] = np.arange(h, h + n)
                 path = bundle.layer_file(i, g.index)
                 types = graph_weight_types(path)
                 limit = limits_for(types, hidden)["layer"]
