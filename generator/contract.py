@@ -236,6 +236,30 @@ class FileEntry(Record):
     sha256: str
 
 
+def vision_stem(image_size: int) -> str:
+    """The vision part's graph and weights (contract section 9: built at --image_size)."""
+    return f"vision_part_{image_size}"
+
+
+class VisionEntry(Record):
+    """The vision part of a vision-language bundle: its graph (uint8 NHWC [1, H, W, 3] RGB in,
+    [1, tokens, hidden] image embeddings out), the image tokens, and what the reference processor does
+    to one tile before the graph (resize to image_size with `resize`; mean/std are inside the graph)."""
+
+    graph: str
+    data: str
+    image_size: int
+    tokens: int
+    weight_type: WeightType
+    img_start_token_id: int | None
+    img_context_token_id: int
+    img_end_token_id: int | None
+    resize: Literal["bicubic", "bilinear"]
+    mean: list[float]
+    std: list[float]
+    spec: dict[str, Any]  # the resolved vision spec (generator/recipe/vision.py VisionSpec)
+
+
 class Manifest(Record):
     """manifest.json. Written last (so a bundle with one is complete); `files` lists every other file."""
 
@@ -257,6 +281,7 @@ class Manifest(Record):
     checks_skipped: str | None = None  # why verification did not run
     checks: dict[str, Any] | None = None  # the verification summary
     files: dict[str, FileEntry] | None = None  # absent only while checks run on the unpublished bundle
+    vision: VisionEntry | None = None  # vision-language bundles only (text bundles: absent, null)
 
     # file names, formatted here rather than from the templates
     def layer_graph(self, layer: int, group: int) -> str:

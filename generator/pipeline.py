@@ -154,7 +154,7 @@ def verification(r: Resolved, check_level: int, console: Console) -> tuple[int, 
 
 
 def build(*, check_level: int = 0, prompt: str | None = None, console: Console | None = None,
-          progress: bool = True, **request: Any) -> dict[str, Any]:
+          progress: bool = True, image_size: int | None = None, **request: Any) -> dict[str, Any]:
     """resolve -> export -> verify -> publish; returns the manifest (plus out_dir and total_seconds).
     `request`: resolve's arguments (model, input_path, output_path, chip, synthetic, recipe_name, flags)."""
     console = console or Console(stderr=True)
@@ -169,7 +169,8 @@ def build(*, check_level: int = 0, prompt: str | None = None, console: Console |
     level, skipped = verification(r, check_level, console)
     bar = Progress(console, enabled=progress)
     with staged(r.out_dir, r.ckpt.dir) as tmp:
-        manifest = write_bundle(r, tmp, bar, {"synthetic": r.ckpt.kind == "synthetic", **skipped})
+        manifest = write_bundle(r, tmp, bar, {"synthetic": r.ckpt.kind == "synthetic", **skipped},
+                                image_size=image_size)
         checks = None
         if level > 0:
             from .verify.checks import run_checks

@@ -44,6 +44,7 @@ from ..resolve.resolved import Resolved
 from .graphs import layer_graph, post_graph, store_layer, store_post
 from .onnx_graph import WeightsFile
 from .quant import to_bf16_bits
+from .vision import vision_entry, write_vision
 from .weights import WeightSource
 
 RUN_TARGETS = {  # run script flavours (contract section 5); "board" is named after the chip as the user typed it
@@ -123,7 +124,7 @@ def write_graphs(ctx: Resolved, tmp: Path, progress: Progress) -> dict[str, Any]
     }
 
 
-def write_tokenizer(ctx: Resolved, tmp: Path) -> dict[str, str]:
+def write_tokenizer(ctx: Resolved, tmp: Path, vision: dict[str, Any] | None = None) -> dict[str, str]:
     tok_dir = dest(tmp, tokenizer_dir_name(ctx.model))
     tok_dir.mkdir()
     ctx.ckpt.check_tokenizer()
@@ -150,6 +151,9 @@ def write_tokenizer(ctx: Resolved, tmp: Path) -> dict[str, str]:
           "eos_id": eos[0] if eos else -1, "eos_ids": eos, "system_prompt": ctx.system_prompt,
           "img_start_token": chat.img_start_token, "img_context_token": chat.img_context_token,
           "img_end_token": chat.img_end_token, "img_token_num": chat.img_token_num}
+    if vision is not None:  # the image tokens and their count at this build's --image_size
+        ax.update(img_start_token=vision["img_start_token"], img_context_token=vision["img_context_token"],
+                  img_end_token=vision["img_end_token"], img_token_num=vision["tokens"])
     write_text(dest(tok_dir, "ax_tokenizer.json"), json.dumps(ax, indent=2, ensure_ascii=False) + "\n")
     script = tokenizer_script_name(ctx.model)
     shutil.copy2(TOKENIZER_SERVER, dest(tmp, script))
@@ -290,13 +294,17 @@ def write_manifest(tmp: Path, manifest: dict[str, Any]):
     write_text(dest(tmp, MANIFEST), json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 
 
-def write_bundle(ctx: Resolved, tmp: Path, progress: Progress, extra: dict[str, Any]) -> dict[str, Any]:
+def write_bundle(ctx: Resolved, tmp: Path, progress: Progress, extra: dict[str, Any],
+                 image_size: int | None = None) -> dict[str, Any]:
     """Everything into `tmp`, the manifest last (without the file listing: `finish` adds it once the
     verification report is written too). `extra`: manifest entries of the pipeline (synthetic, ...)."""
     started = time.time()
     files = write_graphs(ctx, tmp, progress)
     write_text(dest(tmp, POST_CONFIG), json.dumps(ctx.recipe.sampling.model_dump(), indent=4) + "\n")
-    tok = write_tokenizer(ctx, tmp)
+    vision = write_vision(ctx, tmp, progress, image_size)  # None for text-only models
+    tok = write_tokenizer(ctx, tmp, vision)
+    if vision is not None:
+        extra = {**extra, "vision": vision_entry(vision, tmp / tok["dir"])}
     scripts = write_scripts(ctx, tmp, files, tok)
     build_seconds = time.time() - started
     manifest: dict[str, Any] = {

@@ -23,6 +23,7 @@ from ..limits import Ranged, limits, shown, validation_text
 from ..names import SAFE_NAME_RULE, is_safe_name
 from .expr import ExprError, names_in
 from .tensors import LAYER_TENSORS, MODEL, whole_paths
+from .vision import VisionRecipe
 
 
 def _safe(value: str) -> str:
@@ -328,6 +329,7 @@ class Recipe(Strict):
     build: BuildDefaults = BuildDefaults()
     sampling: Sampling = Sampling()
     variants: dict[SafeName, Variant] = {}
+    vision: Union[VisionRecipe, None] = None  # the vision part of a vision-language model (recipe/vision.py)
     _path: Union[Path, None] = PrivateAttr(default=None)  # the file it was loaded from
 
     @property

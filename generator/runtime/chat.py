@@ -11,7 +11,8 @@ import numpy as np
 from ..contract import Bundle, Sampling
 from ..errors import GeneratorError
 from .engine import Engine
-from .generation import Generator, Sampler, StreamDecoder, TurnStats
+from .generation import Generator, Sampler, StreamDecoder, TurnStats, common_prefix
+from .vision import VisionEncoder, image_rows
 
 
 def load_script(path: Path, name: str):
@@ -54,6 +55,7 @@ class Chat:
         self.system_prompt = bundle.system_prompt if system_prompt is None else system_prompt
         self.last_reply: str | None = None
         self.system_ids: list[int] = []
+        self._vision = None  # VisionEncoder, opened by the first image
 
     @property
     def stats(self) -> TurnStats:
@@ -102,12 +104,34 @@ class Chat:
         """Start over with a new tokenizer session and the system prompt prefilled once."""
         return self.start(self.tok.reset(self.system_prompt))
 
-    def turn(self, text: str, max_new_tokens: int | None = None) -> Iterator[str]:
-        """Send a user message; yields text pieces as they complete."""
-        ids = self.tok.encode(text, last_reply=self.last_reply)[0]
+    def turn(self, text: str, max_new_tokens: int | None = None,
+             images: list[np.ndarray] | None = None) -> Iterator[str]:
+        """Send a user message; yields text pieces as they complete. `images`: uint8 RGB [H, W, 3] arrays
+        (a vision-language bundle; one per turn, as the board's VLM runtime): the tokenizer expands the
+        turn with the image tokens (img_prompt) and the vision graph's rows replace their embeddings."""
+        images = list(images or [])
+        if len(images) > 1:
+            raise GeneratorError(f"{len(images)} images in one turn: the bundle's runtime takes one image per "
+                                 f"turn (send the others in later turns).")
+        embeds = [self.vision().encode(im) for im in images]
+        ids = list(self.tok.encode(text, last_reply=self.last_reply, img_prompt=bool(images))[0])
+        if images:
+            rows = image_rows(ids, embeds, self.b.manifest.vision.img_context_token_id)
+            first = min(rows)  # the cache must not keep rows of an earlier image at these positions
+            self.engine.rewind(min(common_prefix(self.engine.cached_ids, ids), first))
+            self.engine.image_rows = rows
         stream = StreamDecoder(self.tok.decode, self.gen.eos)
-        for tok in self.gen.stream(list(ids), max_new_tokens):
-            piece = stream.push(tok)
-            if piece:
-                yield piece
+        try:
+            for tok in self.gen.stream(ids, max_new_tokens):
+                piece = stream.push(tok)
+                if piece:
+                    yield piece
+        finally:
+            self.engine.image_rows = {}
         self.last_reply = self.tok.decode(stream.ids)
+
+    def vision(self):
+        """The bundle's vision encoder (opened on first use); a clear error for a text-only bundle."""
+        if self._vision is None:
+            self._vision = VisionEncoder(self.b, threads=self.engine.threads)
+        return self._vision

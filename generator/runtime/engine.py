@@ -104,6 +104,9 @@ class Engine:
         self.v_cache = np.zeros((self.L, self.C, self.kv), self.dtype)
         self.precompute_len = 0
         self.cached_ids: list[int] = []
+        # image embeddings (runtime/vision.py image_rows): cache row -> [n, hidden] rows that overwrite the
+        # token embeddings from that row on while prefilling (the board's VLM path); the Chat sets them
+        self.image_rows: dict[int, np.ndarray] = {}
         # positions: `indices` has 3 rows (temporal, height, width) for mRoPE, else 1; _next[k] is the
         # position of the token after the first k cached ones (k for text; after an image, more)
         self.rows = self.spec.position_rows
@@ -240,6 +243,7 @@ class Engine:
             idx[:, :m] = positions[:, c * P:c * P + m]
             h[0][:] = 0
             self._embed_into(h[0][0, :m], chunk)
+            self._images_into(h[0][0, :m], start)
             tok_shape = (1, width)
             for i in range(self.L):
                 io = self.binding(i, group.index)
@@ -264,6 +268,13 @@ class Engine:
             self.cached_ids.extend(chunk)
             self._next.extend(following[c * P:c * P + m].tolist())
         return last
+
+    def _images_into(self, dst: np.ndarray, start: int):
+        """Overwrite the rows of cache positions [start, start + len(dst)) that image_rows covers."""
+        for first, rows in self.image_rows.items():
+            lo, hi = max(first, start), min(first + len(rows), start + len(dst))
+            if lo < hi:
+                dst[lo - start:hi - start] = rows[lo - first:hi - first]
 
     def _embed_into(self, dst: np.ndarray, ids: list[int]):
         rows = self.embed[np.asarray(ids, np.int64)]
