@@ -22,7 +22,7 @@ from ..paths import TOKENIZER_SERVER
 from ..runtime.chat import load_script
 from .service import ApiError, ChatService
 
-MAX_BODY_BYTES = 4 << 20
+MAX_BODY_BYTES = 4 << 20  # a text-only bundle's requests; a vision-language one's: images.max_request_bytes (limits.yaml)
 _tokenizer_server = load_script(TOKENIZER_SERVER, "axgen_tokenizer_server")
 JsonRequestHandler, JsonHTTPServer = _tokenizer_server.JsonRequestHandler, _tokenizer_server.JsonHTTPServer
 
@@ -159,4 +159,7 @@ class ApiServer(JsonHTTPServer):
 
     def __init__(self, address: tuple[str, int], service: ChatService, log_requests: bool = False):
         self.service = service
-        super().__init__(address, ApiHandler, log_requests, MAX_BODY_BYTES)
+        from .images import image_limits
+
+        limit = image_limits()["max_request_bytes"] if service.takes_images else MAX_BODY_BYTES
+        super().__init__(address, ApiHandler, log_requests, limit)

@@ -7,7 +7,10 @@ Routes
 ------
 ``POST /v1/chat/completions``
     OpenAI chat completions. ``messages`` is the whole conversation (system / developer, user and
-    assistant messages; content a string or a list of ``{"type": "text", "text"}`` parts). Without a
+    assistant messages; content a string or a list of ``{"type": "text", "text"}`` parts and, for a
+    vision-language bundle, one ``{"type": "image_url", "image_url": {"url": "data:..."}}`` per user
+    message: see messages.py and images.py; a remote URL is refused, the server has no network
+    access; a text-only bundle refuses images with a 400 naming the part). Without a
     system message the server's system prompt is put first (``--system_prompt``, else the bundle's),
     so every conversation starts with the prefix the server keeps prefilled. The conversation is
     rendered with the bundle's chat template and only the tokens after the longest prefix already in
@@ -47,18 +50,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import GeneratorError
+from .messages import ApiError, Message, parse_messages
+
+__all__ = ["ApiError", "ChatService", "StopMatcher", "serve"]  # ApiError lives in messages.py
 
 DEFAULT_PORT = 8000  # main_api's port (the command line is generator/cli/serve.py)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 def _number(body: dict, key: str, rule_name: str | None = None):
@@ -73,47 +69,6 @@ def _number(body: dict, key: str, rule_name: str | None = None):
     if problem:
         raise ApiError(400, f"'{key}': {problem}", key)
     return value
-
-
-def _text_content(content: Any, where: str) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ApiError(400, f"{where}.content[{j}]: only text parts are supported (got {kind!r})",
-                               f"{where}.content")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise ApiError(400, f"{where}.content must be a string or a list of text parts", f"{where}.content")
-
-
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-
-def parse_messages(body: dict) -> list[dict[str, str]]:
-    messages = body.get("messages")
-    if messages is None:
-        raise ApiError(400, "missing field 'messages'", "messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
-    out = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise ApiError(400, f"{where} must be an object with 'role' and 'content'", where)
-        role = m.get("role")
-        if role not in ROLES:
-            raise ApiError(400, f"{where}.role {role!r} is not supported (use system, developer, user or assistant)",
-                           f"{where}.role")
-        out.append({"role": ROLES[role], "content": _text_content(m.get("content"), where)})
-    if out[-1]["role"] != "user":
-        raise ApiError(400, "the last message must be a user message", f"messages[{len(out) - 1}].role")
-    return out
 
 
 class StopMatcher:
@@ -216,7 +171,7 @@ class ChatService:
             if model not in self.aliases:
                 raise ApiError(404, f"model {model!r} does not exist here; this server has {self.model_id!r} "
                                     f"(GET /v1/models)", "model", "model_not_found")
-        messages = parse_messages(body)
+        messages, images = self._render(parse_messages(body))
         stream = body.get("stream", False)
         if stream is None:
             stream = False
@@ -257,7 +212,35 @@ class ChatService:
                                 f"{self.engine.C} (--kv_cache_len) including the answer", "messages",
                            "context_length_exceeded")
         return {"ids": ids, "stream": stream, "include_usage": bool(opts.get("include_usage")), "limit": limit,
-                "stops": stops, "sampler": sampler}
+                "stops": stops, "sampler": sampler, "images": images}
+
+    @property
+    def takes_images(self) -> bool:
+        """The bundle's tokenizer expands an image prompt (a vision-language bundle)."""
+        return bool(self.chat.tok.tokenizer.supports_images)
+
+    def _render(self, messages: list[Message]) -> tuple[list[dict[str, str]], list[Any]]:
+        """{role, content} dicts (a user message with an image gets the tokenizer's image placeholder
+        before its text) and the decoded images (uint8 RGB [H, W, 3]) in conversation order."""
+        from .images import ImageRefused, decode_data_url, image_limits
+
+        parts = [at_url for m in messages for at_url in m.images]
+        if parts and not self.takes_images:
+            raise ApiError(400, f"{parts[0][0]}: this model ({self.model_id}) takes no images: its bundle is "
+                                f"text-only (no vision part)", parts[0][0])
+        most = image_limits()["max_per_request"]
+        if len(parts) > most:
+            raise ApiError(400, f"{parts[most][0]}: {len(parts)} images in one request, over this server's limit "
+                                f"of {most}", parts[most][0])
+        images = []
+        for where, url in parts:
+            try:
+                images.append(decode_data_url(url, where))
+            except ImageRefused as exc:
+                raise ApiError(400, exc.message, exc.param) from None
+        tokenizer = self.chat.tok.tokenizer
+        return [{"role": m.role, "content": tokenizer.user_content(m.text, img_prompt=bool(m.images))}
+                for m in messages], images
 
     def _sampler_for(self, body: dict):
         """The request's sampler, or None for the server's (post_config.json, --seed)."""
@@ -296,7 +279,8 @@ class ChatService:
             self.stop_event.clear()
             stops = StopMatcher(req["stops"])
             finish = "length"
-            with closing(self.chat.complete(req["ids"], req["limit"], req["sampler"])) as answer:
+            images = {"images": req["images"]} if req["images"] else {}  # a text request: the call as before
+            with closing(self.chat.complete(req["ids"], req["limit"], req["sampler"], **images)) as answer:
                 for piece in answer:
                     piece = stops.push(piece)
                     if piece:
