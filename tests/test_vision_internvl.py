@@ -26,6 +26,7 @@ system prompt.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -285,3 +286,37 @@ def test_bad_images(tiny, bundle, tmp_path):
     with pytest.raises(GeneratorError, match="not a readable image"):
         load_image(truncated)
     assert load_image(good).shape == (70, 80, 3)
+
+
+def test_run_script_and_cli_take_an_image(tiny, tmp_path):
+    """`python -m generator run --image` and the run script with AXGEN_LOCAL=1 -i: the image goes with the
+    first turn; the script passes the board's vision flags (checked against the bundle)."""
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    import tokenizer_fixtures as tf
+
+    b = build(tiny, "s8")
+    photo = tmp_path / "photo.png"
+    Image.fromarray(test_image(seed=4)).save(photo)
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and k not in ("AXGEN_LOCAL",)}
+    cli = subprocess.run([sys.executable, "-m", "generator", "run", str(b.dir), "--image", str(photo), "--prompt",
+                          "What is it?", "--max_new_tokens", "3", "--threads", "1", "--system_prompt", "A bot."], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert re.search(r"input token num : (\d+)", cli.stderr)
+    script = next(b.dir.glob("run_*_ax650.sh"))
+    text = script.read_text()
+    assert "--filename_image_encoder_axmodedl" in text and "vision_part_56.axmodel" in text and "--img_width 56" in text
+    proc = subprocess.run([str(script), "-i", str(photo), "--prompt", "What is it?", "--max_new_tokens", "3",
+                           "--system_prompt=A bot."],
+                          capture_output=True, text=True, timeout=180, cwd=b.dir, start_new_session=True,
+                          env={**env, "AXGEN_LOCAL": "1", "AXGEN_PYTHON": sys.executable, "KVCACHE_PATH": "",
+                               "TOKENIZER_PORT": str(tf.free_port())})
+    assert proc.returncode == 0, proc.stderr
+    missing = subprocess.run([sys.executable, "-m", "generator", "run", str(b.dir), "--image", str(tmp_path / "no.png"),
+                              "--prompt", "x"], capture_output=True, text=True, env=env, timeout=120)
+    assert missing.returncode != 0 and "does not exist" in missing.stderr

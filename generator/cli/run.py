@@ -35,6 +35,8 @@ def add_run_args(p: argparse.ArgumentParser):
     p.add_argument("--history", choices=["used", "board"], default="used",
                    help="decode with only the cache rows in use (default, same results) or the full static shapes")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("-i", "--image", help="image file for the first turn (a vision-language bundle; resized to "
+                   "its vision part's input size as the board does)")
     board = p.add_argument_group("board runtime flags (main_ax650 / main_axcl_*), same meaning")
     board.add_argument("--template_filename_axmodel",
                        help="<dir>/<type>_p<P>_l%%d_together.axmodel (selects the bundle)")
@@ -51,6 +53,10 @@ def add_run_args(p: argparse.ArgumentParser):
                        help="1: read embedding rows from the file (mmap), 0: load the table into memory")
     board.add_argument("--live_print", type=int, default=1, choices=[0, 1],
                        help="1: print the answer as it is generated, 0: print it when complete")
+    board.add_argument("--filename_image_encoder_axmodedl", help="<dir>/vision_part_<size>.axmodel, the vision "
+                       "part (checked against the bundle; the vendor's spelling)")
+    board.add_argument("--img_width", type=int, help="vision input width (checked against the bundle)")
+    board.add_argument("--img_height", type=int, help="vision input height (checked against the bundle)")
     board.add_argument("--kvcache_path", help="directory: load the system prompt's KV cache from here, or prefill "
                                               "and save it here (k_cache_<i>.bin, v_cache_<i>.bin, config.json)")
     board.add_argument("--devices", help="AXCL card ids, e.g. 0 or 0,1 (accepted and checked; the local runner "
@@ -88,6 +94,21 @@ def check_board_flags(args, bundle: Bundle):
         path = Path(value)
         if path.name != name or path.parent.resolve() != here:
             raise GeneratorError(f"--{flag} {value!r} is not this bundle's file: expected {bundle.dir / name}.")
+    vision = bundle.manifest.vision
+    if (args.filename_image_encoder_axmodedl or args.img_width or args.img_height) and vision is None:
+        raise GeneratorError(f"bundle {bundle.dir} is text-only: --filename_image_encoder_axmodedl, --img_width "
+                             f"and --img_height need a vision-language bundle.")
+    if vision is not None:
+        enc = args.filename_image_encoder_axmodedl
+        want = vision.graph.removesuffix(".onnx") + ".axmodel"
+        if enc and (Path(enc).name != want or Path(enc).parent.resolve() != here):
+            raise GeneratorError(f"--filename_image_encoder_axmodedl {enc!r} is not this bundle's vision part: "
+                                 f"expected {bundle.dir / want}.")
+        for flag in ("img_width", "img_height"):
+            got = getattr(args, flag)
+            if got is not None and got != vision.image_size:
+                raise GeneratorError(f"--{flag} {got}: this bundle's vision part was built at {vision.image_size} "
+                                     f"px (--image_size); rebuild it for another size.")
     if args.tokenizer_type not in (None, 2):
         raise GeneratorError(f"--tokenizer_type {args.tokenizer_type} is not supported by the local runner: use 2 "
                              f"(the bundle's HTTP tokenizer server) or leave it out to tokenize in-process.")
@@ -118,6 +139,7 @@ def run(args) -> int:
     from ..contract import Bundle
     from ..runtime.chat import Chat
     from ..runtime.engine import Engine  # onnxruntime: only for the command that runs a bundle
+    from ..runtime.vision import load_image
 
     bundle = Bundle(bundle_dir(args))
     check_board_flags(args, bundle)
@@ -131,6 +153,9 @@ def run(args) -> int:
     def start_over() -> int:
         return start_over_with(chat, args.kvcache_path, log)
 
+    image = [load_image(args.image)] if args.image else []  # read before any work: a bad file fails fast
+    if image:
+        chat.vision()  # a text-only bundle refuses here
     n = start_over()
     log(f"precompute_len: {n}")
     log(f"system_prompt: {chat.system_prompt}")
@@ -140,7 +165,8 @@ def run(args) -> int:
         ttft_logged = False
         cached_before = engine.precompute_len
         try:
-            for piece in chat.turn(text, args.max_new_tokens):
+            images = [image.pop()] if image else None  # the image goes with the first turn
+            for piece in chat.turn(text, args.max_new_tokens, images=images):
                 pieces.append(piece)
                 if not ttft_logged:  # the board logs ttft when the first token is out
                     ttft_logged = True

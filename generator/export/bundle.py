@@ -153,7 +153,8 @@ def write_tokenizer(ctx: Resolved, tmp: Path, vision: dict[str, Any] | None = No
           "img_end_token": chat.img_end_token, "img_token_num": chat.img_token_num}
     if vision is not None:  # the image tokens and their count at this build's --image_size
         ax.update(img_start_token=vision["img_start_token"], img_context_token=vision["img_context_token"],
-                  img_end_token=vision["img_end_token"], img_token_num=vision["tokens"])
+                  img_end_token=vision["img_end_token"], img_token_num=vision["tokens"],
+                  img_text_separator=vision["img_text_separator"])
     write_text(dest(tok_dir, "ax_tokenizer.json"), json.dumps(ax, indent=2, ensure_ascii=False) + "\n")
     script = tokenizer_script_name(ctx.model)
     shutil.copy2(TOKENIZER_SERVER, dest(tmp, script))
@@ -161,7 +162,7 @@ def write_tokenizer(ctx: Resolved, tmp: Path, vision: dict[str, Any] | None = No
     return {"dir": tok_dir.name, "server": script, **({"chat_template": chat_fallback} if chat_fallback else {})}
 
 
-def write_scripts(ctx: Resolved, tmp: Path, files: dict, tok: dict) -> list[str]:
+def write_scripts(ctx: Resolved, tmp: Path, files: dict, tok: dict, vision: dict | None = None) -> list[str]:
     """run_<model>_<target>.sh for each of the chip's run targets (contract section 5), then the build script.
 
     Every value from the recipe, the checkpoint or the user reaches the shell through the `q` filter
@@ -175,7 +176,9 @@ def write_scripts(ctx: Resolved, tmp: Path, files: dict, tok: dict) -> list[str]
                   hidden_size=spec.hidden_size, layer_template=files["axmodel_template"], post_file=files["post_axmodel"],
                   embed_file=files["embed"], tokenizer_script=tok["server"], tokenizer_dir=tok["dir"],
                   tokenizer_host=TOKENIZER_HOST, tokenizer_port=TOKENIZER_PORT, use_mmap_load_embed=0,
-                  python=sys.executable, project_root=str(PROJECT_ROOT))
+                  python=sys.executable, project_root=str(PROJECT_ROOT),
+                  vision_axmodel=vision["graph"].removesuffix(".onnx") + ".axmodel" if vision else None,
+                  image_size=vision["image_size"] if vision else None)
     written = []
     for target in ctx.chip.run_scripts:
         title, binary, devices = RUN_TARGETS[target]
@@ -305,7 +308,7 @@ def write_bundle(ctx: Resolved, tmp: Path, progress: Progress, extra: dict[str, 
     tok = write_tokenizer(ctx, tmp, vision)
     if vision is not None:
         extra = {**extra, "vision": vision_entry(vision, tmp / tok["dir"])}
-    scripts = write_scripts(ctx, tmp, files, tok)
+    scripts = write_scripts(ctx, tmp, files, tok, vision)
     build_seconds = time.time() - started
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,

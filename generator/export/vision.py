@@ -222,6 +222,7 @@ def write_vision(ctx, tmp, progress, image_size: int | None) -> dict | None:
     return {"graph": f"{stem}.onnx", "data": f"{stem}.data", "image_size": vspec.image_size, "tokens": vspec.tokens,
             "weight_type": ctx.opts.weight_type, "img_start_token": v.img_start_token,
             "img_context_token": v.img_context_token, "img_end_token": v.img_end_token,
+            "img_text_separator": v.img_text_separator,
             "resize": vspec.resize, "mean": vspec.mean, "std": vspec.std, "spec": vspec.model_dump()}
 
 

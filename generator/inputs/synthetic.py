@@ -133,8 +133,10 @@ class SyntheticCheckpoint(TensorSource):
             raise self.missing(name)
         shape, kind, p = self.plan[name]
         x = self._noise(name, shape)
-        if kind == "linear":
-            x *= np.float32(1.0 / np.sqrt(shape[1]))
+        if kind in ("linear", "conv"):  # conv [out, in, kh, kw]: fan-in in * kh * kw
+            x *= np.float32(1.0 / np.sqrt(np.prod(shape[1:])))
+        elif kind == "table":  # vision class token and position table
+            x *= np.float32(0.02)
         elif kind == "norm":  # the model computes (stored + offset) ~ 1 + N(0, 0.1^2)
             x = np.float32(1.0 - p) + np.float32(0.1) * x
         elif kind == "bias":
@@ -236,6 +238,11 @@ def synthetic_checkpoint(recipe: Recipe, variant: str | None, *, config: dict | 
     if template is None:
         raise GeneratorError(f"Recipe '{recipe.name}' has no chat template for a synthetic tokenizer (chat.template).")
     plan = tensor_plan(recipe, spec)
+    if recipe.vision is not None and isinstance(config.get(recipe.vision.section), dict):
+        from ..recipe.vision import resolve_vision, vision_tensor_shapes
+
+        vspec = resolve_vision(recipe.vision, config, spec.hidden_size, None, recipe.source)
+        plan.update({n: (shape, kind, 0.0) for n, (shape, kind) in vision_tensor_shapes(recipe.vision, vspec).items()})
     key = hashlib.sha256(json.dumps([FORMAT, seed, config, template.model_dump()], sort_keys=True).encode()).hexdigest()[:12]
     root = Path(cache_dir or os.environ.get("AXGEN_SYNTHETIC_CACHE") or CACHE)
     directory = root / f"{name}-{key}"

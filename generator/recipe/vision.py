@@ -86,6 +86,7 @@ class VisionRecipe(_Strict):
     img_start_token: Union[StrictStr, None] = None
     img_context_token: StrictStr
     img_end_token: Union[StrictStr, None] = None
+    img_text_separator: StrictStr = ""  # between the image tokens and the user's text (InternVL: "\n")
     tensors: VisionTensors
 
 
@@ -214,4 +215,34 @@ def vision_tensor_names(v: VisionRecipe, spec: VisionSpec) -> dict[str, str]:
         if key == "norm" and not spec.projector_norm:
             continue
         out[f"projector.{key}.weight"], out[f"projector.{key}.bias"] = f"{path}.weight", f"{path}.bias"
+    return out
+
+
+def vision_tensor_shapes(v: VisionRecipe, spec: VisionSpec) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Checkpoint name -> (shape, kind) of every vision tensor (kinds: conv, linear, norm, bias, table),
+    for synthetic checkpoints; the position table is the native image size's."""
+    c, inter, p = spec.hidden_size, spec.intermediate_size, spec.patch_size
+    s = int(round(1 / spec.downsample))
+    n = (spec.native_image_size // p) ** 2 + (1 if spec.cls_token else 0)
+    fixed = {"patch_embed.weight": ((c, 3, p, p), "conv"), "cls_token": ((1, 1, c), "table"),
+             "pos_embed": ((1, n, c), "table"), "projector.norm.weight": ((c * s * s,), "norm"),
+             "projector.fc1.weight": ((spec.llm_hidden_size, c * s * s), "linear"),
+             "projector.fc2.weight": ((spec.llm_hidden_size, spec.llm_hidden_size), "linear")}
+    per_layer = {"qkv.weight": ((3 * c, c), "linear"), "fc1.weight": ((inter, c), "linear"),
+                 "fc2.weight": ((c, inter), "linear"), "ls1": ((c,), "bias"), "ls2": ((c,), "bias")}
+    out = {}
+    for key, name in vision_tensor_names(v, spec).items():
+        short = key.split(".", 2)[2] if key.startswith("layers.") else key
+        if key in fixed:
+            out[name] = fixed[key]
+        elif short in per_layer:
+            out[name] = per_layer[short]
+        elif key.endswith(".bias"):
+            rows = {"qkv.bias": 3 * c, "fc1.bias": inter, "projector.norm.bias": c * s * s,
+                    "projector.fc1.bias": spec.llm_hidden_size, "projector.fc2.bias": spec.llm_hidden_size}
+            out[name] = ((rows.get(short, c),), "bias")
+        elif short.endswith("norm1.weight") or short.endswith("norm2.weight") or "norm" in short:
+            out[name] = ((c,), "norm")
+        else:  # q_proj / k_proj / v_proj / o_proj
+            out[name] = ((c, c), "linear")
     return out
