@@ -277,6 +277,20 @@ def make_internvl2_qwen2(target, tok_dir, vocab):
     return _write_checkpoint(target, config, tensors, tok_dir)
 
 
+def make_qwen2_5_vl(target, tok_dir, vocab):
+    """Qwen2.5-VL as transformers >= 5 saves it: the language model's config under text_config, mRoPE
+    sections [2, 3, 3] of head_dim 16, a 1-layer vision tower (visual.*, ignored by the bundle)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=vocab, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=None,
+                eos_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=vocab - 3, vision_start_token_id=vocab - 5,
+                           vision_end_token_id=vocab - 4, video_token_id=vocab - 2, tie_word_embeddings=False)
+    return save_tiny(cfg, target, tok_dir, seed=4, model_cls=Qwen2_5_VLForConditionalGeneration)
+
+
 @dataclass
 class Family:
     recipe: str
@@ -328,6 +342,11 @@ FAMILIES = {
                               "transformers Qwen2ForCausalLM on llm_config (re-layout: prefix)",
                               ["InternVL chat checkpoint: llm_config section, language_model. prefix", "q/k/v bias",
                                "GQA", "untied head"]),
+    "qwen2_5_vl": Family("qwen2_5_vl", make_qwen2_5_vl,
+                         "transformers Qwen2ForCausalLM on text_config (text: mRoPE rows equal; tests/test_mrope.py: "
+                         "Qwen2.5-VL itself, image positions)",
+                         ["Qwen2_5_VLForConditionalGeneration checkpoint: text_config, visual.* ignored",
+                          "mRoPE sections [2, 3, 3], indices [3, P]", "q/k/v bias", "GQA", "untied head"]),
 }
 
 
@@ -453,8 +472,8 @@ def placement_rows(bundle: Bundle, ref, ids: list[int], group, history: int, tok
     mask = np.full((1, T, rows_hist + T), MASK_VALUE[hidden], np.float32)
     mask[0, :, :h] = 0
     mask[0, :, rows_hist:][np.tril(np.ones((T, T), bool))] = 0
-    idx = np.zeros((1, T), np.uint32)
-    idx[0, :n] = np.arange(h, h + n)
+    idx = np.zeros((bundle.spec.position_rows, T), np.uint32)  # mRoPE: 3 equal rows for text
+    idx[:, :n] = np.arange(h, h + n)
     quantized = is_quantized(bundle.opts.weight_type)
     rows = []
     for i in range(bundle.spec.num_hidden_layers):
@@ -666,6 +685,11 @@ def _shrunk(recipe, config: dict) -> dict:
                 break
     if isinstance(inner.get("layer_types"), list):
         inner["layer_types"] = inner["layer_types"][:SHRINK["num_hidden_layers"]]
+    scaling = inner.get("rope_scaling")
+    if isinstance(scaling, dict) and scaling.get("mrope_section"):  # mRoPE: the same split of fewer rotated pairs
+        section, pairs = scaling["mrope_section"], SHRINK["head_dim"] // 2
+        scaled = [max(1, s * pairs // sum(section)) for s in section[:-1]]
+        inner["rope_scaling"] = dict(scaling, mrope_section=scaled + [pairs - sum(scaled)])
     return cfg
 
 

@@ -292,3 +292,49 @@ def test_runner_with_image_positions_matches_reference(vl, tiny_tok, build, hist
     assert compare(steps[-1][1], flat[-1])["max_rel_err"] > 3 * max(worst[1], 1e-6)
     engine.rewind(len(system))
     assert engine.next_position == len(system)
+
+
+def test_the_3b_variant_resolves_with_the_released_split():
+    """qwen2.5-vl-3b's exact config (flat, {type: mrope, mrope_section: [16, 24, 24]}): the split the
+    vendor's build log prints as rs_mrope_section, three position rows, plain RoPE frequencies."""
+    from generator.inputs.synthetic import variant_config
+    from generator.recipe import registry
+    from generator.resolve.spec import resolve_spec
+
+    recipe = registry().recipes["qwen2_5_vl"]
+    spec = resolve_spec(recipe, variant_config(recipe, "qwen2.5-vl-3b"), model_name="qwen2.5-vl-3b", max_positions=2048)
+    table = spec.rope["full_attention"]
+    assert table.mrope_section == [16, 24, 24] and table.rotary_dim == 128 and table.kind == "default"
+    assert table.pair_rows() == [0] * 16 + [1] * 24 + [2] * 24
+    assert (spec.head_dim, spec.num_hidden_layers, spec.tie_word_embeddings) == (128, 36, True)
+    assert "mrope_section=[16, 24, 24]" in spec.pretty()
+    from generator.contract import position_rows
+
+    assert position_rows(spec.rope) == 3 and position_rows(spec.model_dump()["rope"]) == 3
+
+
+@pytest.mark.parametrize("scaling, match", [
+    ({"type": "mrope", "mrope_section": [16, 24, 23]}, "summing to 64"),
+    ({"type": "mrope"}, "needs 'mrope_section'"),
+    ({"rope_type": "linear", "factor": 2.0, "mrope_section": [16, 24, 24]}, "with rope_type 'linear'"),
+])
+def test_a_bad_split_is_refused_clearly(scaling, match):
+    from generator.inputs.synthetic import variant_config
+    from generator.recipe import registry
+    from generator.resolve.spec import resolve_spec
+
+    recipe = registry().recipes["qwen2_5_vl"]
+    raw = dict(variant_config(recipe, "qwen2.5-vl-3b"), rope_scaling=scaling)
+    with pytest.raises(GeneratorError, match=match):
+        resolve_spec(recipe, raw, model_name="x", max_positions=2048)
+
+
+def test_text_bundles_record_no_split_and_take_one_row():
+    from generator.resolve.rope import resolve_rope
+
+    table = resolve_rope(None, theta=1e4, head_dim=16, partial_rotary_factor=1.0, interleaved=False,
+                         max_position_embeddings=256, max_positions_used=96)
+    assert "mrope_section" not in table.model_dump() and table.pair_rows() is None
+    from generator.contract import position_rows
+
+    assert position_rows({"full_attention": table.model_dump()}) == 1

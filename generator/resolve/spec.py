@@ -99,6 +99,7 @@ class ArchSpec(BaseModel):
                 value = {t: f"{r.kind} theta={r.theta:g} rotary_dim={r.rotary_dim}" + " interleaved" * r.interleaved
                          + (f" attention_factor={r.attention_factor:g}" if r.attention_factor != 1 else "")
                          + (f" long_from={r.long_from}" if r.long_from is not None else "")
+                         + (f" mrope_section={r.mrope_section}" if r.mrope_section else "")
                          for t, r in self.rope.items()}
             elif key == "layer_types":  # {type: [layers]}, the most common type as a count
                 at = {t: [i for i, x in enumerate(value) if x == t] for t in dict.fromkeys(value)}
