@@ -320,3 +320,18 @@ def test_run_script_and_cli_take_an_image(tiny, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "generator", "run", str(b.dir), "--image", str(tmp_path / "no.png"),
                               "--prompt", "x"], capture_output=True, text=True, env=env, timeout=120)
     assert missing.returncode != 0 and "does not exist" in missing.stderr
+
+
+@pytest.mark.parametrize("wtype", ["fp32", "s8"])
+def test_check_levels_verify_the_vision_part(tiny, wtype):
+    """-c 2 on a vision-language bundle: the layer/generate checks plus the vision graph vs the recipe's
+    vision.reference (transformers InternVL re-laid out) and the check picture + prompt end to end."""
+    model, ckpt, factory = tiny
+    out = factory.mktemp(f"vl_checks_{wtype}")
+    groups = dict(SMALL_GROUPS, kv_cache_len=255)
+    m = quiet_build(input_path=str(ckpt), output_path=str(out), recipe_name="internvl2_qwen2", weight_type=wtype,
+                    post_weight_type=wtype, hidden_state_type="fp32", image_size=SIZE, check_level=2, **groups)
+    v = m["checks"]["vision"]
+    assert m["checks"]["passed"], m["checks"]["failures"]
+    assert v["passed"] and v["generate"]["passed"] and v["tokens"] == 4
+    assert (out / "report" / "vision_check.json").is_file()

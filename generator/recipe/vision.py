@@ -65,6 +65,18 @@ class VisionTensors(_Strict):
     ignore: list[StrictStr] = []
 
 
+class VisionReference(_Strict):
+    """transformers' class for the whole vision-language model (verification): its config (values or
+    {expr} over the resolved vision spec's fields, `llm_hidden_size`, and the checkpoint's top-level keys;
+    `text_config: "*"` is the language model's section), and where each reference tensor comes from
+    (generator/verify/relayout.py's syntax; `prefixes` maps the rest by name prefix)."""
+
+    architecture: StrictStr
+    config: dict[str, Any] = {}
+    tensors: dict[str, StrictStr] = {}
+    prefixes: dict[str, StrictStr] = {}
+
+
 class VisionRecipe(_Strict):
     section: StrictStr = "vision_config"  # the vision config inside config.json (top-level keys also visible)
     image_size: VValue  # native size (the position table's grid)
@@ -88,6 +100,7 @@ class VisionRecipe(_Strict):
     img_end_token: Union[StrictStr, None] = None
     img_text_separator: StrictStr = ""  # between the image tokens and the user's text (InternVL: "\n")
     tensors: VisionTensors
+    reference: Union[VisionReference, None] = None
 
 
 class VisionSpec(BaseModel):

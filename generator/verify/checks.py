@@ -316,6 +316,11 @@ def run_checks(bundle_dir: Path, ckpt, recipe, level: int, prompt: str | None, p
         if not res["passed"]:
             summary["failures"].append(f"generate check: {res['matching_prefix']} matching tokens (need {need}), "
                                        f"agreement {res['teacher_forced_agreement']:.2f} (need {lg['min_agreement']})")
+    if bundle.manifest.vision is not None and level >= 1:  # the vision part (verify/vision.py)
+        from .vision import vision_checks
+
+        summary["vision"], failed = vision_checks(bundle, ckpt, recipe, level, limits, report_dir, console)
+        summary["failures"] += failed
     summary["passed"] = not summary["failures"]
     write_text(dest(report_dir, "summary.json"), json.dumps(summary, indent=1, ensure_ascii=False))
     return summary
