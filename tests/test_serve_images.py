@@ -217,3 +217,121 @@ def test_text_only_bundle_refuses_images_over_http(text_service):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ------------------------------------------------------------------------------------------------
+# A vision-language bundle answers an image (the tiny InternVL2 of tests/test_vision_internvl.py)
+# ------------------------------------------------------------------------------------------------
+
+from test_vision_internvl import bf16_reference, build, pixel_values, reference_greedy, test_image  # noqa: E402
+from test_vision_internvl import tiny as tiny_internvl  # noqa: E402,F401  (its module-scoped fixture)
+
+
+@pytest.fixture(scope="module")
+def vl_served(tiny_internvl):
+    from generator.serve.http import ApiServer
+    import threading
+
+    bundle = build(tiny_internvl, "fp32")
+    service = ChatService(bundle.dir, threads=threads(), system_prompt="You are a bot.")
+    server = ApiServer(("127.0.0.1", 0), service)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield bundle, service, f"http://127.0.0.1:{server.server_address[1]}", server
+    server.shutdown()
+    server.server_close()
+
+
+def post(url: str, body: dict, stream: bool = False):
+    import json
+    import urllib.request
+    from urllib.error import HTTPError
+
+    request = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=120) as response:
+            raw = response.read().decode()
+            return response.status, raw if stream else json.loads(raw)
+    except HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def greedy_with_image_at(model, ids: list[int], pv, rows, steps: int) -> list[int]:
+    """transformers' greedy tokens for `ids` with the image features at `rows` (as reference_greedy,
+    where a context id elsewhere is text)."""
+    import torch
+
+    ids, out, rows = list(ids), [], list(rows)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=pv, vision_feature_layer=-1,
+                                               vision_feature_select_strategy="default").pooler_output[0]
+        for _ in range(steps):
+            emb = model.model.language_model.embed_tokens(torch.tensor([ids])).clone()
+            emb[0, rows] = feats
+            out.append(int(model(inputs_embeds=emb).logits[0, -1].argmax()))
+            ids.append(out[-1])
+    return out
+
+
+def test_image_request_answers_like_transformers(vl_served, tiny_internvl):
+    """An OpenAI vision request (a data: URL PNG) through serve: the prompt is the tokenizer server's
+    image expansion, the answer transformers' greedy tokens on that prompt with the image features at
+    the context rows; a follow-up that re-sends the image reuses the cache up to the image only."""
+    bundle, service, url, _ = vl_served
+    model = bf16_reference(tiny_internvl[0])
+    image = test_image(seed=5)
+    png = data_url(encoded(Image.fromarray(image)))
+    ctx = bundle.manifest.vision.img_context_token_id
+    tokenizer = service.chat.tok.tokenizer
+    question = [{"type": "text", "text": "What is in the picture?"}, image_part(png)]  # the image goes first anyway
+    status, answer = post(url, {"messages": [{"role": "user", "content": question}], "temperature": 0,
+                                "max_tokens": 4})
+    assert status == 200, answer
+    prompt = tokenizer.encode_messages([{"role": "system", "content": "You are a bot."}, {"role": "user", "content":
+                                        tokenizer.user_content("What is in the picture?", img_prompt=True)}], True)
+    assert answer["usage"]["prompt_tokens"] == len(prompt) and prompt.count(ctx) == bundle.manifest.vision.tokens
+    pv = pixel_values(service.chat.vision().pixels(image), bundle)
+    ref_tokens, _ = reference_greedy(model, prompt, pv, 4)
+    n = answer["usage"]["completion_tokens"]
+    ours = service.chat.engine.cached_ids[len(prompt):]  # the tokens fed back (all but the last)
+    assert len(ours) == n - 1 and ours == ref_tokens[:n - 1]
+    eos = set(service.chat.gen.eos)
+    assert answer["choices"][0]["message"]["content"] == tokenizer.decode([t for t in ref_tokens[:n] if t not in eos])
+
+    reply = answer["choices"][0]["message"]["content"]
+    follow = [{"role": "user", "content": question}, {"role": "assistant", "content": reply},
+              {"role": "user", "content": "And the colours?"}]
+    status, second = post(url, {"messages": follow, "temperature": 0, "max_tokens": 3})
+    assert status == 200, second
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == prompt.index(ctx)  # kept up to the image
+    prompt2 = service.chat.engine.cached_ids[:second["usage"]["prompt_tokens"]]
+    assert prompt2[:len(prompt)] == prompt  # the image run is the first turn's (a random reply may hold a stray context id)
+    first = prompt.index(ctx)
+    ref2 = greedy_with_image_at(model, prompt2, pv, range(first, first + bundle.manifest.vision.tokens), 3)
+    n2 = second["usage"]["completion_tokens"]
+    assert second["choices"][0]["message"]["content"] == tokenizer.decode([t for t in ref2[:n2] if t not in eos])
+
+    status, streamed = post(url, {"messages": [{"role": "user", "content": question}], "temperature": 0,
+                                  "max_tokens": 4, "stream": True}, stream=True)
+    import json
+
+    assert status == 200 and streamed.rstrip().endswith("data: [DONE]")
+    events = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert text == answer["choices"][0]["message"]["content"]  # the same answer, streamed
+
+
+@pytest.mark.parametrize("url, needle", [
+    ("https://example.com/cat.png", "no network access"),
+    (data_url(PNG[: len(PNG) // 2]), "truncated or corrupt"),
+    (data_url(b"not an image"), "not an image"),
+])
+def test_vision_bundle_refuses_bad_images(vl_served, url, needle):
+    bundle, service, server_url, server = vl_served
+    assert service.takes_images and server.max_body_bytes == limits()["images"]["max_request_bytes"]
+    body = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                         {"role": "user", "content": [image_part(url), {"type": "text", "text": "?"}]}]}
+    status, answer = post(server_url, body)
+    assert status == 400 and answer["error"]["param"] == "messages[2].content[0]", answer
+    assert needle in answer["error"]["message"]

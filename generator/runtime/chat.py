@@ -76,17 +76,27 @@ class Chat:
             raise ConversationRefused(str(exc)) from None
 
     def complete(self, ids: list[int], max_new_tokens: int | None = None,
-                 sampler: Sampler | None = None) -> Iterator[str]:
+                 sampler: Sampler | None = None, images: list[np.ndarray] | None = None) -> Iterator[str]:
         """Continue the cached sequence to `ids` and yield, for every generated token, the text it
-        completes ("" when none). `sampler` applies to this answer only (default: the chat's)."""
+        completes ("" when none). `sampler` applies to this answer only (default: the chat's).
+        `images`: every image of the conversation `ids` (serve), in order, one per run of image-context
+        tokens: the same ids may stand for another picture, so the cache is kept only up to the first
+        image and each image's rows replace its run's embeddings."""
         default = self.gen.sampler
         self.gen.sampler = sampler or default
+        ids = list(ids)
         try:
+            if images:
+                rows = image_rows(ids, [self.vision().encode(im) for im in images],
+                                  self.b.manifest.vision.img_context_token_id)
+                self.engine.rewind(min(common_prefix(self.engine.cached_ids, ids), min(rows)))
+                self.engine.image_rows = rows
             stream = StreamDecoder(self.tok.decode, self.gen.eos)
-            for tok in self.gen.stream(list(ids), max_new_tokens):
+            for tok in self.gen.stream(ids, max_new_tokens):
                 yield stream.push(tok)
         finally:
             self.gen.sampler = default
+            self.engine.image_rows = {}
 
     def start(self, system_ids: list[int], k: np.ndarray | None = None, v: np.ndarray | None = None) -> int:
         """Start over from the system prompt's tokens (kept as the cached prefix): their cache rows

@@ -216,8 +216,8 @@ class ChatService:
 
     @property
     def takes_images(self) -> bool:
-        """The bundle's tokenizer expands an image prompt (a vision-language bundle)."""
-        return bool(self.chat.tok.tokenizer.supports_images)
+        """A vision-language bundle: a vision part, and a tokenizer that expands an image prompt."""
+        return self.bundle.manifest.vision is not None and bool(self.chat.tok.tokenizer.supports_images)
 
     def _render(self, messages: list[Message]) -> tuple[list[dict[str, str]], list[Any]]:
         """{role, content} dicts (a user message with an image gets the tokenizer's image placeholder
