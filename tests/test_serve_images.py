@@ -291,6 +291,8 @@ def test_image_request_answers_like_transformers(vl_served, tiny_internvl):
     prompt = tokenizer.encode_messages([{"role": "system", "content": "You are a bot."}, {"role": "user", "content":
                                         tokenizer.user_content("What is in the picture?", img_prompt=True)}], True)
     assert answer["usage"]["prompt_tokens"] == len(prompt) and prompt.count(ctx) == bundle.manifest.vision.tokens
+    # InternVL's layout (InternVLProcessor: the image, "\n", then the text), from the bundle's ax_tokenizer.json
+    assert "<img>" + "<IMG_CONTEXT>" * 4 + "</img>\nWhat is in the picture?" in tokenizer.decode(prompt)
     pv = pixel_values(service.chat.vision().pixels(image), bundle)
     ref_tokens, _ = reference_greedy(model, prompt, pv, 4)
     n = answer["usage"]["completion_tokens"]
@@ -335,3 +337,32 @@ def test_vision_bundle_refuses_bad_images(vl_served, url, needle):
     status, answer = post(server_url, body)
     assert status == 400 and answer["error"]["param"] == "messages[2].content[0]", answer
     assert needle in answer["error"]["message"]
+
+
+def test_board_path_image_turn_through_the_bundles_tokenizer_server(vl_served, tmp_path):
+    """The board's way (--tokenizer_type 2): the bundle's own tokenizer server script, the uid protocol
+    with img_prompt through HttpTokenizer, gives the same image turn as the in-process tokenizer."""
+    import tokenizer_fixtures as tf
+    from generator.runtime.chat import Chat
+    from generator.runtime.engine import Engine
+    from generator.runtime.tokenizer_client import HttpTokenizer, ImageTokens
+
+    bundle = vl_served[0]
+    vision = bundle.manifest.vision
+    server = tf.ServerProcess(bundle.tokenizer_server, [], tmp_path)  # its default --tokenizer_dir
+    try:
+        http = HttpTokenizer(server.url, timeout=30)
+        assert http.image_tokens() == ImageTokens(vision.img_start_token_id, vision.img_context_token_id,
+                                                  vision.img_end_token_id, vision.tokens)
+        image = test_image(seed=9)
+        answers = []
+        for tokenizer in (http, None):
+            chat = Chat(bundle, Engine(bundle, threads=threads()), tokenizer, system_prompt="You are a bot.")
+            chat.reset()
+            "".join(chat.turn("Hi.", max_new_tokens=2))
+            text = "".join(chat.turn("What is this?", max_new_tokens=3, images=[image]))
+            answers.append((text, list(chat.engine.cached_ids), chat.stats.prefilled))
+        assert answers[0] == answers[1]
+        assert answers[0][1].count(vision.img_context_token_id) >= vision.tokens
+    finally:
+        server.stop()
