@@ -163,6 +163,8 @@ class Engine:
         if pos >= self.C:
             raise GeneratorError(f"KV cache full ({self.C} tokens, --kv_cache_len); reset the conversation.")
         self._embed_into(self.h_dec[0][0], [token])
+        if self.image_rows:  # a prefill past every prefill group's history runs token by token
+            self._images_into(self.h_dec[0][0], pos)
         self.idx_dec[:, 0] = self.next_position if position is None else position
         rows = self.history.decode_rows(self, pos)
         mask = board_mask(self.hidden, 1, rows, pos)
