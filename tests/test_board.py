@@ -618,12 +618,12 @@ def test_ctrl_c_stops_the_answer_not_the_session(tiny, capsys, monkeypatch):
     real_turn = Chat.turn
     seen = []
 
-    def turn(self, text, max_new_tokens=None):
+    def turn(self, text, max_new_tokens=None, images=None):
         seen.append(text)
         if len(seen) == 1:  # Ctrl+C while the first answer is being printed
             yield "partial"
             raise KeyboardInterrupt
-        yield from real_turn(self, text, max_new_tokens)
+        yield from real_turn(self, text, max_new_tokens, images)
 
     monkeypatch.setattr(Chat, "turn", turn)
     code, out, err = cli(["run", str(tiny.dir), "--max_new_tokens", "3"], capsys, stdin="one\ntwo\nq\n",
