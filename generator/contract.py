@@ -241,6 +241,11 @@ def vision_stem(image_size: int) -> str:
     return f"vision_part_{image_size}"
 
 
+def resampler_stem(image_size: int) -> str:
+    """A two-stage vision part's second graph (MiniCPM-V's resampler; the first is vision_stem's encoder)."""
+    return f"vpm_resampler_{image_size}"
+
+
 class VisionEntry(Record):
     """The vision part of a vision-language bundle: its graph (uint8 NHWC [1, H, W, 3] RGB in,
     [1, tokens, hidden] image embeddings out), the image tokens, and what the reference processor does
@@ -258,6 +263,16 @@ class VisionEntry(Record):
     mean: list[float]
     std: list[float]
     spec: dict[str, Any]  # the resolved vision spec (generator/recipe/vision.py VisionSpec)
+    # two-stage vision parts (the vendor's --vpm_two_stage): `graph` is the encoder (image -> the tower's
+    # features [1, g*g, C]), this graph the resampler (features -> [1, tokens, hidden]); absent otherwise
+    resampler_graph: str | None = None
+    resampler_data: str | None = None
+    # what mRoPE positions need (runtime/mrope.py): the patch size, the merge of s x s patches into one
+    # image token, the frames per patch, and the (t, h, w) patch grid of an image at image_size
+    patch_size: int = 0
+    spatial_merge_size: int = 1
+    temporal_patch_size: int = 1
+    image_grid: list[int] | None = None
 
 
 class Manifest(Record):

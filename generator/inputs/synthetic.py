@@ -238,7 +238,9 @@ def synthetic_checkpoint(recipe: Recipe, variant: str | None, *, config: dict | 
     if template is None:
         raise GeneratorError(f"Recipe '{recipe.name}' has no chat template for a synthetic tokenizer (chat.template).")
     plan = tensor_plan(recipe, spec)
-    if recipe.vision is not None and isinstance(config.get(recipe.vision.section), dict):
+    from ..recipe.vision import vision_section
+
+    if recipe.vision is not None and vision_section(recipe.vision, config) is not None:
         from ..recipe.vision import resolve_vision, vision_tensor_shapes
 
         vspec = resolve_vision(recipe.vision, config, spec.hidden_size, None, recipe.source)

@@ -41,6 +41,20 @@ class Projector(_Strict):
     norm: StrictBool = True
     norm_eps: VValue = 1.0e-5
     act: StrictStr = "gelu"
+    norm_kind: Literal["layer_norm", "rms_norm"] = "layer_norm"
+    norm_first: StrictBool = False  # the norm over each patch before the merge (Qwen2.5-VL's ln_q), not after
+    mid: Literal["llm_hidden", "merged"] = "llm_hidden"  # fc1's width: the LLM's, or the merged patch's
+
+
+class Resampler(_Strict):
+    """Perceiver resampler (MiniCPM-V): `queries` learned queries (LayerNorm'd, + their own 2D sin-cos
+    table) attend once to the tower's features (kv_proj, LayerNorm; keys + the patch grid's 2D sin-cos
+    table, values without), nn.MultiheadAttention in/out projections, post LayerNorm, `x @ proj`.
+    Replaces the projector; generator/export/resampler.py builds it."""
+
+    queries: VValue = 64
+    heads: VValue  # attention heads over the language model's width
+    norm_eps: VValue = 1.0e-6
 
 
 class Preprocess(_Strict):
@@ -58,10 +72,11 @@ class VisionTensors(_Strict):
 
     patch_embed: StrictStr
     cls_token: Union[StrictStr, None] = None
-    pos_embed: StrictStr
-    layer: dict[StrictStr, Union[StrictStr, None]]  # norm1 norm2 qkv|q/k/v o_proj q_norm k_norm ls1 ls2 fc1 fc2
+    pos_embed: Union[StrictStr, None] = None  # none with position: rope_2d
+    layer: dict[StrictStr, Union[StrictStr, None]]  # norm1 norm2 qkv|q/k/v o_proj q_norm k_norm ls1 ls2 fc1|gate_proj,up_proj fc2
     post_norm: Union[StrictStr, None] = None
     projector: dict[StrictStr, StrictStr]  # norm fc1 fc2
+    resampler: dict[StrictStr, StrictStr] = {}  # query query_pos kv_proj ln_q ln_kv in_proj out_proj ln_post proj
     ignore: list[StrictStr] = []
 
 
@@ -78,7 +93,9 @@ class VisionReference(_Strict):
 
 
 class VisionRecipe(_Strict):
-    section: StrictStr = "vision_config"  # the vision config inside config.json (top-level keys also visible)
+    section: Union[StrictStr, None] = "vision_config"  # the vision config inside config.json (top-level keys
+    # also visible); null: the top level (MiniCPM-V names its timm tower instead of sizing it)
+    defaults: dict[StrictStr, Union[StrictBool, StrictInt, StrictFloat, StrictStr]] = {}  # keys the config may omit
     image_size: VValue  # native size (the position table's grid)
     default_image_size: StrictInt = 224  # Pulsar2's --image_size default
     patch_size: VValue
@@ -94,6 +111,8 @@ class VisionRecipe(_Strict):
     drop_cls: StrictBool = True  # the class token's output row is dropped before pixel shuffle
     pixel_shuffle: VValue = 0.5  # downsample ratio (1: none)
     projector: Projector = Projector()
+    resampler: Union[Resampler, None] = None  # instead of the projector (tensors.projector: {})
+    two_stage: StrictBool = False  # two graphs, encoder + resampler (the vendor's --vpm_two_stage)
     preprocess: Preprocess = Preprocess()
     img_start_token: Union[StrictStr, None] = None
     img_context_token: StrictStr
@@ -101,6 +120,23 @@ class VisionRecipe(_Strict):
     img_text_separator: StrictStr = ""  # between the image tokens and the user's text (InternVL: "\n")
     tensors: VisionTensors
     reference: Union[VisionReference, None] = None
+    # Qwen2.5-VL-style quirks (defaults: none of them). `position: rope_2d`: no table, rotary over the
+    # patch's (h, w) (half the rotated pairs each) with `rope_theta`; `mlp: gated`: act(gate) * up -> fc2;
+    # `merge: blocks`: patches in merge-block-major order and each s x s block concatenated (s = 1 /
+    # pixel_shuffle); `window_size` (pixels): blocks not in `fullatt_blocks` attend within windows of
+    # window_size / s / patch_size merged patches; `temporal_patch_size`: the single frame is repeated
+    # (the frames' kernels summed); `patch_bias`: the patch embedding has a bias.
+    position: Literal["learned", "rope_2d"] = "learned"
+    rope_theta: VValue = 10000.0
+    mlp: Literal["plain", "gated"] = "plain"
+    merge: Literal["pixel_shuffle", "blocks"] = "pixel_shuffle"
+    window_size: VValue = 0
+    fullatt_blocks: Union[_Expr, list[StrictInt], None] = None
+    temporal_patch_size: VValue = 1
+    patch_bias: StrictBool = True
+    # the image tokens by the config's ids ({start, context, end}: exprs), their texts read from the
+    # checkpoint's tokenizer (the recipe's texts when it has none): the config's ids are authoritative
+    token_ids: dict[Literal["start", "context", "end"], VValue] = {}
 
 
 class VisionSpec(BaseModel):
@@ -131,6 +167,21 @@ class VisionSpec(BaseModel):
     resize: str
     mean: list[float]
     std: list[float]
+    resampler_queries: int = 0  # 0: no resampler (the projector)
+    resampler_heads: int = 0
+    resampler_norm_eps: float = 1.0e-6
+    two_stage: bool = False
+    position_kind: str = "learned"
+    rope_theta: float = 10000.0
+    mlp_kind: str = "plain"
+    merge_kind: str = "pixel_shuffle"
+    window: int = 0  # merged patches per window side (0: full attention everywhere)
+    fullatt_blocks: list[int] = []
+    temporal_patch_size: int = 1
+    patch_bias: bool = True
+    projector_norm_kind: str = "layer_norm"
+    projector_norm_first: bool = False
+    projector_mid: str = "llm_hidden"
 
     @property
     def grid(self) -> int:
@@ -138,6 +189,8 @@ class VisionSpec(BaseModel):
 
     @property
     def tokens(self) -> int:
+        if self.resampler_queries:
+            return self.resampler_queries
         return int(round(self.grid * self.downsample)) ** 2
 
 
@@ -145,13 +198,22 @@ ACTS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh
         "silu": "silu", "relu": "relu"}
 
 
+def vision_section(v: VisionRecipe, raw: dict[str, Any]) -> dict[str, Any] | None:
+    """The config mapping the vision part reads (None: the checkpoint has no vision part)."""
+    if v.section is None:
+        return raw
+    section = raw.get(v.section)
+    return section if isinstance(section, dict) else None
+
+
 def resolve_vision(v: VisionRecipe, raw: dict[str, Any], llm_hidden: int, image_size: int | None,
                    source: str) -> VisionSpec:
-    section = raw.get(v.section)
-    if not isinstance(section, dict):
+    section = vision_section(v, raw)
+    if section is None:
         raise GeneratorError(f"{source}: vision.section: config.json has no '{v.section}' mapping, which the "
                              f"recipe's vision part reads; this checkpoint is not the recipe's vision-language model.")
-    env = {k: val for k, val in raw.items() if not isinstance(val, (dict, list))}
+    env = dict(v.defaults)
+    env.update({k: val for k, val in raw.items() if not isinstance(val, (dict, list))})
     env.update({k: val for k, val in section.items() if val is not None})
 
     def get(name: str, value):
@@ -182,8 +244,33 @@ def resolve_vision(v: VisionRecipe, raw: dict[str, Any], llm_hidden: int, image_
     hidden, heads = int(get("hidden_size", v.hidden_size)), int(get("num_attention_heads", v.num_attention_heads))
     if heads <= 0 or hidden % heads:
         raise GeneratorError(f"{source}: vision hidden_size {hidden} is not a multiple of its {heads} heads.")
+    rs = {}
+    if v.resampler is not None:
+        q, rh = int(get("resampler.queries", v.resampler.queries)), int(get("resampler.heads", v.resampler.heads))
+        if q <= 0 or int(round(q ** 0.5)) ** 2 != q or rh <= 0 or llm_hidden % rh or (llm_hidden // 2) % 2:
+            raise GeneratorError(f"{source}: vision.resampler: {q} queries (a square number) of {llm_hidden} "
+                                 f"features in {rh} heads do not fit (the width must split into the heads and "
+                                 f"into the 2D sin-cos table's four parts).")
+        rs = dict(resampler_queries=q, resampler_heads=rh,
+                  resampler_norm_eps=float(get("resampler.norm_eps", v.resampler.norm_eps)))
+    elif v.two_stage:
+        raise GeneratorError(f"{source}: vision.two_stage needs a vision.resampler (the second stage).")
+    s = int(round(1 / ratio))
+    window_px, full = int(get("window_size", v.window_size) or 0), get("fullatt_blocks", v.fullatt_blocks)
+    window = window_px // s // patch if window_px else 0
+    if window_px and window <= 0:
+        raise GeneratorError(f"{source}: vision window_size {window_px} is smaller than one merged patch "
+                             f"({s} x {patch} px).")
+    if v.position == "rope_2d" and (hidden // heads) % 4:
+        raise GeneratorError(f"{source}: vision head size {hidden // heads} is not a multiple of 4, which the "
+                             f"2D rotary embedding needs.")
+    extra = dict(position_kind=v.position, rope_theta=float(get("rope_theta", v.rope_theta)), mlp_kind=v.mlp,
+                 merge_kind=v.merge, window=window, fullatt_blocks=[int(i) for i in (full or [])],
+                 temporal_patch_size=int(get("temporal_patch_size", v.temporal_patch_size)),
+                 patch_bias=v.patch_bias, projector_norm_kind=v.projector.norm_kind,
+                 projector_norm_first=v.projector.norm_first, projector_mid=v.projector.mid)
     return VisionSpec(
-        image_size=size, native_image_size=native, patch_size=patch, hidden_size=hidden,
+        **extra, image_size=size, native_image_size=native, patch_size=patch, hidden_size=hidden,
         num_hidden_layers=int(get("num_hidden_layers", v.num_hidden_layers)), num_attention_heads=heads,
         intermediate_size=int(get("intermediate_size", v.intermediate_size)), norm_kind=v.norm.kind,
         norm_eps=float(get("norm.eps", v.norm.eps)), qkv_bias=bool(get("qkv_bias", v.qkv_bias)),
@@ -191,14 +278,17 @@ def resolve_vision(v: VisionRecipe, raw: dict[str, Any], llm_hidden: int, image_
         cls_token=v.tensors.cls_token is not None, drop_cls=v.drop_cls, final_norm=v.tensors.post_norm is not None,
         downsample=ratio, projector_norm=v.projector.norm, projector_norm_eps=float(get("projector.norm_eps", v.projector.norm_eps)),
         projector_act=ACTS[v.projector.act], llm_hidden_size=int(llm_hidden), resize=v.preprocess.resize,
-        mean=list(v.preprocess.mean), std=list(v.preprocess.std))
+        mean=list(v.preprocess.mean), std=list(v.preprocess.std), two_stage=v.two_stage, **rs)
 
 
 def vision_tensor_names(v: VisionRecipe, spec: VisionSpec) -> dict[str, str]:
     """Canonical vision name -> checkpoint tensor name, for every tensor the graph reads."""
     t = v.tensors
-    out = {"patch_embed.weight": f"{t.patch_embed}.weight", "patch_embed.bias": f"{t.patch_embed}.bias",
-           "pos_embed": t.pos_embed}
+    out = {"patch_embed.weight": f"{t.patch_embed}.weight"}
+    if spec.patch_bias:
+        out["patch_embed.bias"] = f"{t.patch_embed}.bias"
+    if t.pos_embed:
+        out["pos_embed"] = t.pos_embed
     if t.cls_token:
         out["cls_token"] = t.cls_token
     for i in range(spec.num_hidden_layers):
@@ -213,7 +303,7 @@ def vision_tensor_names(v: VisionRecipe, spec: VisionSpec) -> dict[str, str]:
             if key in ("q_norm", "k_norm") and not spec.qk_norm:
                 continue
             out[f"layers.{i}.{key}.weight"] = f"{p}.weight"
-            bias = key in ("norm1", "norm2", "fc1", "fc2", "o_proj") and not (key.startswith("norm") and spec.norm_kind == "rms_norm")
+            bias = key in ("norm1", "norm2", "fc1", "fc2", "o_proj", "gate_proj", "up_proj") and not (key.startswith("norm") and spec.norm_kind == "rms_norm")
             if key in ("qkv", "q_proj", "k_proj", "v_proj"):
                 bias = spec.qkv_bias
             if key in ("q_norm", "k_norm"):
@@ -227,7 +317,18 @@ def vision_tensor_names(v: VisionRecipe, spec: VisionSpec) -> dict[str, str]:
     for key, path in t.projector.items():
         if key == "norm" and not spec.projector_norm:
             continue
-        out[f"projector.{key}.weight"], out[f"projector.{key}.bias"] = f"{path}.weight", f"{path}.bias"
+        out[f"projector.{key}.weight"] = f"{path}.weight"
+        if not (key == "norm" and spec.projector_norm_kind == "rms_norm"):
+            out[f"projector.{key}.bias"] = f"{path}.bias"
+    for key, path in t.resampler.items():  # whole parameters; module paths get .weight (and .bias)
+        if key in ("query", "query_pos", "proj"):
+            out[f"resampler.{key}"] = path
+        elif key == "in_proj":
+            out["resampler.in_proj.weight"], out["resampler.in_proj.bias"] = f"{path}_weight", f"{path}_bias"
+        else:
+            out[f"resampler.{key}.weight"] = f"{path}.weight"
+            if key != "kv_proj":
+                out[f"resampler.{key}.bias"] = f"{path}.bias"
     return out
 
 
@@ -237,12 +338,22 @@ def vision_tensor_shapes(v: VisionRecipe, spec: VisionSpec) -> dict[str, tuple[t
     c, inter, p = spec.hidden_size, spec.intermediate_size, spec.patch_size
     s = int(round(1 / spec.downsample))
     n = (spec.native_image_size // p) ** 2 + (1 if spec.cls_token else 0)
-    fixed = {"patch_embed.weight": ((c, 3, p, p), "conv"), "cls_token": ((1, 1, c), "table"),
-             "pos_embed": ((1, n, c), "table"), "projector.norm.weight": ((c * s * s,), "norm"),
-             "projector.fc1.weight": ((spec.llm_hidden_size, c * s * s), "linear"),
-             "projector.fc2.weight": ((spec.llm_hidden_size, spec.llm_hidden_size), "linear")}
+    mid = c * s * s if spec.projector_mid == "merged" else spec.llm_hidden_size
+    tp, pn = spec.temporal_patch_size, c if spec.projector_norm_first else c * s * s
+    fixed = {"patch_embed.weight": ((c, 3, tp, p, p) if tp > 1 else (c, 3, p, p), "conv"), "cls_token": ((1, 1, c), "table"),
+             "pos_embed": ((1, n, c), "table"), "projector.norm.weight": ((pn,), "norm"),
+             "projector.fc1.weight": ((mid, c * s * s), "linear"),
+             "projector.fc2.weight": ((spec.llm_hidden_size, mid), "linear")}
     per_layer = {"qkv.weight": ((3 * c, c), "linear"), "fc1.weight": ((inter, c), "linear"),
-                 "fc2.weight": ((c, inter), "linear"), "ls1": ((c,), "bias"), "ls2": ((c,), "bias")}
+                 "fc2.weight": ((c, inter), "linear"), "gate_proj.weight": ((inter, c), "linear"),
+                 "up_proj.weight": ((inter, c), "linear"), "ls1": ((c,), "bias"), "ls2": ((c,), "bias")}
+    e, q = spec.llm_hidden_size, spec.resampler_queries
+    fixed.update({"resampler.query": ((q, e), "table"), "resampler.query_pos": ((q, e), "table"),
+                  "resampler.proj": ((e, e), "linear"), "resampler.kv_proj.weight": ((e, c), "linear"),
+                  "resampler.in_proj.weight": ((3 * e, e), "linear"), "resampler.in_proj.bias": ((3 * e,), "bias"),
+                  "resampler.out_proj.weight": ((e, e), "linear"), "resampler.out_proj.bias": ((e,), "bias")})
+    for k in ("ln_q", "ln_kv", "ln_post"):
+        fixed.update({f"resampler.{k}.weight": ((e,), "norm"), f"resampler.{k}.bias": ((e,), "bias")})
     out = {}
     for key, name in vision_tensor_names(v, spec).items():
         short = key.split(".", 2)[2] if key.startswith("layers.") else key
@@ -251,11 +362,38 @@ def vision_tensor_shapes(v: VisionRecipe, spec: VisionSpec) -> dict[str, tuple[t
         elif short in per_layer:
             out[name] = per_layer[short]
         elif key.endswith(".bias"):
-            rows = {"qkv.bias": 3 * c, "fc1.bias": inter, "projector.norm.bias": c * s * s,
-                    "projector.fc1.bias": spec.llm_hidden_size, "projector.fc2.bias": spec.llm_hidden_size}
+            rows = {"qkv.bias": 3 * c, "fc1.bias": inter, "gate_proj.bias": inter, "up_proj.bias": inter,
+                    "projector.norm.bias": pn,
+                    "projector.fc1.bias": mid, "projector.fc2.bias": spec.llm_hidden_size}
             out[name] = ((rows.get(short, c),), "bias")
         elif short.endswith("norm1.weight") or short.endswith("norm2.weight") or "norm" in short:
             out[name] = ((c,), "norm")
         else:  # q_proj / k_proj / v_proj / o_proj
             out[name] = ((c, c), "linear")
+    return out
+
+
+def image_token_texts(v: VisionRecipe, raw: dict[str, Any], tok_dir, source: str) -> dict[str, str | None]:
+    """{img_start_token, img_context_token, img_end_token}: the recipe's texts, or with `token_ids` the
+    tokenizer's texts of the config's ids."""
+    out = {"img_start_token": v.img_start_token, "img_context_token": v.img_context_token,
+           "img_end_token": v.img_end_token}
+    path = tok_dir / "tokenizer.json"
+    if not v.token_ids or not path.is_file():
+        return out
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    env = {k: val for k, val in raw.items() if not isinstance(val, (dict, list))}
+    for key, value in v.token_ids.items():
+        try:
+            tid = evaluate(value.expr, env) if isinstance(value, _Expr) else value
+        except ExprError as exc:
+            raise GeneratorError(f"{source}: vision.token_ids.{key}: {exc} (names are config.json's top-level "
+                                 f"keys).") from None
+        text = tok.id_to_token(int(tid)) if isinstance(tid, int) else None
+        if text is None:
+            raise GeneratorError(f"{source}: vision.token_ids.{key}: the config's id {tid} is not a token of "
+                                 f"the checkpoint's tokenizer ({path}).")
+        out[f"img_{key}_token"] = text
     return out

@@ -73,14 +73,28 @@ class VisionEncoder:
         self.entry, self.hidden = entry, bundle.opts.hidden_state_type
         self.dtype, self.onnx_type = STORAGE[self.hidden]
         self.size, self.tokens, self.width = entry.image_size, entry.tokens, bundle.spec.hidden_size
-        self.sess = open_session(path, threads=threads, quantized=entry.weight_type in ("s8", "s4"))
+        quantized = entry.weight_type in ("s8", "s4")
+        self.sess = open_session(path, threads=threads, quantized=quantized)
+        self.resampler = None  # two-stage (MiniCPM-V): the encoder's features go through the resampler graph
+        if entry.resampler_graph:
+            second = bundle.dir / entry.resampler_graph
+            if not second.is_file():
+                raise GeneratorError(f"Bundle file {second} is missing; rebuild the bundle.")
+            self.resampler = open_session(second, threads=threads, quantized=quantized)
+            self.features = (1, (entry.image_size // int(entry.spec["patch_size"])) ** 2, int(entry.spec["hidden_size"]))
 
     def pixels(self, image: np.ndarray) -> np.ndarray:
         return preprocess(image, self.size, self.entry.resize)
 
     def encode(self, image: np.ndarray) -> np.ndarray:
         """[tokens, hidden] in the bundle's hidden-state storage type (bf16 as uint16 bits)."""
-        out = run_once(self.sess, {"image": (self.pixels(image), TensorProto.UINT8)},
+        if self.resampler is None:
+            out = run_once(self.sess, {"image": (self.pixels(image), TensorProto.UINT8)},
+                           {"output": ((1, self.tokens, self.width), self.dtype, self.onnx_type)})
+            return out["output"][0]
+        feats = run_once(self.sess, {"image": (self.pixels(image), TensorProto.UINT8)},
+                         {"output": (self.features, self.dtype, self.onnx_type)})["output"]
+        out = run_once(self.resampler, {"input": (feats, self.onnx_type)},
                        {"output": ((1, self.tokens, self.width), self.dtype, self.onnx_type)})
         return out["output"][0]
 
