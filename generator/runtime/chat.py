@@ -12,6 +12,7 @@ from ..contract import Bundle, Sampling
 from ..errors import GeneratorError
 from .engine import Engine
 from .generation import Generator, Sampler, StreamDecoder, TurnStats, common_prefix
+from .mrope import prefill_with_images
 from .vision import VisionEncoder, image_rows
 
 
@@ -91,6 +92,7 @@ class Chat:
                                   self.b.manifest.vision.img_context_token_id)
                 self.engine.rewind(min(common_prefix(self.engine.cached_ids, ids), min(rows)))
                 self.engine.image_rows = rows
+                prefill_with_images(self.engine, ids, self.b.manifest.vision)  # mRoPE: the images' positions
             stream = StreamDecoder(self.tok.decode, self.gen.eos)
             for tok in self.gen.stream(ids, max_new_tokens):
                 yield stream.push(tok)
@@ -132,6 +134,8 @@ class Chat:
             self.engine.image_rows = rows
         stream = StreamDecoder(self.tok.decode, self.gen.eos)
         try:
+            if images:  # mRoPE: the turn's positions with the image's grid (runtime/mrope.py)
+                prefill_with_images(self.engine, ids, self.b.manifest.vision)
             for tok in self.gen.stream(ids, max_new_tokens):
                 piece = stream.push(tok)
                 if piece:

@@ -52,3 +52,24 @@ def mrope_positions(ids: Sequence[int], grids: Sequence[Sequence[int]] = (), *, 
         out[:, a:b] = np.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]) + pos
         pos += max(gh, gw)
     return out
+
+
+def prefill_with_images(engine, ids: Sequence[int], entry) -> None:
+    """An image turn on an mRoPE bundle: prefill `ids` from the engine's cached length up to (not
+    including) the last token with the turn's mRoPE positions, starting at engine.next_position (the
+    running offset, so later turns continue correctly); every run of image tokens in that span is an
+    image at the bundle's image size (entry: the manifest's vision entry, its image_grid). The last
+    token then runs through the generator as usual (its position is next_position). No-op for a
+    bundle whose layers take one position row, or whose vision part has no image grid."""
+    if engine.rows != 3 or entry is None or not entry.image_grid:
+        return
+    start = engine.precompute_len
+    tail = list(ids[start:len(ids) - 1])
+    if not tail:
+        return
+    ctx = entry.img_context_token_id
+    is_img = np.asarray(tail) == ctx
+    runs = int(is_img[0]) + int(np.count_nonzero(is_img[1:] & ~is_img[:-1]))
+    positions = mrope_positions(tail, [entry.image_grid] * runs, image_token_id=ctx,
+                                spatial_merge_size=entry.spatial_merge_size, start=engine.next_position)
+    engine.prefill(tail, positions)
