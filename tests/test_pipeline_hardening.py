@@ -124,10 +124,10 @@ sys.path.insert(0, {root!r})
 from generator.export import bundle
 _write_tokenizer = bundle.write_tokenizer
 
-def slow(ctx, tmp):  # graphs are written: say so, then take long enough to be terminated
+def slow(ctx, tmp, *rest):  # graphs are written: say so, then take long enough to be terminated
     open({flag!r}, "w").close()
     time.sleep(120)
-    return _write_tokenizer(ctx, tmp)
+    return _write_tokenizer(ctx, tmp, *rest)
 
 bundle.write_tokenizer = slow
 from generator.cli import main

@@ -39,8 +39,8 @@ def add_build_args(p: argparse.ArgumentParser):
     p.add_argument("--post_topk", type=int, help=f"top-k inside the post graph, 0: full logits {recipe(d.post_topk)}")
     p.add_argument("--post_weight_type", choices=WEIGHT_TYPES, help=f"lm_head weight type {recipe(d.post_weight_type)}")
     p.add_argument("--group_size", type=int, help=f"quantization group size along the input dim {recipe(d.group_size)}")
-    p.add_argument("--image_size", type=int, help="vision part input size in pixels, a vision-language model only "
-                   "(Pulsar2's vlm input_size; default: the recipe's vision.default_image_size, 224)")
+    p.add_argument("--image_size", type=int, help="vision part input size in pixels, vision-language models only, "
+                   "Pulsar2's vlm input_size (default: the recipe's vision.default_image_size, 224)")
     p.add_argument("-c", "--check_level", type=int, default=0, choices=[0, 1, 2],
                    help="0: build only, 1: layer check, 2: + run the check prompt (default: %(default)s; make: 2)")
     p.add_argument("--prompt", help="prompt for check level 2 (default: the recipe's, 1+1=)")

@@ -35,8 +35,8 @@ def add_run_args(p: argparse.ArgumentParser):
     p.add_argument("--history", choices=["used", "board"], default="used",
                    help="decode with only the cache rows in use (default, same results) or the full static shapes")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
-    p.add_argument("-i", "--image", help="image file for the first turn (a vision-language bundle; resized to "
-                   "its vision part's input size as the board does)")
+    p.add_argument("-i", "--image", help="image file for the first turn, vision-language bundles only; resized "
+                   "to the vision part's input size as the board does (default: none)")
     board = p.add_argument_group("board runtime flags (main_ax650 / main_axcl_*), same meaning")
     board.add_argument("--template_filename_axmodel",
                        help="<dir>/<type>_p<P>_l%%d_together.axmodel (selects the bundle)")
@@ -54,9 +54,9 @@ def add_run_args(p: argparse.ArgumentParser):
     board.add_argument("--live_print", type=int, default=1, choices=[0, 1],
                        help="1: print the answer as it is generated, 0: print it when complete")
     board.add_argument("--filename_image_encoder_axmodedl", help="<dir>/vision_part_<size>.axmodel, the vision "
-                       "part (checked against the bundle; the vendor's spelling)")
-    board.add_argument("--img_width", type=int, help="vision input width (checked against the bundle)")
-    board.add_argument("--img_height", type=int, help="vision input height (checked against the bundle)")
+                       "part, checked against the bundle; the vendor's spelling (default: the bundle's)")
+    board.add_argument("--img_width", type=int, help="vision input width, checked (default: the bundle's)")
+    board.add_argument("--img_height", type=int, help="vision input height, checked (default: the bundle's)")
     board.add_argument("--kvcache_path", help="directory: load the system prompt's KV cache from here, or prefill "
                                               "and save it here (k_cache_<i>.bin, v_cache_<i>.bin, config.json)")
     board.add_argument("--devices", help="AXCL card ids, e.g. 0 or 0,1 (accepted and checked; the local runner "
