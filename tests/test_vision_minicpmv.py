@@ -271,3 +271,42 @@ def test_image_prompt_end_to_end(tiny, bundle):
     e.image_rows = {}
     cos, rel = metrics(np.asarray(logits[0], np.float32), ref_logits)
     assert cos >= lim["end_to_end"]["min_cosine"] and rel <= lim["end_to_end"]["max_rel_err"], (cos, rel)
+
+
+def test_run_script_and_cli_two_stage_flags(tiny, tmp_path):
+    """The run script passes the vendor's two-stage flags (--filename_vpm_encoder_axmodedl,
+    --filename_vpm_resampler_axmodedl, --vpm_two_stage 1, --vpm_width/--vpm_height), which the local
+    runner checks against the bundle; AXGEN_LOCAL=1 -i answers about an image."""
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    import tokenizer_fixtures as tf
+
+    b = build(tiny, "s8")
+    photo = tmp_path / "photo.png"
+    Image.fromarray(check_picture(70, 80, seed=4)).save(photo)
+    script = next(b.dir.glob("run_*_ax650.sh"))
+    text = script.read_text()
+    assert "--filename_vpm_encoder_axmodedl" in text and "vision_part_56.axmodel" in text
+    assert "vpm_resampler_56.axmodel" in text and "--vpm_two_stage 1 --vpm_width 56 --vpm_height 56" in text
+    assert "--filename_image_encoder_axmodedl" not in text
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and k != "AXGEN_LOCAL"}
+    base = [sys.executable, "-m", "generator", "run", str(b.dir), "--image", str(photo), "--prompt", "What is it?",
+            "--max_new_tokens", "3", "--threads", "1", "--system_prompt", "A bot."]
+    run = lambda *extra: subprocess.run([*base, *extra], capture_output=True, text=True, env=env, timeout=120)  # noqa: E731
+    assert run("--vpm_two_stage", "1", "--vpm_width", "56", "--filename_vpm_resampler_axmodedl",
+               str(b.dir / "vpm_resampler_56.axmodel")).returncode == 0
+    bad = run("--vpm_width", "448")
+    assert bad.returncode != 0 and "built at 56 px" in bad.stderr
+    bad = run("--filename_vpm_encoder_axmodedl", str(b.dir / "vpm_resampler_56.axmodel"))
+    assert bad.returncode != 0 and "vision_part_56.axmodel" in bad.stderr
+    assert "two graphs" in run("--vpm_two_stage", "0").stderr
+    proc = subprocess.run([str(script), "-i", str(photo), "--prompt", "What is it?", "--max_new_tokens", "3",
+                           "--system_prompt=A bot."],
+                          capture_output=True, text=True, timeout=180, cwd=b.dir, start_new_session=True,
+                          env={**env, "AXGEN_LOCAL": "1", "AXGEN_PYTHON": sys.executable, "KVCACHE_PATH": "",
+                               "TOKENIZER_PORT": str(tf.free_port())})
+    assert proc.returncode == 0, proc.stderr

@@ -57,6 +57,14 @@ def add_run_args(p: argparse.ArgumentParser):
                        "part, checked against the bundle; the vendor's spelling (default: the bundle's)")
     board.add_argument("--img_width", type=int, help="vision input width, checked (default: the bundle's)")
     board.add_argument("--img_height", type=int, help="vision input height, checked (default: the bundle's)")
+    board.add_argument("--filename_vpm_encoder_axmodedl", help="<dir>/vision_part_<size>.axmodel, a two-stage "
+                       "vision part's encoder (MiniCPM-V), checked (default: the bundle's)")
+    board.add_argument("--filename_vpm_resampler_axmodedl", help="<dir>/vpm_resampler_<size>.axmodel, its "
+                       "resampler, checked (default: the bundle's)")
+    board.add_argument("--vpm_two_stage", type=int, choices=[0, 1], help="1: the vision part is encoder + "
+                       "resampler (checked against the bundle)")
+    board.add_argument("--vpm_width", type=int, help="two-stage vision input width, checked (default: the bundle's)")
+    board.add_argument("--vpm_height", type=int, help="two-stage vision input height, checked")
     board.add_argument("--kvcache_path", help="directory: load the system prompt's KV cache from here, or prefill "
                                               "and save it here (k_cache_<i>.bin, v_cache_<i>.bin, config.json)")
     board.add_argument("--devices", help="AXCL card ids, e.g. 0 or 0,1 (accepted and checked; the local runner "
@@ -95,6 +103,7 @@ def check_board_flags(args, bundle: Bundle):
         if path.name != name or path.parent.resolve() != here:
             raise GeneratorError(f"--{flag} {value!r} is not this bundle's file: expected {bundle.dir / name}.")
     vision = bundle.manifest.vision
+    check_vpm_flags(args, bundle, here)
     if (args.filename_image_encoder_axmodedl or args.img_width or args.img_height) and vision is None:
         raise GeneratorError(f"bundle {bundle.dir} is text-only: --filename_image_encoder_axmodedl, --img_width "
                              f"and --img_height need a vision-language bundle.")
@@ -116,6 +125,33 @@ def check_board_flags(args, bundle: Bundle):
         raise GeneratorError(f"--devices {args.devices!r} must be card ids separated by commas, e.g. 0 or 0,1.")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise GeneratorError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}.")
+
+
+def check_vpm_flags(args, bundle: Bundle, here: Path):
+    """The vendor's two-stage (MiniCPM-V) vision flags against the bundle's vision entry."""
+    vision = bundle.manifest.vision
+    given = [f for f in ("filename_vpm_encoder_axmodedl", "filename_vpm_resampler_axmodedl", "vpm_two_stage",
+                         "vpm_width", "vpm_height") if getattr(args, f) is not None]
+    if not given:
+        return
+    two = vision is not None and vision.resampler_graph is not None
+    if not two:
+        what = "text-only" if vision is None else "a one-graph vision part (use --filename_image_encoder_axmodedl)"
+        raise GeneratorError(f"bundle {bundle.dir} is {what}: --{given[0]} needs a two-stage vision part "
+                             f"(encoder + resampler, e.g. MiniCPM-V).")
+    if args.vpm_two_stage == 0:
+        raise GeneratorError(f"--vpm_two_stage 0: this bundle's vision part is two graphs (encoder + resampler); "
+                             f"pass 1 or leave the flag out.")
+    for flag, graph in (("filename_vpm_encoder_axmodedl", vision.graph),
+                        ("filename_vpm_resampler_axmodedl", vision.resampler_graph)):
+        value, want = getattr(args, flag), graph.removesuffix(".onnx") + ".axmodel"
+        if value and (Path(value).name != want or Path(value).parent.resolve() != here):
+            raise GeneratorError(f"--{flag} {value!r} is not this bundle's file: expected {bundle.dir / want}.")
+    for flag in ("vpm_width", "vpm_height"):
+        got = getattr(args, flag)
+        if got is not None and got != vision.image_size:
+            raise GeneratorError(f"--{flag} {got}: this bundle's vision part was built at {vision.image_size} px "
+                                 f"(--image_size); rebuild it for another size.")
 
 
 def log(msg: str):

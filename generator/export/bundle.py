@@ -178,7 +178,9 @@ def write_scripts(ctx: Resolved, tmp: Path, files: dict, tok: dict, vision: dict
                   tokenizer_host=TOKENIZER_HOST, tokenizer_port=TOKENIZER_PORT, use_mmap_load_embed=0,
                   python=sys.executable, project_root=str(PROJECT_ROOT),
                   vision_axmodel=vision["graph"].removesuffix(".onnx") + ".axmodel" if vision else None,
-                  image_size=vision["image_size"] if vision else None)
+                  image_size=vision["image_size"] if vision else None,
+                  resampler_axmodel=vision["resampler_graph"].removesuffix(".onnx") + ".axmodel"
+                  if vision and vision.get("resampler_graph") else None)
     written = []
     for target in ctx.chip.run_scripts:
         title, binary, devices = RUN_TARGETS[target]
