@@ -310,3 +310,18 @@ def test_run_script_and_cli_two_stage_flags(tiny, tmp_path):
                           env={**env, "AXGEN_LOCAL": "1", "AXGEN_PYTHON": sys.executable, "KVCACHE_PATH": "",
                                "TOKENIZER_PORT": str(tf.free_port())})
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("wtype", ["fp32", "s8"])
+def test_check_levels_verify_the_vision_part(tiny, wtype):
+    """-c 2: the layer/generate checks plus both vision graphs vs the reference (SiglipVisionModel re-laid
+    out, the resampler over nn.MultiheadAttention: verify/resampler_ref.py) and the check picture + prompt
+    end to end."""
+    out = tiny[4].mktemp(f"mcv_checks_{wtype}")
+    groups = dict(SMALL_GROUPS, kv_cache_len=255)
+    m = quiet_build(input_path=str(tiny[3]), output_path=str(out), recipe_name="minicpmv", weight_type=wtype,
+                    post_weight_type=wtype, hidden_state_type="fp32", image_size=SIZE, check_level=2, **groups)
+    v = m["checks"]["vision"]
+    assert m["checks"]["passed"], m["checks"]["failures"]
+    assert v["passed"] and v["generate"]["passed"] and v["tokens"] == Q
+    assert (out / "report" / "vision_check.json").is_file()

@@ -47,10 +47,7 @@ class Projector(_Strict):
 
 
 class Resampler(_Strict):
-    """Perceiver resampler (MiniCPM-V): `queries` learned queries (LayerNorm'd, + their own 2D sin-cos
-    table) attend once to the tower's features (kv_proj, LayerNorm; keys + the patch grid's 2D sin-cos
-    table, values without), nn.MultiheadAttention in/out projections, post LayerNorm, `x @ proj`.
-    Replaces the projector; generator/export/resampler.py builds it."""
+    """Perceiver resampler (MiniCPM-V) instead of the projector: generator/export/resampler.py."""
 
     queries: VValue = 64
     heads: VValue  # attention heads over the language model's width
@@ -90,6 +87,12 @@ class VisionReference(_Strict):
     config: dict[str, Any] = {}
     tensors: dict[str, StrictStr] = {}
     prefixes: dict[str, StrictStr] = {}
+    # transformers-native families (Qwen2.5-VL): the checkpoint's config.json as is (`config` overrides
+    # keys), and the transformers image processor whose pixel_values + image_grid_thw the reference
+    # takes on the graph's resized picture; the reference then runs on input_ids (its own positions,
+    # e.g. mRoPE) instead of embeddings with the features put in
+    checkpoint_config: StrictBool = False
+    image_processor: Union[StrictStr, None] = None
 
 
 class VisionRecipe(_Strict):
@@ -247,12 +250,10 @@ def resolve_vision(v: VisionRecipe, raw: dict[str, Any], llm_hidden: int, image_
     rs = {}
     if v.resampler is not None:
         q, rh = int(get("resampler.queries", v.resampler.queries)), int(get("resampler.heads", v.resampler.heads))
-        if q <= 0 or int(round(q ** 0.5)) ** 2 != q or rh <= 0 or llm_hidden % rh or (llm_hidden // 2) % 2:
+        if q <= 0 or int(round(q ** 0.5)) ** 2 != q or rh <= 0 or llm_hidden % rh or llm_hidden % 4:
             raise GeneratorError(f"{source}: vision.resampler: {q} queries (a square number) of {llm_hidden} "
-                                 f"features in {rh} heads do not fit (the width must split into the heads and "
-                                 f"into the 2D sin-cos table's four parts).")
-        rs = dict(resampler_queries=q, resampler_heads=rh,
-                  resampler_norm_eps=float(get("resampler.norm_eps", v.resampler.norm_eps)))
+                                 f"features (a multiple of 4: the 2D sin-cos table) in {rh} heads do not fit.")
+        rs = dict(resampler_queries=q, resampler_heads=rh, resampler_norm_eps=float(get("resampler.norm_eps", v.resampler.norm_eps)))
     elif v.two_stage:
         raise GeneratorError(f"{source}: vision.two_stage needs a vision.resampler (the second stage).")
     s = int(round(1 / ratio))
@@ -320,15 +321,10 @@ def vision_tensor_names(v: VisionRecipe, spec: VisionSpec) -> dict[str, str]:
         out[f"projector.{key}.weight"] = f"{path}.weight"
         if not (key == "norm" and spec.projector_norm_kind == "rms_norm"):
             out[f"projector.{key}.bias"] = f"{path}.bias"
-    for key, path in t.resampler.items():  # whole parameters; module paths get .weight (and .bias)
-        if key in ("query", "query_pos", "proj"):
-            out[f"resampler.{key}"] = path
-        elif key == "in_proj":
-            out["resampler.in_proj.weight"], out["resampler.in_proj.bias"] = f"{path}_weight", f"{path}_bias"
-        else:
-            out[f"resampler.{key}.weight"] = f"{path}.weight"
-            if key != "kv_proj":
-                out[f"resampler.{key}.bias"] = f"{path}.bias"
+    for key, path in t.resampler.items():  # whole parameters; in_proj_weight/_bias; modules' .weight (.bias)
+        whole, sep = key in ("query", "query_pos", "proj"), "_" if key == "in_proj" else "."
+        out.update({f"resampler.{key}": path} if whole else {f"resampler.{key}.{p}": f"{path}{sep}{p}" for p in
+                   (("weight",) if key == "kv_proj" else ("weight", "bias"))})
     return out
 
 

@@ -23,6 +23,7 @@ from ..errors import GeneratorError
 from ..export.bundle import dest, write_text
 from ..runtime.chat import Chat
 from ..runtime.engine import Engine
+from ..runtime.mrope import prefill_with_images
 from ..runtime.vision import VisionEncoder, image_rows
 from .relayout import _build, _eval, _is_expr, fill_model
 
@@ -69,6 +70,8 @@ def vision_reference(ckpt, recipe, bundle: Bundle):
     llm = {k: v for k, v in section.items() if k not in ("auto_map", "architectures")}
     where = f"Recipe '{recipe.name}' vision.reference"
     kwargs = {k: _config_value(v, env, llm, f"{where}.config.{k}") for k, v in ref.config.items()}
+    if ref.checkpoint_config:  # transformers' own layout: the checkpoint's config.json as is
+        kwargs = {**{k: v for k, v in ckpt.config.items() if k not in ("auto_map", "architectures")}, **kwargs}
     try:
         config = cls.config_class(**kwargs)
     except Exception as exc:
@@ -86,6 +89,10 @@ def vision_reference(ckpt, recipe, bundle: Bundle):
                 return to + key[len(prefix):]
         return None
 
+    if recipe.vision.resampler is not None:  # MiniCPM-V: tower + resampler + decoder (verify/resampler_ref.py)
+        from .resampler_ref import resampler_reference
+
+        return resampler_reference(_build(cls, config), ckpt, recipe, bundle, mapping, env, where)
     model = fill_model(_build(cls, config), ckpt.torch_tensor, mapping, env, where, ckpt.has)
     emb = model.get_input_embeddings().weight
     with torch.no_grad():
@@ -102,23 +109,49 @@ def pixel_values(pixels: np.ndarray, bundle: Bundle):
     return torch.from_numpy(x).permute(2, 0, 1)[None].contiguous()
 
 
+def processor_inputs(pixels: np.ndarray, processor: str) -> dict:
+    """The named transformers image processor's pixel_values and image_grid_thw for the picture."""
+    import transformers
+
+    cls = getattr(transformers, processor, None) or getattr(transformers, f"{processor}Pil", None)
+    if cls is None:
+        raise GeneratorError(f"transformers {transformers.__version__} has no image processor '{processor}' "
+                             f"(vision.reference.image_processor).")
+    out = cls()(images=[pixels[0]], return_tensors="pt")
+    return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+
 def reference_features(model, pv) -> np.ndarray:
     import torch
 
     with torch.no_grad():
-        out = model.model.get_image_features(pixel_values=pv, vision_feature_layer=-1,
-                                             vision_feature_select_strategy="default")
+        if isinstance(pv, dict):  # the processor's patches and grid
+            out = model.model.get_image_features(**pv)
+        else:
+            out = model.model.get_image_features(pixel_values=pv, vision_feature_layer=-1,
+                                                 vision_feature_select_strategy="default")
     return out.pooler_output[0].float().numpy()
 
 
-def reference_greedy(model, ids: list[int], feats: np.ndarray, context_id: int, steps: int, eos: set[int]):
-    """Greedy tokens of the reference with the image features at the prompt's image-context rows."""
+def reference_greedy(model, ids: list[int], feats: np.ndarray, context_id: int, steps: int, eos: set[int],
+                     inputs: dict | None = None):
+    """Greedy tokens of the reference with the image features at the prompt's image-context rows
+    (`inputs`: the processor's pixel_values + image_grid_thw, the reference run on input_ids)."""
     import torch
 
     where = [i for i, t in enumerate(ids) if t == context_id][-len(feats):]
     ids, out = list(ids), []
     with torch.no_grad():
         for _ in range(steps):
+            if inputs is not None:
+                t = torch.tensor([ids])
+                tok = int(model(input_ids=t, mm_token_type_ids=(t == context_id).int(), use_cache=False,
+                                **inputs).logits[0, -1].argmax())
+                out.append(tok)
+                ids.append(tok)
+                if tok in eos:
+                    break
+                continue
             emb = model.get_input_embeddings()(torch.tensor([ids])).clone()
             emb[0, where] = torch.from_numpy(feats)
             tok = int(model(inputs_embeds=emb).logits[0, -1].argmax())
@@ -147,7 +180,9 @@ def vision_checks(bundle: Bundle, ckpt, recipe, level: int, limits: dict, report
     model = vision_reference(ckpt, recipe, bundle)
     enc = VisionEncoder(bundle, threads=threads)
     picture = check_picture()
-    feats = reference_features(model, pixel_values(enc.pixels(picture), bundle))
+    proc = recipe.vision.reference.image_processor
+    inputs = processor_inputs(enc.pixels(picture), proc) if proc else None
+    feats = reference_features(model, inputs if proc else pixel_values(enc.pixels(picture), bundle))
     emb = enc.encode(picture)
     ours = from_storage(emb, bundle.opts.hidden_state_type)
     per_token = [compare(ours[t], feats[t])["cosine"] for t in range(len(ours))]
@@ -168,11 +203,13 @@ def vision_checks(bundle: Bundle, ckpt, recipe, level: int, limits: dict, report
         ids = list(chat.tok.encode(CHECK_IMAGE_PROMPT, img_prompt=True)[0])
         rows = image_rows(ids, [emb], v.img_context_token_id)
         eos = set(chat.gen.eos)
-        ref_tokens = reference_greedy(model, ids, feats, v.img_context_token_id, GENERATE_TOKENS, eos)
+        ref_tokens = reference_greedy(model, ids, feats, v.img_context_token_id, GENERATE_TOKENS, eos, inputs)
         chat.engine.image_rows = rows
         try:
+            prefill_with_images(chat.engine, ids, v)  # mRoPE bundles: the image's positions
             mine = list(chat.gen.stream(ids, len(ref_tokens)))
             chat.engine.rewind(len(chat.system_ids))
+            prefill_with_images(chat.engine, ids, v)
             logits: list = []
             list(chat.gen.stream(ids, len(ref_tokens), forced=ref_tokens, logits_out=logits))
         finally:
