@@ -690,6 +690,10 @@ def _shrunk(recipe, config: dict) -> dict:
         section, pairs = scaling["mrope_section"], SHRINK["head_dim"] // 2
         scaled = [max(1, s * pairs // sum(section)) for s in section[:-1]]
         inner["rope_scaling"] = dict(scaling, mrope_section=scaled + [pairs - sum(scaled)])
+    vision = cfg.get("vision_config")
+    if isinstance(vision, dict) and "out_hidden_size" in vision:  # Qwen2.5-VL's tower, merged into the small LLM
+        vision.update(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, fullatt_block_indexes=[1],
+                      out_hidden_size=SHRINK["hidden_size"])
     return cfg
 
 

@@ -221,3 +221,18 @@ def test_image_in_a_later_turn_then_text(tiny, bundle):
     list(chat.gen.stream(whole, 1, logits_out=logits))
     cos, rel = metrics(np.asarray(logits[0], np.float32), reference_logits(model, whole, pv, grid))
     assert cos >= lim["min_cosine"] and rel <= lim["max_rel_err"], (cos, rel)
+
+
+@pytest.mark.parametrize("wtype", ["fp32", "s8"])
+def test_check_levels_verify_the_vision_part(tiny, wtype):
+    """-c 2: the vision graph vs transformers' Qwen2_5_VLForConditionalGeneration (the checkpoint's own
+    config and names; Qwen2VLImageProcessor's patches) and the check picture + prompt end to end with
+    mRoPE positions on both sides."""
+    model, ckpt, factory = tiny
+    out = factory.mktemp(f"qvl_checks_{wtype}")
+    m = quiet_build(input_path=str(ckpt), output_path=str(out), weight_type=wtype, post_weight_type=wtype,
+                    hidden_state_type="fp32", image_size=SIZE, check_level=2, **dict(SMALL_GROUPS, kv_cache_len=255))
+    v = m["checks"]["vision"]
+    assert m["checks"]["passed"], m["checks"]["failures"]
+    assert v["passed"] and v["generate"]["passed"] and v["tokens"] == 16
+    assert v["min_token_cosine"] > 0.999 and (out / "report" / "vision_check.json").is_file()
