@@ -325,3 +325,38 @@ def test_check_levels_verify_the_vision_part(tiny, wtype):
     assert m["checks"]["passed"], m["checks"]["failures"]
     assert v["passed"] and v["generate"]["passed"] and v["tokens"] == Q
     assert (out / "report" / "vision_check.json").is_file()
+
+
+def test_real_variant_resolves_and_a_shrunk_one_builds_synthetic(tmp_path, monkeypatch):
+    """minicpm-v-2's exact config resolves to SigLIP-400M (27 layers of 1152, 384 px native table) and 64
+    queries in 18 heads over 2304; SYNTHETIC=1 of that config with small dimensions (decoder and tower)
+    builds both graphs and passes -c 2 against the references (tensors on demand)."""
+    import shutil
+
+    import yaml
+
+    from generator.paths import RECIPES_DIR
+    from generator.recipe import registry
+    from generator.recipe.vision import resolve_vision
+
+    recipe = registry().recipes["minicpmv"]
+    config = recipe.variants["minicpm-v-2"].config
+    vs = resolve_vision(recipe.vision, config, 2304, 448, "minicpm-v-2")
+    assert (vs.num_hidden_layers, vs.hidden_size, vs.native_image_size, vs.grid, vs.tokens, vs.resampler_heads) == \
+        (27, 1152, 384, 32, 64, 18)
+    assert vs.hidden_act == "gelu_tanh" and vs.two_stage and vs.mean == vs.std == [0.5, 0.5, 0.5]
+    recipes = tmp_path / "recipes"
+    shutil.copytree(RECIPES_DIR, recipes)
+    data = yaml.safe_load((recipes / "minicpmv.yaml").read_text(encoding="utf-8"))
+    small = dict(config, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=1000, query_num=16, vision_hidden_size=32, vision_num_hidden_layers=2,
+                 vision_num_attention_heads=4, vision_intermediate_size=64, vision_image_size=56)
+    data["variants"]["minicpm-v-tiny"] = {"description": "test", "config": small}
+    (recipes / "minicpmv.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    monkeypatch.setenv("AXGEN_RECIPES_DIR", str(recipes))
+    monkeypatch.setenv("AXGEN_SYNTHETIC_CACHE", str(tmp_path / "cache"))
+    m = quiet_build(model="minicpm-v-tiny", synthetic=True, output_path=str(tmp_path / "b"), check_level=2,
+                    image_size=70, **dict(SMALL_GROUPS, kv_cache_len=256))
+    assert m["checks"]["passed"], m["checks"]["failures"]
+    assert m["vision"]["tokens"] == 16 and m["vision"]["resampler_graph"] == "vpm_resampler_70.onnx"
+    assert m["checks"]["vision"]["generate"]["passed"]
