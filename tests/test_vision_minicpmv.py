@@ -164,7 +164,8 @@ def tiny(tmp_path_factory):
               "vision_encoder": "vit_so400m_patch14_siglip_384.webli", "query_num": Q, "patch_size": PATCH,
               "drop_vision_last_layer": False, "slice_mode": True, "scale_resolution": SIZE,
               "vision_image_size": SIZE, "vision_hidden_size": C, "vision_num_hidden_layers": 2,
-              "vision_num_attention_heads": 4, "vision_intermediate_size": 64}
+              "vision_num_attention_heads": 4, "vision_intermediate_size": 64,
+              "vision_hidden_act": "gelu_pytorch_tanh"}  # the recipe's default is timm's exact gelu
     (target / "config.json").write_text(json.dumps(config, indent=2))
     return tower, resampler, scaled_reference(llm, L), target, tmp_path_factory
 
@@ -344,7 +345,7 @@ def test_real_variant_resolves_and_a_shrunk_one_builds_synthetic(tmp_path, monke
     vs = resolve_vision(recipe.vision, config, 2304, 448, "minicpm-v-2")
     assert (vs.num_hidden_layers, vs.hidden_size, vs.native_image_size, vs.grid, vs.tokens, vs.resampler_heads) == \
         (27, 1152, 384, 32, 64, 18)
-    assert vs.hidden_act == "gelu_tanh" and vs.two_stage and vs.mean == vs.std == [0.5, 0.5, 0.5]
+    assert vs.hidden_act == "gelu" and vs.two_stage and vs.mean == vs.std == [0.5, 0.5, 0.5]
     recipes = tmp_path / "recipes"
     shutil.copytree(RECIPES_DIR, recipes)
     data = yaml.safe_load((recipes / "minicpmv.yaml").read_text(encoding="utf-8"))
