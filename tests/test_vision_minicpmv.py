@@ -361,3 +361,54 @@ def test_real_variant_resolves_and_a_shrunk_one_builds_synthetic(tmp_path, monke
     assert m["checks"]["passed"], m["checks"]["failures"]
     assert m["vision"]["tokens"] == 16 and m["vision"]["resampler_graph"] == "vpm_resampler_70.onnx"
     assert m["checks"]["vision"]["generate"]["passed"]
+
+
+def test_serve_answers_an_image_request(tiny):
+    """An OpenAI vision request (a data: URL PNG) through serve on the two-stage bundle: the prompt holds
+    MiniCPM-V's <image> + <unk> x Q + </image> + newline + text, the answer is the reference pipeline's
+    greedy tokens."""
+    import base64
+    import io
+    import threading
+    import urllib.request
+
+    from PIL import Image
+
+    from generator.serve.http import ApiServer
+    from generator.serve.service import ChatService
+
+    b = build(tiny, "fp32")
+    service = ChatService(b.dir, threads=threads(), system_prompt="You are a bot.")
+    server = ApiServer(("127.0.0.1", 0), service)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        image = check_picture(70, 80, seed=6)
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, "PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                         {"type": "text", "text": "What is it?"}]}],
+                "temperature": 0, "max_tokens": 4}
+        request = urllib.request.Request(f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions",
+                                         json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=120) as response:
+            answer = json.loads(response.read())
+    finally:
+        server.shutdown()
+        server.server_close()
+    tokenizer = service.chat.tok.tokenizer
+    n = answer["usage"]["prompt_tokens"]
+    prompt = service.chat.engine.cached_ids[:n]
+    assert "<image>" + "<unk>" * Q + "</image>\nWhat is it?" in tokenizer.decode(prompt)
+    v = b.manifest.vision
+    first = prompt.index(v.img_context_token_id)
+    _, rows = reference_rows(tiny, service.chat.vision().pixels(image), SIZE // PATCH)
+    ids, ref = list(prompt), []
+    with torch.no_grad():
+        for _ in range(answer["usage"]["completion_tokens"]):
+            emb = tiny[2].model.embed_tokens(torch.tensor([ids])).clone()
+            emb[0, first:first + Q] = torch.from_numpy(rows)
+            ref.append(int(tiny[2](inputs_embeds=emb).logits[0, -1].argmax()))
+            ids.append(ref[-1])
+    eos = set(service.chat.gen.eos)
+    assert answer["choices"][0]["message"]["content"] == tokenizer.decode([t for t in ref if t not in eos])
