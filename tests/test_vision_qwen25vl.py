@@ -236,3 +236,17 @@ def test_check_levels_verify_the_vision_part(tiny, wtype):
     assert m["checks"]["passed"], m["checks"]["failures"]
     assert v["passed"] and v["generate"]["passed"] and v["tokens"] == 16
     assert v["min_token_cosine"] > 0.999 and (out / "report" / "vision_check.json").is_file()
+
+
+def test_complete_with_images_takes_the_same_positions(tiny, bundle):
+    """serve's path (Chat.complete with every image of the conversation) gives the turn's tokens."""
+    image = test_image(seed=5)
+    chat = Chat(bundle, Engine(bundle, threads=threads()), system_prompt="You are a bot.")
+    chat.reset()
+    "".join(chat.turn("Look.", max_new_tokens=4, images=[image]))
+    n = chat.stats.prompt_tokens
+    prompt, ours = chat.engine.cached_ids[:n], chat.engine.cached_ids[n:]
+    other = Chat(bundle, Engine(bundle, threads=threads()), system_prompt="You are a bot.")
+    other.reset()
+    "".join(other.complete(prompt, max_new_tokens=4, images=[image]))
+    assert other.engine.cached_ids[n:] == ours and other.engine._next[n] == chat.engine._next[n]
