@@ -158,9 +158,8 @@ def position_rows(rope: dict[str, Any] | None) -> int:
     """Rows of the layers' `indices` input (board contract section 9): 3 (temporal, height, width
     positions) when the rope tables carry an mRoPE split, else 1. `rope`: the spec's tables (objects or
     as the manifest records them)."""
-    tables = (rope or {}).values()
-    split = lambda t: t.get("mrope_section") if isinstance(t, dict) else getattr(t, "mrope_section", None)  # noqa: E731
-    return 3 if any(split(t) for t in tables) else 1
+    tables = [t if isinstance(t, dict) else t.model_dump() for t in (rope or {}).values()]
+    return 3 if any(t.get("mrope_section") for t in tables) else 1
 
 
 class ModelSpec(BaseModel):
@@ -182,6 +181,7 @@ class ModelSpec(BaseModel):
     tie_word_embeddings: bool
     bos_token_id: int | None
     eos_token_ids: list[int]
+    rope: dict[str, dict[str, Any]] = {}  # rope tables per layer type, as recorded
 
     @property
     def kv_dim(self) -> int:
@@ -190,7 +190,7 @@ class ModelSpec(BaseModel):
     @property
     def position_rows(self) -> int:
         """Rows of the layers' `indices` input: 3 for mRoPE, else 1."""
-        return position_rows(getattr(self, "rope", None))
+        return position_rows(self.rope)
 
 
 class Options(Record):
