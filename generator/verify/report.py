@@ -110,3 +110,37 @@ def print_layer_table(console: Console, rows: list[dict]):
     """Each layer's worst output (the most of its limit used), the row a failure line names."""
     worst = [max((r for r in rows if r["layer"] == i), key=excess) for i in sorted({r["layer"] for r in rows})]
     print_rows(console, worst, "layer check vs transformers: each layer's worst output")
+
+
+def vision_plot(res: dict[str, Any], path: Path, title: str):
+    """The vision check (report/vision_check.png): top, 1 - cosine per image token; bottom, each token's
+    max |ours - ref| over the reference's max |ref| (the check's max relative error is their maximum);
+    log scale, the limit as a dashed line and the tokens beyond it marked, as `plot` draws layers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    lim, floor = res["limit"], 1e-12
+    panels = [("1 - cosine vs reference", [1.0 - c for c in res["token_cosines"]], 1.0 - lim["min_cosine"]),
+              ("max relative error", res["token_rel_errs"], lim["max_rel_err"])]
+    fig, axes = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
+    for ax, (ylabel, values, bound) in zip(axes, panels):
+        tokens = range(len(values))
+        ax.plot(tokens, [max(v, floor) for v in values], marker=".", label="image token")
+        ax.axhline(bound, color="red", linestyle="--", label="limit")
+        bad = [(t, v) for t, v in zip(tokens, values) if not v <= bound]  # NaN fails
+        if bad:
+            ax.scatter([t for t, _ in bad], [max(v, floor) for _, v in bad], marker="x", s=60, color="red", zorder=5,
+                       label="fails")
+        ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    axes[-1].set_xlabel("image token")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

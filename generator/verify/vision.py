@@ -26,6 +26,7 @@ from ..runtime.engine import Engine
 from ..runtime.mrope import prefill_with_images
 from ..runtime.vision import VisionEncoder, image_rows
 from .relayout import _build, _eval, _is_expr, fill_model
+from .report import vision_plot
 
 CHECK_IMAGE_PROMPT = "Describe the image."
 GENERATE_TOKENS = 16
@@ -189,7 +190,9 @@ def vision_checks(bundle: Bundle, ckpt, recipe, level: int, limits: dict, report
     whole = compare(ours, feats)
     res: dict[str, Any] = {"image_size": v.image_size, "tokens": v.tokens, "min_token_cosine": min(per_token),
                            "cosine": whole["cosine"], "max_rel_err": whole["max_rel_err"], "limit": lim,
-                           "token_cosines": per_token}
+                           "token_cosines": per_token,
+                           "token_rel_errs": [float(np.abs(ours[t] - feats[t]).max() / np.abs(feats).max())
+                                              for t in range(len(ours))]}
     failures = []
     res["passed"] = min(per_token) >= lim["min_cosine"] and whole["max_rel_err"] <= lim["max_rel_err"]
     console.print(f"vision part ({v.image_size}px, {v.tokens} tokens): worst token cosine {min(per_token):.6f}, "
@@ -227,4 +230,6 @@ def vision_checks(bundle: Bundle, ckpt, recipe, level: int, limits: dict, report
         if not gen["passed"]:
             failures.append(f"image generate check: {prefix} matching tokens (need {need}), agreement {agree:.2f}")
     write_text(dest(report_dir, "vision_check.json"), json.dumps(res, indent=1, ensure_ascii=False))
+    vision_plot(res, dest(report_dir, "vision_check.png"), f"{bundle.model}: vision check, {v.image_size} px, {v.weight_type} "
+                f"weights, {bundle.opts.hidden_state_type} hidden states, vs {recipe.vision.reference.architecture}")
     return res, failures
