@@ -107,6 +107,18 @@ def reference_fits(spec) -> tuple[bool, str]:
                    f"machine with `python -m generator verify <bundle> -c 2`.")
 
 
+def release_memory():
+    """Give freed memory back to the system (a released reference's weights) before the next phase."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the allocator keeps it, nothing is wrong
+        pass
+
+
 def compare(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     a, b = ours.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
     denom = np.linalg.norm(a) * np.linalg.norm(b)
@@ -190,21 +202,29 @@ def logits_check(bundle: Bundle, cap: dict[str, np.ndarray]) -> dict[str, Any]:
     return {**compare(ours, ref), "argmax_match": bool(int(np.argmax(ours)) == int(np.argmax(ref))), **info}
 
 
-def generate_check(bundle: Bundle, model, session, prompt: str, max_new_tokens: int = GENERATE_TOKENS) -> dict[str, Any]:
-    """Greedy answer to `prompt` through the runner vs transformers (session: a fresh ChatSession)."""
+def generate_reference(bundle: Bundle, model, session, prompt: str, max_new_tokens: int = GENERATE_TOKENS) -> dict[str, Any]:
+    """What the generate check compares with, from the reference alone (session: a fresh ChatSession):
+    the system prompt's and the prompt's ids, the EOS ids and transformers' greedy answer."""
     from .reference import greedy
 
-    tok = session.tokenizer
     eos = list(session.tokenizer.eos_ids) or bundle.spec.eos_token_ids
+    system_ids = list(session.reset(bundle.system_prompt))
+    ids = list(session.encode(prompt)[0])
+    return {"system_ids": system_ids, "ids": ids, "eos": eos, "reference": greedy(model, ids, max_new_tokens, eos)}
+
+
+def generate_check(bundle: Bundle, session, prompt: str, ref: dict[str, Any],
+                   max_new_tokens: int = GENERATE_TOKENS) -> dict[str, Any]:
+    """Greedy answer to `prompt` through the runner vs transformers' (`ref`: generate_reference's, made
+    before the runner's sessions open, with the same session)."""
+    tok = session.tokenizer
+    eos, ids, system_ids, ref = ref["eos"], ref["ids"], ref["system_ids"], ref["reference"]
     engine = Engine(bundle, threads=2)
     gen = Generator(engine, eos, Sampler(Sampling()))  # greedy, whatever post_config says
-    system_ids = list(session.reset(bundle.system_prompt))
     if system_ids:
         engine.prefill(system_ids)  # prefilled once and reused, as on the board
-    ids = list(session.encode(prompt)[0])
     ours = gen.generate(ids, max_new_tokens)
     ttft = gen.stats.ttft_ms
-    ref = greedy(model, ids, max_new_tokens, eos)
     prefix = common_prefix(ours, ref)
     logits: list = []
     gen.generate(ids, forced=ref, logits_out=logits)
@@ -273,11 +293,25 @@ def run_checks(bundle_dir: Path, ckpt, recipe, level: int, prompt: str | None, p
     tok = tok_mod.ChatTokenizer(bundle.tokenizer_dir)
     prompt = prompt or recipe.chat.check_prompt
     summary: dict[str, Any] = {"level": level, "thresholds": limits, "passed": True, "failures": []}
+    # The references run first, one at a time, and are released before the bundle's sessions open: only
+    # what the checks compare is kept (peak memory: the larger of one fp32 reference and the runner).
     model = load_reference(ckpt, recipe, config)
+    cap = gen_ref = None
     if level >= 1:
         length = max(opts.last_kv_cache_len or [0]) + opts.prefill_len
-        ids = check_sequence(bundle, tok, prompt, length)
-        cap = capture(model, ids)
+        cap = capture(model, check_sequence(bundle, tok, prompt, length))
+    if level >= 2:
+        session = tok_mod.ChatSession(tok)
+        gen_ref = generate_reference(bundle, model, session, prompt)
+    del model
+    release_memory()
+    vision_ref = None
+    if bundle.manifest.vision is not None and level >= 1:
+        from .vision import vision_reference_outputs
+
+        vision_ref = vision_reference_outputs(bundle, ckpt, recipe, level)
+        release_memory()
+    if level >= 1:
         rows = layer_check(bundle, cap, progress)
         bad = sorted(failing_rows(rows), key=excess, reverse=True)
         worst = max(rows, key=excess)
@@ -302,7 +336,7 @@ def run_checks(bundle_dir: Path, ckpt, recipe, level: int, prompt: str | None, p
             summary["failures"].append(f"post graph: cosine {post['cosine']:.6f}, rel err {post['max_rel_err']:.2e} "
                                        f"(limits {limit_text(post['limit'], post['weight_types'])})")
     if level >= 2:
-        res = generate_check(bundle, model, tok_mod.ChatSession(tok), prompt)
+        res = generate_check(bundle, session, prompt, gen_ref)
         lg = limits["generate"]
         need = min(int(lg["min_prefix"]), len(res["reference"]))
         res["passed"] = res["matching_prefix"] >= need and res["teacher_forced_agreement"] >= lg["min_agreement"]
@@ -319,7 +353,7 @@ def run_checks(bundle_dir: Path, ckpt, recipe, level: int, prompt: str | None, p
     if bundle.manifest.vision is not None and level >= 1:  # the vision part (verify/vision.py)
         from .vision import vision_checks
 
-        summary["vision"], failed = vision_checks(bundle, ckpt, recipe, level, limits, report_dir, console)
+        summary["vision"], failed = vision_checks(bundle, recipe, level, limits, report_dir, console, vision_ref)
         summary["failures"] += failed
     summary["passed"] = not summary["failures"]
     write_text(dest(report_dir, "summary.json"), json.dumps(summary, indent=1, ensure_ascii=False))

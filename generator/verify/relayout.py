@@ -113,7 +113,7 @@ def fill_model(model, get: Callable[[str], Any], mapping: Callable[[str], str | 
     tied_keys = getattr(model, "_tied_weights_keys", None) or {}
     if getattr(model.config, "tie_word_embeddings", False):
         tied = set(tied_keys)  # a dict (names -> their source) or a list of names
-    missing, loaded = [], {}
+    missing = []
     for key, param in state.items():
         src = mapping(key)
         if src is None or not has(parse_source(src)[0]):
@@ -124,15 +124,12 @@ def fill_model(model, get: Callable[[str], Any], mapping: Callable[[str], str | 
         t = source_tensor(get, src, env, f"{where}, tensor {key}")
         if tuple(t.shape) != tuple(param.shape):
             raise GeneratorError(f"{where}: {src} gives shape {tuple(t.shape)} for {key}, which needs {tuple(param.shape)}.")
-        loaded[key] = t.to(param.dtype)
+        with torch.no_grad():  # into the model's own storage as read: never a second copy of the weights
+            param.copy_(t)
+        del t
     if missing:
         raise GeneratorError(f"{where}: no checkpoint tensor for {len(missing)} reference tensor(s): "
                              f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}.")
-    with torch.no_grad():
-        result = model.load_state_dict(loaded, strict=False)
-    bad = [k for k in result.missing_keys if k not in tied]
-    if bad or result.unexpected_keys:
-        raise GeneratorError(f"{where}: reference weights incomplete (missing {bad}, unexpected {result.unexpected_keys}).")
     if tied and hasattr(model, "tie_weights"):
         model.tie_weights()
     return model.eval()

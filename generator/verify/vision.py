@@ -21,10 +21,10 @@ import numpy as np
 from ..contract import Bundle, from_storage
 from ..errors import GeneratorError
 from ..export.bundle import dest, write_text
-from ..runtime.chat import Chat
+from ..runtime.chat import Chat, load_tokenizer_module
 from ..runtime.engine import Engine
 from ..runtime.mrope import prefill_with_images
-from ..runtime.vision import VisionEncoder, image_rows
+from ..runtime.vision import VisionEncoder, image_rows, preprocess
 from .relayout import _build, _eval, _is_expr, fill_model
 from .report import vision_plot
 
@@ -46,8 +46,9 @@ def _config_value(value, env: dict, llm: dict, where: str):
         return _eval(value["expr"], env, where)
     if value == "*":
         return llm
-    if isinstance(value, dict):
-        return {k: _config_value(v, env, llm, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, dict):  # {"*": "*", key: value}: the language model's section with keys overridden
+        base = dict(llm) if value.get("*") == "*" else {}
+        return {**base, **{k: _config_value(v, env, llm, f"{where}.{k}") for k, v in value.items() if k != "*"}}
     return value
 
 
@@ -69,6 +70,7 @@ def vision_reference(ckpt, recipe, bundle: Bundle):
     env.update(vspec)
     section = ckpt.config.get(recipe.config.section) if recipe.config.section else ckpt.config
     llm = {k: v for k, v in section.items() if k not in ("auto_map", "architectures")}
+    env.update({f"llm_{k}": v for k, v in llm.items() if not isinstance(v, (dict, list))})  # llm_num_key_value_heads
     where = f"Recipe '{recipe.name}' vision.reference"
     kwargs = {k: _config_value(v, env, llm, f"{where}.config.{k}") for k, v in ref.config.items()}
     if ref.checkpoint_config:  # transformers' own layout: the checkpoint's config.json as is
@@ -79,7 +81,7 @@ def vision_reference(ckpt, recipe, bundle: Bundle):
         raise GeneratorError(f"{where}: the config does not make a {cls.config_class.__name__} ({exc}).") from exc
     table = {}
     for key, src in ref.tensors.items():
-        for i in range(int(vspec["num_hidden_layers"]) if "{i}" in key else 1):
+        for i in range(max(int(vspec["num_hidden_layers"]), int(llm.get("num_hidden_layers", 0))) if "{i}" in key else 1):
             table[key.format(i=i)] = src.replace("{i}", str(i))
 
     def mapping(key: str) -> str | None:
@@ -171,20 +173,42 @@ def top_token(logits) -> int:
     return int(np.argmax(logits))
 
 
-def vision_checks(bundle: Bundle, ckpt, recipe, level: int, limits: dict, report_dir, console,
+def vision_reference_outputs(bundle: Bundle, ckpt, recipe, level: int) -> dict[str, Any]:
+    """Everything the vision checks compare with, from the reference alone, which is released on return
+    (before the bundle's sessions open): the check picture's image features and, for -c 2, the image
+    prompt's ids and the reference's greedy tokens."""
+    v = bundle.manifest.vision
+    model = vision_reference(ckpt, recipe, bundle)
+    picture = check_picture()
+    pixels = preprocess(picture, v.image_size, v.resize)  # what VisionEncoder.pixels feeds the graph
+    proc = recipe.vision.reference.image_processor
+    inputs = processor_inputs(pixels, proc) if proc else None
+    out: dict[str, Any] = {"picture": picture,
+                           "feats": reference_features(model, inputs if proc else pixel_values(pixels, bundle))}
+    if level >= 2:
+        mod = load_tokenizer_module(bundle)
+        chat_tokenizer = mod.ChatTokenizer(bundle.tokenizer_dir)
+        session = mod.ChatSession(chat_tokenizer)
+        session.reset(bundle.system_prompt)  # as Chat.reset
+        ids = list(session.encode(CHECK_IMAGE_PROMPT, img_prompt=True)[0])
+        eos = set(list(chat_tokenizer.eos_ids) or bundle.spec.eos_token_ids)  # Chat's generator's EOS ids
+        out["ids"] = ids
+        out["ref_tokens"] = reference_greedy(model, ids, out["feats"], v.img_context_token_id, GENERATE_TOKENS, eos,
+                                             inputs)
+    return out
+
+
+def vision_checks(bundle: Bundle, recipe, level: int, limits: dict, report_dir, console, ref: dict[str, Any],
                   threads: int = 2) -> tuple[dict[str, Any], list[str]]:
-    """Levels 1 (and 2) for the vision part; returns (summary entry, failures)."""
+    """Levels 1 (and 2) for the vision part against `ref` (vision_reference_outputs'); returns (summary
+    entry, failures)."""
     from .checks import compare, graph_weight_types, limits_for
 
     v = bundle.manifest.vision
     lim = limits_for(graph_weight_types(bundle.dir / v.graph), bundle.opts.hidden_state_type)["layer"]
-    model = vision_reference(ckpt, recipe, bundle)
     enc = VisionEncoder(bundle, threads=threads)
-    picture = check_picture()
-    proc = recipe.vision.reference.image_processor
-    inputs = processor_inputs(enc.pixels(picture), proc) if proc else None
-    feats = reference_features(model, inputs if proc else pixel_values(enc.pixels(picture), bundle))
-    emb = enc.encode(picture)
+    feats = ref["feats"]
+    emb = enc.encode(ref["picture"])
     ours = from_storage(emb, bundle.opts.hidden_state_type)
     per_token = [compare(ours[t], feats[t])["cosine"] for t in range(len(ours))]
     whole = compare(ours, feats)
@@ -203,10 +227,8 @@ def vision_checks(bundle: Bundle, ckpt, recipe, level: int, limits: dict, report
     if level >= 2:
         chat = Chat(bundle, Engine(bundle, threads=threads))
         chat.reset()
-        ids = list(chat.tok.encode(CHECK_IMAGE_PROMPT, img_prompt=True)[0])
+        ids, ref_tokens = ref["ids"], ref["ref_tokens"]
         rows = image_rows(ids, [emb], v.img_context_token_id)
-        eos = set(chat.gen.eos)
-        ref_tokens = reference_greedy(model, ids, feats, v.img_context_token_id, GENERATE_TOKENS, eos, inputs)
         chat.engine.image_rows = rows
         try:
             prefill_with_images(chat.engine, ids, v)  # mRoPE bundles: the image's positions
