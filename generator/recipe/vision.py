@@ -31,7 +31,7 @@ VValue = Union[_Expr, StrictBool, StrictInt, StrictFloat, StrictStr, None]
 
 
 class VisionNorm(_Strict):
-    kind: Literal["layer_norm", "rms_norm"] = "layer_norm"
+    kind: Union[Literal["layer_norm", "rms_norm"], _Expr] = "layer_norm"  # {expr}: e.g. InternViT's norm_type
     eps: VValue = 1.0e-6
 
 
@@ -244,6 +244,9 @@ def resolve_vision(v: VisionRecipe, raw: dict[str, Any], llm_hidden: int, image_
     if act not in ACTS or v.projector.act not in ACTS:
         raise GeneratorError(f"{source}: vision: activation '{act}' / '{v.projector.act}' is not one of "
                              f"{', '.join(ACTS)}.")
+    nk = str(get("norm.kind", v.norm.kind))
+    if nk not in ("layer_norm", "rms_norm"):
+        raise GeneratorError(f"{source}: vision.norm.kind '{nk}' is not layer_norm or rms_norm.")
     hidden, heads = int(get("hidden_size", v.hidden_size)), int(get("num_attention_heads", v.num_attention_heads))
     if heads <= 0 or hidden % heads:
         raise GeneratorError(f"{source}: vision hidden_size {hidden} is not a multiple of its {heads} heads.")
@@ -273,7 +276,7 @@ def resolve_vision(v: VisionRecipe, raw: dict[str, Any], llm_hidden: int, image_
     return VisionSpec(
         **extra, image_size=size, native_image_size=native, patch_size=patch, hidden_size=hidden,
         num_hidden_layers=int(get("num_hidden_layers", v.num_hidden_layers)), num_attention_heads=heads,
-        intermediate_size=int(get("intermediate_size", v.intermediate_size)), norm_kind=v.norm.kind,
+        intermediate_size=int(get("intermediate_size", v.intermediate_size)), norm_kind=nk,
         norm_eps=float(get("norm.eps", v.norm.eps)), qkv_bias=bool(get("qkv_bias", v.qkv_bias)),
         qk_norm=bool(get("qk_norm", v.qk_norm)), hidden_act=ACTS[act], layer_scale=bool(get("layer_scale", v.layer_scale)),
         cls_token=v.tensors.cls_token is not None, drop_cls=v.drop_cls, final_norm=v.tensors.post_norm is not None,
