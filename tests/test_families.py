@@ -232,14 +232,16 @@ def make_chatglm(target, tok_dir, vocab):
 
 def make_internvl2(target, tok_dir, vocab):
     """InternVL2 chat checkpoint with an InternLM2 LLM: llm_config, language_model.* tensors, wqkv
-    packed per KV head [q x g, k, v], plus vision tensors the LLM bundle ignores."""
+    packed per KV head [q x g, k, v], plus a whole tiny InternViT (vision_model.*, mlp1.*: the bundle's
+    vision part; InternViT-6B's quirks: RMSNorm, q/k norm, no qkv bias; tests/test_vision_internlm2.py
+    checks it against transformers' InternVL)."""
+    from generator.recipe.vision import resolve_vision, vision_tensor_shapes
+
     r, L, H, heads, kv, d, inter = Rand(2), 2, 64, 4, 2, 16, 128
     g = heads // kv
     t = {"language_model.model.tok_embeddings.weight": r.linear(vocab, H),
          "language_model.model.norm.weight": r.norm(H),
-         "language_model.output.weight": r.linear(vocab, H),
-         "vision_model.embeddings.patch_embedding.weight": r.linear(32, 48),
-         "mlp1.0.weight": r.norm(4 * 32)}
+         "language_model.output.weight": r.linear(vocab, H)}
     for i in range(L):
         p = f"language_model.model.layers.{i}."
         t[p + "attention_norm.weight"] = r.norm(H)
@@ -254,8 +256,17 @@ def make_internvl2(target, tok_dir, vocab):
            "vocab_size": vocab, "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 1000000,
            "rope_scaling": {"type": "dynamic", "factor": 2.0}, "hidden_act": "silu", "bias": False,
            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
+    vision = {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "hidden_size": 32,
+              "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 56,
+              "patch_size": 14, "qkv_bias": False, "qk_normalization": True, "norm_type": "rms_norm",
+              "layer_norm_eps": 1e-6, "hidden_act": "gelu", "num_channels": 3}
     config = {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "template": "internlm2-chat",
-              "llm_config": llm, "vision_config": {"architectures": ["InternVisionModel"], "hidden_size": 32}}
+              "downsample_ratio": 0.5, "force_image_size": 56, "select_layer": -1, "ps_version": "v2",
+              "llm_config": llm, "vision_config": vision}
+    v = registry().recipes["internvl2"].vision
+    for name, (shape, kind) in vision_tensor_shapes(v, resolve_vision(v, config, H, None, "test")).items():
+        t[name] = (r.norm(shape[0]) if kind == "norm" else r.bias(shape[0]) if kind == "bias" else
+                   (r.rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32))
     return _write_checkpoint(target, config, t, tok_dir)
 
 
