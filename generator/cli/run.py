@@ -57,6 +57,8 @@ def add_run_args(p: argparse.ArgumentParser):
                        "part, checked against the bundle; the vendor's spelling (default: the bundle's)")
     board.add_argument("--img_width", type=int, help="vision input width, checked (default: the bundle's)")
     board.add_argument("--img_height", type=int, help="vision input height, checked (default: the bundle's)")
+    board.add_argument("--vision_start_token_id", type=int, help="the image's start token id (mRoPE families, "
+                       "Qwen2.5-VL), checked against the bundle")
     board.add_argument("--filename_vpm_encoder_axmodedl", help="<dir>/vision_part_<size>.axmodel, a two-stage "
                        "vision part's encoder (MiniCPM-V), checked (default: the bundle's)")
     board.add_argument("--filename_vpm_resampler_axmodedl", help="<dir>/vpm_resampler_<size>.axmodel, its "
@@ -104,15 +106,21 @@ def check_board_flags(args, bundle: Bundle):
             raise GeneratorError(f"--{flag} {value!r} is not this bundle's file: expected {bundle.dir / name}.")
     vision = bundle.manifest.vision
     check_vpm_flags(args, bundle, here)
-    if (args.filename_image_encoder_axmodedl or args.img_width or args.img_height) and vision is None:
-        raise GeneratorError(f"bundle {bundle.dir} is text-only: --filename_image_encoder_axmodedl, --img_width "
-                             f"and --img_height need a vision-language bundle.")
+    if (args.filename_image_encoder_axmodedl or args.img_width or args.img_height
+            or args.vision_start_token_id is not None) and vision is None:
+        raise GeneratorError(f"bundle {bundle.dir} is text-only: --filename_image_encoder_axmodedl, --img_width, "
+                             f"--img_height and --vision_start_token_id need a vision-language bundle.")
     if vision is not None:
         enc = args.filename_image_encoder_axmodedl
         want = vision.graph.removesuffix(".onnx") + ".axmodel"
         if enc and (Path(enc).name != want or Path(enc).parent.resolve() != here):
             raise GeneratorError(f"--filename_image_encoder_axmodedl {enc!r} is not this bundle's vision part: "
                                  f"expected {bundle.dir / want}.")
+        start = args.vision_start_token_id
+        if start is not None and (vision.image_grid is None or start != vision.img_start_token_id):
+            raise GeneratorError(f"--vision_start_token_id {start}: this bundle's vision part "
+                                 + (f"starts images with token {vision.img_start_token_id}." if vision.image_grid
+                                    else "takes no start token id (only mRoPE families such as Qwen2.5-VL do)."))
         for flag in ("img_width", "img_height"):
             got = getattr(args, flag)
             if got is not None and got != vision.image_size:

@@ -162,7 +162,8 @@ def write_tokenizer(ctx: Resolved, tmp: Path, vision: dict[str, Any] | None = No
     return {"dir": tok_dir.name, "server": script, **({"chat_template": chat_fallback} if chat_fallback else {})}
 
 
-def write_scripts(ctx: Resolved, tmp: Path, files: dict, tok: dict, vision: dict | None = None) -> list[str]:
+def write_scripts(ctx: Resolved, tmp: Path, files: dict, tok: dict, vision: dict | None = None,
+                  entry: dict | None = None) -> list[str]:
     """run_<model>_<target>.sh for each of the chip's run targets (contract section 5), then the build script.
 
     Every value from the recipe, the checkpoint or the user reaches the shell through the `q` filter
@@ -180,7 +181,9 @@ def write_scripts(ctx: Resolved, tmp: Path, files: dict, tok: dict, vision: dict
                   vision_axmodel=vision["graph"].removesuffix(".onnx") + ".axmodel" if vision else None,
                   image_size=vision["image_size"] if vision else None,
                   resampler_axmodel=vision["resampler_graph"].removesuffix(".onnx") + ".axmodel"
-                  if vision and vision.get("resampler_graph") else None)
+                  if vision and vision.get("resampler_graph") else None,
+                  # mRoPE families (Qwen2.5-VL): the board computes image positions from the start token
+                  vision_start_token_id=entry.get("img_start_token_id") if entry and entry.get("image_grid") else None)
     written = []
     for target in ctx.chip.run_scripts:
         title, binary, devices = RUN_TARGETS[target]
@@ -310,7 +313,7 @@ def write_bundle(ctx: Resolved, tmp: Path, progress: Progress, extra: dict[str, 
     tok = write_tokenizer(ctx, tmp, vision)
     if vision is not None:
         extra = {**extra, "vision": vision_entry(vision, tmp / tok["dir"])}
-    scripts = write_scripts(ctx, tmp, files, tok, vision)
+    scripts = write_scripts(ctx, tmp, files, tok, vision, extra.get("vision"))
     build_seconds = time.time() - started
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,

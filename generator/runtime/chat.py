@@ -88,8 +88,13 @@ class Chat:
         ids = list(ids)
         try:
             if images:
-                rows = image_rows(ids, [self.vision().encode(im) for im in images],
-                                  self.b.manifest.vision.img_context_token_id)
+                ctx = self.b.manifest.vision.img_context_token_id
+                runs = int(np.count_nonzero(np.diff((np.asarray([-1, *ids]) == ctx).astype(np.int8)) == 1))
+                if runs != len(images) and self.b.manifest.vision.image_grid:  # mRoPE counts every run an image
+                    raise GeneratorError(f"the conversation holds {runs} run(s) of the image token "
+                                         f"'{self.image_token_text()}' for {len(images)} image(s): its text may not "
+                                         f"appear in a message (send the picture as an image part).")
+                rows = image_rows(ids, [self.vision().encode(im) for im in images], ctx)
                 self.engine.rewind(min(common_prefix(self.engine.cached_ids, ids), min(rows)))
                 self.engine.image_rows = rows
                 prefill_with_images(self.engine, ids, self.b.manifest.vision)  # mRoPE: the images' positions
@@ -125,6 +130,7 @@ class Chat:
         if len(images) > 1:
             raise GeneratorError(f"{len(images)} images in one turn: the bundle's runtime takes one image per "
                                  f"turn (send the others in later turns).")
+        self.refuse_image_token_text(text)
         embeds = [self.vision().encode(im) for im in images]
         ids = list(self.tok.encode(text, last_reply=self.last_reply, img_prompt=bool(images))[0])
         if images:
@@ -143,6 +149,22 @@ class Chat:
         finally:
             self.engine.image_rows = {}
         self.last_reply = self.tok.decode(stream.ids)
+
+    def image_token_text(self) -> str:
+        """The image-context token's text (the bundle's ax_tokenizer.json), e.g. <|image_pad|>."""
+        import json
+
+        path = self.b.dir / self.b.manifest.tokenizer.dir / "ax_tokenizer.json"
+        return str(json.loads(path.read_text(encoding="utf-8")).get("img_context_token") or "")
+
+    def refuse_image_token_text(self, text: str) -> None:
+        """As transformers' processors do ("Found N <image token> tokens in the text ..."): a message may
+        not hold the image-context token's text, which would read as an image's placeholder."""
+        token = self.image_token_text() if self.b.manifest.vision is not None else ""
+        if token and token in text:
+            raise GeneratorError(f"The message contains the image token {token!r} as text ({text.count(token)} "
+                                 f"time(s)); like the reference processor, the runner refuses it, since it would "
+                                 f"stand for an image's place. Remove it, and send pictures as images.")
 
     def vision(self):
         """The bundle's vision encoder (opened on first use); a clear error for a text-only bundle."""
