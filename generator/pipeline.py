@@ -146,7 +146,7 @@ def verification(r: Resolved, check_level: int, console: Console) -> tuple[int, 
     if check_level > 0:
         from .verify.checks import reference_fits
 
-        fits, why = reference_fits(r.spec)
+        fits, why = reference_fits(r.spec, vision=r.recipe.vision is not None)
         if not fits:  # build anyway, and say loudly that nothing was verified
             console.print(f"[bold yellow]verification skipped:[/] {why}", highlight=False)
             return 0, {"checks_skipped": why}

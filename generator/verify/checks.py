@@ -87,22 +87,33 @@ def parameter_count(spec) -> int:
     return spec.num_hidden_layers * spec.layer_params + head
 
 
-# Bytes of memory per model parameter a level-1/2 check needs: the fp32 transformers reference (4)
-# plus the runner's sessions and their working memory (measured ~5-8 on 0.5B-1.5B models).
-CHECK_BYTES_PER_PARAMETER = 10
+# Bytes of memory per model parameter in each phase of a level-1/2 check, which run one after the other
+# (run_checks): the fp32 transformers reference (4) plus its working memory, released before the runner's
+# sessions and their working memory open. A vision-language model's whole-model reference also holds
+# the vision tower (VISION_SHARE of the language model's parameters at most, for the families here).
+REFERENCE_BYTES_PER_PARAMETER = 5
+RUNNER_BYTES_PER_PARAMETER = 5
+VISION_SHARE = 0.25
 
 
-def reference_fits(spec) -> tuple[bool, str]:
+def check_memory(spec, vision: bool = False) -> int:
+    """Bytes the checks need at their peak: the larger of the reference phase and the runner phase."""
+    params = parameter_count(spec)
+    reference = params * (1 + VISION_SHARE if vision else 1) * REFERENCE_BYTES_PER_PARAMETER
+    return int(max(reference, params * RUNNER_BYTES_PER_PARAMETER)) + (1 << 30)
+
+
+def reference_fits(spec, vision: bool = False) -> tuple[bool, str]:
     """Whether this machine has the memory to verify against an fp32 transformers reference."""
     import psutil
 
     params = parameter_count(spec)
-    need = params * CHECK_BYTES_PER_PARAMETER + (1 << 30)
+    need = check_memory(spec, vision)
     avail = psutil.virtual_memory().available
     if need <= avail:
         return True, ""
     return False, (f"checking {spec.model_name} against transformers needs about {need / 2**30:.0f} GiB of memory "
-                   f"({params / 1e9:.2f}B parameters: the fp32 reference plus the runner), and this machine has "
+                   f"({params / 1e9:.2f}B parameters: the fp32 reference, then the runner), and this machine has "
                    f"{avail / 2**30:.0f} GiB available. The bundle is built but NOT verified; verify it on a larger "
                    f"machine with `python -m generator verify <bundle> -c 2`.")
 
@@ -295,6 +306,7 @@ def run_checks(bundle_dir: Path, ckpt, recipe, level: int, prompt: str | None, p
     summary: dict[str, Any] = {"level": level, "thresholds": limits, "passed": True, "failures": []}
     # The references run first, one at a time, and are released before the bundle's sessions open: only
     # what the checks compare is kept (peak memory: the larger of one fp32 reference and the runner).
+    release_memory()  # what the build freed, before the reference's weights
     model = load_reference(ckpt, recipe, config)
     cap = gen_ref = None
     if level >= 1:
