@@ -242,6 +242,7 @@ def make_internvl2(target, tok_dir, vocab):
     t = {"language_model.model.tok_embeddings.weight": r.linear(vocab, H),
          "language_model.model.norm.weight": r.norm(H),
          "language_model.output.weight": r.linear(vocab, H)}
+    r.linear(32, 48), r.norm(4 * 32)  # draws the stream had here before the vision part: the LLM's weights unchanged
     for i in range(L):
         p = f"language_model.model.layers.{i}."
         t[p + "attention_norm.weight"] = r.norm(H)
