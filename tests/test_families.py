@@ -706,6 +706,8 @@ def _shrunk(recipe, config: dict) -> dict:
     if isinstance(vision, dict) and "out_hidden_size" in vision:  # Qwen2.5-VL's tower, merged into the small LLM
         vision.update(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, fullatt_block_indexes=[1],
                       out_hidden_size=SHRINK["hidden_size"])
+    elif isinstance(vision, dict) and "num_hidden_layers" in vision:  # InternViT / SigLIP (HF key names)
+        vision.update(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2)
     return cfg
 
 
