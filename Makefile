@@ -4,7 +4,7 @@
 #   make test                 run the test suite
 #   make bench                runner speed vs transformers on this machine
 # Flags (Pulsar2 llm_build names): CHIP WEIGHT_TYPE HIDDEN_STATE_TYPE PREFILL_LEN KV_CACHE_LEN
-#   LAST_KV_CACHE_LEN="128 256" POST_TOPK POST_WEIGHT_TYPE CHECK_LEVEL PROMPT INPUT OUTPUT SYNTHETIC=1 IMAGE_SIZE
+#   LAST_KV_CACHE_LEN="128 256" POST_TOPK POST_WEIGHT_TYPE VISION_WEIGHT_TYPE CHECK_LEVEL PROMPT INPUT OUTPUT SYNTHETIC=1 IMAGE_SIZE
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -25,6 +25,7 @@ BUILD_FLAGS = --chip $(call q,$(CHIP)) -c $(call q,$(CHECK_LEVEL)) \
 	$(if $(LAST_KV_CACHE_LEN),--last_kv_cache_len $(foreach h,$(LAST_KV_CACHE_LEN),$(call q,$(h)))) \
 	$(if $(POST_TOPK),--post_topk $(call q,$(POST_TOPK))) \
 	$(if $(POST_WEIGHT_TYPE),--post_weight_type $(call q,$(POST_WEIGHT_TYPE))) \
+	$(if $(VISION_WEIGHT_TYPE),--vision_weight_type $(call q,$(VISION_WEIGHT_TYPE))) \
 	$(if $(GROUP_SIZE),--group_size $(call q,$(GROUP_SIZE))) \
 	$(if $(IMAGE_SIZE),--image_size $(call q,$(IMAGE_SIZE))) \
 	$(if $(PROMPT),--prompt $(call q,$(PROMPT))) \

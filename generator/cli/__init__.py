@@ -38,6 +38,9 @@ def add_build_args(p: argparse.ArgumentParser):
                         f"{recipe(' '.join(map(str, d.last_kv_cache_len)))}")
     p.add_argument("--post_topk", type=int, help=f"top-k inside the post graph, 0: full logits {recipe(d.post_topk)}")
     p.add_argument("--post_weight_type", choices=WEIGHT_TYPES, help=f"lm_head weight type {recipe(d.post_weight_type)}")
+    p.add_argument("--vision_weight_type", choices=WEIGHT_TYPES, help="vision part weight type, vision-language "
+                   "models only (default: from the recipe/variant; else the layer weight type where the chip takes it "
+                   "for the vision part, else s8)")
     p.add_argument("--group_size", type=int, help=f"quantization group size along the input dim {recipe(d.group_size)}")
     p.add_argument("--image_size", type=int, help="vision part input size in pixels, vision-language models only, "
                    "Pulsar2's vlm input_size (default: the recipe's vision.default_image_size, 224)")
@@ -58,7 +61,8 @@ def cmd_build(args) -> int:
 
     console = Console(stderr=True)
     flags = {k: getattr(args, k) for k in ("weight_type", "hidden_state_type", "prefill_len", "kv_cache_len",
-                                            "last_kv_cache_len", "post_topk", "post_weight_type", "group_size")}
+                                            "last_kv_cache_len", "post_topk", "post_weight_type", "group_size",
+                                            "vision_weight_type")}
     m = build(model=args.model, input_path=args.input_path, output_path=args.output_path, chip=args.chip,
               synthetic=args.synthetic, recipe_name=args.recipe, check_level=args.check_level, prompt=args.prompt,
               console=console, progress=not args.no_progress, image_size=args.image_size, **flags)

@@ -278,7 +278,7 @@ def write_vision(ctx, tmp, progress, image_size: int | None) -> dict | None:
         wf = WeightsFile(inside(tmp, tmp / f"{stem}.data", "bundle file"))
         rstem = resampler_stem(vspec.image_size)
         rwf = WeightsFile(inside(tmp, tmp / f"{rstem}.data", "bundle file")) if vspec.two_stage else None
-        inits, refs = store_vision(wf, vspec, w, ctx.opts.weight_type, ctx.opts.group_size, rwf)
+        inits, refs = store_vision(wf, vspec, w, ctx.opts.vision_weight_type, ctx.opts.group_size, rwf)
         wf.close()
         stage = "encoder" if vspec.two_stage else "whole"
         onnx.save_model(vision_graph(vspec, ctx.opts.hidden_state_type, refs, inits, f"{ctx.spec.model_type}_vision",
@@ -294,7 +294,7 @@ def write_vision(ctx, tmp, progress, image_size: int | None) -> dict | None:
 
     texts = image_token_texts(v, ctx.ckpt.config, ctx.ckpt.dir, ctx.recipe.source)
     return {**two, "graph": f"{stem}.onnx", "data": f"{stem}.data", "image_size": vspec.image_size, "tokens": vspec.tokens,
-            "weight_type": ctx.opts.weight_type, **texts,
+            "weight_type": ctx.opts.vision_weight_type, **texts,
             "img_text_separator": v.img_text_separator,
             "resize": vspec.resize, "mean": vspec.mean, "std": vspec.std, "spec": vspec.model_dump()}
 

@@ -265,6 +265,9 @@ class BuildDefaults(Strict):
     post_topk: Annotated[StrictInt, Ranged("post_topk")] = 0
     post_weight_type: PostWeightType = "s8"
     group_size: Annotated[StrictInt, Ranged("group_size")] = 128
+    # The vision part's weight type (vision-language models); none: the layers' when the chip takes it
+    # for the vision part (chips.yaml vision_weight_types), else s8.
+    vision_weight_type: WeightType | None = None
     # Tensors kept in a wider type than weight_type: first matching rule wins (fnmatch on
     # "layers.<i>.<canonical>"), e.g. {"layers.0.down_proj": s8} for an s4 build.
     overrides: dict[str, WeightType] = {}

@@ -22,6 +22,7 @@ class Chip(BaseModel):
     pulsar2_chip: str
     weight_types: list[str]
     post_weight_types: list[str]
+    vision_weight_types: list[str]  # what the vision part of a vision-language model may take
     hidden_state_types: list[str]
     max_kv_cache_len: int
     max_prefill_len: int

@@ -7,7 +7,9 @@ work is done, and say why.
 
 from __future__ import annotations
 
-from ..contract import Options, ShapeGroup, is_quantized
+from pydantic import Field
+
+from ..contract import Options, ShapeGroup, WeightType, is_quantized
 from ..errors import GeneratorError
 from ..recipe import BuildDefaults
 from .chips import Chip
@@ -20,7 +22,10 @@ class BuildOptions(Options):
     """The build's options: the fields the bundle's manifest records (contract.Options), and the shape
     groups they make. Group 0 decodes one token against a cache of kv_cache_len rows; groups >= 1
     prefill prefill_len rows after a history of last_kv_cache_len rows, the first after none (the
-    board passes a dummy 1-row cache, masked)."""
+    board passes a dummy 1-row cache, masked). vision_weight_type: the vision part's, recorded in the
+    manifest's vision entry (not among the manifest's options: text-only manifests stay as they were)."""
+
+    vision_weight_type: WeightType = Field("s8", exclude=True)
 
     def groups(self) -> list[ShapeGroup]:
         def group(index: int, tokens: int, history: int, dummy: bool = False) -> ShapeGroup:
@@ -39,6 +44,8 @@ def make_options(defaults: BuildDefaults, chip: Chip, **flags) -> BuildOptions:
         if value is not None:
             data[key] = value
     data["chip"] = chip.label  # as typed (AX630C stays AX630C): it names the bundle's files
+    if data.get("vision_weight_type") is None:  # the layers' when the chip takes it for the vision part, else s8
+        data["vision_weight_type"] = data["weight_type"] if data["weight_type"] in chip.vision_weight_types else "s8"
     return BuildOptions(**data)
 
 
@@ -57,6 +64,9 @@ def check_flags(opts: BuildOptions, chip: Chip):
     if opts.post_weight_type not in chip.post_weight_types:
         problems.append(f"post weight type '{opts.post_weight_type}' (--post_weight_type) is not supported on {chip.name}; "
                         f"it supports {', '.join(chip.post_weight_types)}")
+    if opts.vision_weight_type not in chip.vision_weight_types:
+        problems.append(f"vision weight type '{opts.vision_weight_type}' (--vision_weight_type / make VISION_WEIGHT_TYPE=) "
+                        f"is not supported on {chip.name}; its vision part takes {', '.join(chip.vision_weight_types)}")
     for wt in set(opts.overrides.values()):
         if wt not in chip.weight_types:
             problems.append(f"override weight type '{wt}' is not supported on {chip.name}")
