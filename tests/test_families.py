@@ -573,7 +573,7 @@ def test_every_family_of_the_issue_has_a_recipe_and_a_test():
             "smollm-360m", "smollm-1.7b", "smollm2-360m", "smollm2-1.7b", "smollm2-135m-instruct",
             "deepseek-r1-distill-llama-8b", "gemma2-2b", "gemma3-270m", "gemma3-1b", "phi2", "phi3-mini",
             "phi3-mini-4k", "phi3-mini-128k", "minicpm-1b", "minicpm-2b", "chatglm3-6b", "internvl2-1b", "internvl2-2b",
-            "internvl2-8b"}
+            "internvl2-4b", "internvl2-8b"}
     assert want <= set(reg.variants)
     assert any(v.startswith("openbuddy-") and reg.variants[v] == "llama" for v in reg.variants)
     assert any(v.startswith("openbuddy-") and reg.variants[v] == "qwen2" for v in reg.variants)
@@ -648,7 +648,8 @@ def test_every_variant_reads_like_transformers():
 
 def test_internvl_checkpoints_pick_the_recipe_of_their_language_model():
     reg = registry()
-    for variant, recipe in (("internvl2-2b", "internvl2"), ("internvl2-1b", "internvl2_qwen2")):
+    for variant, recipe in (("internvl2-2b", "internvl2"), ("internvl2-1b", "internvl2_qwen2"),
+                            ("internvl2-4b", "internvl2_phi3")):
         cfg = reg.recipes[recipe].variants[variant].config
         assert reg.by_architecture(cfg["architectures"], cfg["model_type"], cfg).name == recipe
     qwen = reg.recipes["qwen2"].variants["qwen2.5-0.5b"].config
