@@ -21,21 +21,17 @@ tokens and first logits, and -c 2 through the recipe's own vision.reference (re-
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import save_file
 
 from models import SMALL_GROUPS, quiet_build, randomize, threads
-from test_vision_internvl import bf16_reference, limits, metrics, pixel_values, reference_greedy, test_image
-from tokenizer_fixtures import copy_tokenizer_files, make_qwen_style_dir
+from test_vision_internvl import limits, metrics, pixel_values, test_image
+from vision_models import check_image_prompt_end_to_end, save_internvl_checkpoint, tiny_tokenizer
 
 from generator.contract import Bundle, from_storage
-from generator.runtime.chat import Chat
-from generator.runtime.engine import Engine
-from generator.runtime.vision import VisionEncoder, image_rows
+from generator.runtime.vision import VisionEncoder
 
 SIZE = 56
 HEADS, KV, D = 4, 2, 16
@@ -84,10 +80,7 @@ def remote_layout(model) -> dict[str, np.ndarray]:
 def tiny(tmp_path_factory):
     from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, LlamaConfig
 
-    tok_dir = make_qwen_style_dir(tmp_path_factory.mktemp("vl_tok"), img_token_num=0)
-    vocab = json.loads((tok_dir / "tokenizer.json").read_text())
-    ids = {t["content"]: t["id"] for t in vocab["added_tokens"]}
-    size = max(max(vocab["model"]["vocab"].values()), *ids.values()) + 1
+    tok_dir, ids, size = tiny_tokenizer(tmp_path_factory, "vl_tok")
     vc = InternVLVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                               image_size=SIZE, patch_size=14, attention_bias=False, use_qk_norm=True,
                               norm_type="rms_norm", layer_norm_eps=1e-6)
@@ -101,21 +94,13 @@ def tiny(tmp_path_factory):
     model = InternVLForConditionalGeneration(cfg).eval()
     randomize(model, 11)
     target = tmp_path_factory.mktemp("tiny_internvl2_internlm2")
-    save_file({k: np.ascontiguousarray(v) for k, v in remote_layout(model).items()}, str(target / "model.safetensors"))
     llm = {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "hidden_size": 64,
            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": HEADS, "num_key_value_heads": KV,
            "vocab_size": size, "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
            "rope_scaling": None, "hidden_act": "silu", "bias": False, "tie_word_embeddings": False,
            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]}
-    vision = {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "hidden_size": 32,
-              "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": SIZE,
-              "patch_size": 14, "qkv_bias": False, "qk_normalization": True, "norm_type": "rms_norm",
-              "layer_norm_eps": 1e-6, "hidden_act": "gelu", "num_channels": 3}
-    config = {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "template": "internlm2-chat",
-              "downsample_ratio": 0.5, "force_image_size": SIZE, "select_layer": -1, "ps_version": "v2",
-              "vision_config": vision, "llm_config": llm}
-    (target / "config.json").write_text(json.dumps(config, indent=2))
-    copy_tokenizer_files(tok_dir, target)
+    save_internvl_checkpoint(target, remote_layout(model), tok_dir, llm, "internlm2-chat", SIZE, qkv_bias=False,
+                             qk_normalization=True, norm_type="rms_norm")
     return model, target, tmp_path_factory
 
 
@@ -152,26 +137,7 @@ def test_vision_graph_rms_qk_norm_matches_reference(tiny, bundle):
 
 
 def test_image_prompt_end_to_end(tiny, bundle):
-    model = bf16_reference(tiny[0])
-    chat = Chat(bundle, Engine(bundle, threads=threads()), system_prompt="You are a bot.")
-    chat.reset()
-    image = test_image(seed=2)
-    "".join(chat.turn("What is in the picture?", max_new_tokens=6, images=[image]))
-    e, n = chat.engine, chat.stats.prompt_tokens
-    prompt, ours = e.cached_ids[:n], e.cached_ids[n:]
-    ctx = bundle.manifest.vision.img_context_token_id
-    assert prompt.count(ctx) == 4
-    ref_tokens, ref_logits = reference_greedy(model, prompt, pixel_values(chat.vision().pixels(image), bundle), 6)
-    k = min(len(ours), limits(bundle, "generate")["min_prefix"])
-    assert ours[:k] == ref_tokens[:k]
-    e.rewind(0)
-    e.image_rows = image_rows(prompt, [chat.vision().encode(image)], ctx)
-    logits: list = []
-    list(chat.gen.stream(prompt, 1, logits_out=logits))
-    e.image_rows = {}
-    cos, rel = metrics(np.asarray(logits[0], np.float32), ref_logits)
-    lim = limits(bundle, "end_to_end")
-    assert cos >= lim["min_cosine"] and rel <= lim["max_rel_err"], (cos, rel)
+    check_image_prompt_end_to_end(tiny, bundle, limits)
 
 
 def test_check_level_2_through_the_recipes_reference(tiny):

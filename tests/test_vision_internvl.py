@@ -31,16 +31,15 @@ import re
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import save_file
 
 import vision_rows
 from models import SMALL_GROUPS, quiet_build, randomize, threads
-from tokenizer_fixtures import copy_tokenizer_files, make_qwen_style_dir
+from vision_models import check_recorded_end_to_end, first_step_logits, save_internvl_checkpoint, tiny_tokenizer
 
 from generator.contract import Bundle, from_storage
 from generator.runtime.chat import Chat
 from generator.runtime.engine import Engine
-from generator.runtime.vision import VisionEncoder, image_rows, load_image
+from generator.runtime.vision import VisionEncoder, load_image
 from generator.errors import GeneratorError
 from generator.verify.checks import thresholds
 
@@ -95,10 +94,7 @@ def remote_layout(model) -> dict[str, np.ndarray]:
 def tiny(tmp_path_factory):
     from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
 
-    tok_dir = make_qwen_style_dir(tmp_path_factory.mktemp("vl_tok"), img_token_num=0)
-    vocab = json.loads((tok_dir / "tokenizer.json").read_text())
-    ids = {t["content"]: t["id"] for t in vocab["added_tokens"]}
-    size = max(max(vocab["model"]["vocab"].values()), *ids.values()) + 1
+    tok_dir, ids, size = tiny_tokenizer(tmp_path_factory, "vl_tok")
     vc = InternVLVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                               image_size=SIZE, patch_size=14, attention_bias=True, layer_norm_eps=1e-6)
     tc = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -111,18 +107,10 @@ def tiny(tmp_path_factory):
     model = InternVLForConditionalGeneration(cfg).eval()
     randomize(model, 7)
     target = tmp_path_factory.mktemp("tiny_internvl2")
-    save_file({k: np.ascontiguousarray(v) for k, v in remote_layout(model).items()}, str(target / "model.safetensors"))
     llm = tc.to_dict()
     llm["architectures"] = ["Qwen2ForCausalLM"]
-    vision = {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "hidden_size": 32,
-              "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": SIZE,
-              "patch_size": 14, "qkv_bias": True, "qk_normalization": False, "norm_type": "layer_norm",
-              "layer_norm_eps": 1e-6, "hidden_act": "gelu", "num_channels": 3}
-    config = {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "template": "Hermes-2",
-              "downsample_ratio": 0.5, "force_image_size": SIZE, "select_layer": -1, "ps_version": "v2",
-              "vision_config": vision, "llm_config": llm}
-    (target / "config.json").write_text(json.dumps(config, indent=2))
-    copy_tokenizer_files(tok_dir, target)
+    save_internvl_checkpoint(target, remote_layout(model), tok_dir, llm, "Hermes-2", SIZE, qkv_bias=True,
+                             qk_normalization=False, norm_type="layer_norm")
     return model, target, tmp_path_factory
 
 
@@ -236,19 +224,9 @@ def test_image_prompt_end_to_end(tiny, bundle):
     lim = limits(bundle, "generate")
     k = min(len(ours), lim["min_prefix"])
     # the first step's logits (teacher-forced: the same prompt) against the reference's
-    e.rewind(0)
-    e.image_rows = image_rows(prompt, [chat.vision().encode(image)], bundle.manifest.vision.img_context_token_id)
-    logits: list = []
-    list(chat.gen.stream(prompt, 1, logits_out=logits))
-    e.image_rows = {}
-    cos, rel = metrics(np.asarray(logits[0], np.float32), ref_logits)
+    cos, rel = metrics(first_step_logits(chat, prompt, image), ref_logits)
     lim = limits(bundle, "end_to_end")
-    ok = cos >= lim["min_cosine"] and rel <= lim["max_rel_err"]
-    grown = vision_rows.record(FAMILY, bundle.opts.weight_type, "image_end_to_end", cos, rel, lim,
-                               ok and ours[:k] == ref_tokens[:k], REFERENCE, QUIRKS)
-    assert ours[:k] == ref_tokens[:k]
-    assert ok, (cos, rel)
-    assert not grown, grown
+    check_recorded_end_to_end(FAMILY, bundle, cos, rel, lim, ours[:k], ref_tokens[:k], REFERENCE, QUIRKS)
 
 
 def test_image_in_a_later_turn(tiny, bundle):
@@ -268,13 +246,9 @@ def test_image_in_a_later_turn(tiny, bundle):
     # teacher-forced: the cache kept up to the image (system prompt + first turn), the image turn again
     ctx = bundle.manifest.vision.img_context_token_id
     first = prompt.index(ctx)
-    e.rewind(first)
-    e.image_rows = image_rows(prompt, [chat.vision().encode(image)], ctx)
-    logits: list = []
-    list(chat.gen.stream(prompt, 1, logits_out=logits))
-    e.image_rows = {}
+    first_logits = first_step_logits(chat, prompt, image, keep=first)
     assert chat.stats.prefilled == n - first
-    cos, rel = metrics(np.asarray(logits[0], np.float32), ref_logits)
+    cos, rel = metrics(first_logits, ref_logits)
     lim = limits(bundle, "end_to_end")
     assert cos >= lim["min_cosine"] and rel <= lim["max_rel_err"], (cos, rel)
 

@@ -37,6 +37,7 @@ from safetensors.numpy import save_file
 import vision_rows
 from models import SMALL_GROUPS, quiet_build, randomize, threads
 from tokenizer_fixtures import _train_tiny_bpe
+from vision_models import check_recorded_end_to_end
 
 from generator.contract import Bundle, from_storage
 from generator.runtime.chat import Chat
@@ -282,12 +283,7 @@ def test_image_prompt_end_to_end(tiny, bundle):
     list(chat.gen.stream(prompt, 1, logits_out=logits))
     e.image_rows = {}
     cos, rel = metrics(np.asarray(logits[0], np.float32), ref_logits)
-    ok = cos >= lim["end_to_end"]["min_cosine"] and rel <= lim["end_to_end"]["max_rel_err"]
-    grown = vision_rows.record(FAMILY, bundle.opts.weight_type, "image_end_to_end", cos, rel, lim["end_to_end"],
-                               ok and ours[:k] == ref_tokens[:k], REFERENCE, QUIRKS)
-    assert ours[:k] == ref_tokens[:k]
-    assert ok, (cos, rel)
-    assert not grown, grown
+    check_recorded_end_to_end(FAMILY, bundle, cos, rel, lim["end_to_end"], ours[:k], ref_tokens[:k], REFERENCE, QUIRKS)
 
 
 def test_run_script_and_cli_two_stage_flags(tiny, tmp_path):

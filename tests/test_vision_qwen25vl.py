@@ -19,6 +19,7 @@ import torch
 
 import vision_rows
 from models import SMALL_GROUPS, quiet_build, randomize, threads
+from vision_models import check_recorded_end_to_end
 
 from generator.contract import Bundle, from_storage
 from generator.runtime.chat import Chat
@@ -196,12 +197,7 @@ def test_image_prompt_end_to_end(tiny, bundle):
     k = min(len(ours), limits(bundle, "generate")["min_prefix"])
     cos, rel = metrics(teacher_forced(chat, prompt, image, 0), ref_logits)
     lim = limits(bundle, "end_to_end")
-    ok = cos >= lim["min_cosine"] and rel <= lim["max_rel_err"]
-    grown = vision_rows.record(FAMILY, bundle.opts.weight_type, "image_end_to_end", cos, rel, lim,
-                               ok and ours[:k] == ref_tokens[:k], REFERENCE, QUIRKS)
-    assert ours[:k] == ref_tokens[:k]
-    assert ok, (cos, rel)
-    assert not grown, grown
+    check_recorded_end_to_end(FAMILY, bundle, cos, rel, lim, ours[:k], ref_tokens[:k], REFERENCE, QUIRKS)
 
 
 def test_image_in_a_later_turn_then_text(tiny, bundle):
