@@ -14,15 +14,15 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt,
-                      StrictStr, ValidationError, field_validator, model_validator)
+from pydantic import (AfterValidator, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError,
+                      field_validator, model_validator)
 
 from ..contract import HiddenType, Sampling, WeightType  # post_config.json: the bundle format owns it; recipes set its defaults
 from ..errors import GeneratorError
 from ..limits import Ranged, limits, shown, validation_text
 from ..names import SAFE_NAME_RULE, is_safe_name
-from .expr import ExprError, names_in
 from .tensors import LAYER_TENSORS, MODEL, whole_paths
+from .values import E, Expr, Strict, Value
 from .vision import VisionRecipe
 
 
@@ -37,34 +37,11 @@ SafeName = Annotated[StrictStr, AfterValidator(_safe)]
 
 PostWeightType = WeightType
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Expr(Strict):
-    """A value computed from config.json keys (see generator/recipe/expr.py for the language)."""
-
-    expr: str
-
-    @model_validator(mode="after")
-    def _parses(self):
-        try:
-            names_in(self.expr)
-        except ExprError as exc:
-            raise ValueError(str(exc)) from None
-        return self
-
-
-Value = Union[Expr, StrictBool, StrictInt, StrictFloat, StrictStr, None]
 # Ranged(rule): a literal must satisfy data/limits.yaml's rule now, an expression's value when the spec
 # is resolved (generator/resolve/spec.py reads the same metadata)
 Flag = Annotated[Value, Ranged("flag")]
 Scale = Annotated[Value, Ranged("scale")]
 Softcap = Annotated[Value, Ranged("softcap", optional=True)]
-
-
-def E(text: str) -> Expr:
-    return Expr(expr=text)
 
 
 class Refusal(Strict):

@@ -17,44 +17,36 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, 
 
 from ..errors import GeneratorError
 from .expr import ExprError, evaluate
+from .values import Expr, Strict, Value
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class _Expr(_Strict):
-    expr: str
+class VisionNorm(Strict):
+    kind: Union[Literal["layer_norm", "rms_norm"], Expr] = "layer_norm"  # {expr}: e.g. InternViT's norm_type
+    eps: Value = 1.0e-6
 
 
-VValue = Union[_Expr, StrictBool, StrictInt, StrictFloat, StrictStr, None]
-
-
-class VisionNorm(_Strict):
-    kind: Union[Literal["layer_norm", "rms_norm"], _Expr] = "layer_norm"  # {expr}: e.g. InternViT's norm_type
-    eps: VValue = 1.0e-6
-
-
-class Projector(_Strict):
+class Projector(Strict):
     """MLP projector: [LayerNorm] -> Linear -> act -> Linear (InternVL's mlp1)."""
 
     norm: StrictBool = True
-    norm_eps: VValue = 1.0e-5
+    norm_eps: Value = 1.0e-5
     act: StrictStr = "gelu"
     norm_kind: Literal["layer_norm", "rms_norm"] = "layer_norm"
     norm_first: StrictBool = False  # the norm over each patch before the merge (Qwen2.5-VL's ln_q), not after
     mid: Literal["llm_hidden", "merged"] = "llm_hidden"  # fc1's width: the LLM's, or the merged patch's
 
 
-class Resampler(_Strict):
+class Resampler(Strict):
     """Perceiver resampler (MiniCPM-V) instead of the projector: generator/export/resampler.py."""
 
-    queries: VValue = 64
-    heads: VValue  # attention heads over the language model's width
-    norm_eps: VValue = 1.0e-6
+    queries: Value = 64
+    heads: Value  # attention heads over the language model's width
+    norm_eps: Value = 1.0e-6
 
 
-class Preprocess(_Strict):
+class Preprocess(Strict):
     """What the reference processor does to one tile: resize to image_size x image_size with
     `resize`, scale to [0, 1], normalise with mean/std (baked into the graph)."""
 
@@ -63,7 +55,7 @@ class Preprocess(_Strict):
     std: list[StrictFloat] = [0.229, 0.224, 0.225]
 
 
-class VisionTensors(_Strict):
+class VisionTensors(Strict):
     """Checkpoint names. Module paths get `.weight` / `.bias`; `cls_token`, `pos_embed`, `ls1`, `ls2`
     are whole parameter names; `{i}` is the ViT layer."""
 
@@ -77,7 +69,7 @@ class VisionTensors(_Strict):
     ignore: list[StrictStr] = []
 
 
-class VisionReference(_Strict):
+class VisionReference(Strict):
     """transformers' class for the whole vision-language model (verification): its config (values or
     {expr} over the resolved vision spec's fields, `llm_hidden_size`, and the checkpoint's top-level keys;
     `text_config: "*"` is the language model's section), and where each reference tensor comes from
@@ -95,24 +87,24 @@ class VisionReference(_Strict):
     image_processor: Union[StrictStr, None] = None
 
 
-class VisionRecipe(_Strict):
+class VisionRecipe(Strict):
     section: Union[StrictStr, None] = "vision_config"  # the vision config inside config.json (top-level keys
     # also visible); null: the top level (MiniCPM-V names its timm tower instead of sizing it)
     defaults: dict[StrictStr, Union[StrictBool, StrictInt, StrictFloat, StrictStr]] = {}  # keys the config may omit
-    image_size: VValue  # native size (the position table's grid)
+    image_size: Value  # native size (the position table's grid)
     default_image_size: StrictInt = 224  # Pulsar2's --image_size default
-    patch_size: VValue
-    hidden_size: VValue
-    num_hidden_layers: VValue
-    num_attention_heads: VValue
-    intermediate_size: VValue
+    patch_size: Value
+    hidden_size: Value
+    num_hidden_layers: Value
+    num_attention_heads: Value
+    intermediate_size: Value
     norm: VisionNorm = VisionNorm()
-    qkv_bias: VValue = True
-    qk_norm: VValue = False
-    hidden_act: VValue = "gelu"
-    layer_scale: VValue = True
+    qkv_bias: Value = True
+    qk_norm: Value = False
+    hidden_act: Value = "gelu"
+    layer_scale: Value = True
     drop_cls: StrictBool = True  # the class token's output row is dropped before pixel shuffle
-    pixel_shuffle: VValue = 0.5  # downsample ratio (1: none)
+    pixel_shuffle: Value = 0.5  # downsample ratio (1: none)
     projector: Projector = Projector()
     resampler: Union[Resampler, None] = None  # instead of the projector (tensors.projector: {})
     two_stage: StrictBool = False  # two graphs, encoder + resampler (the vendor's --vpm_two_stage)
@@ -130,16 +122,16 @@ class VisionRecipe(_Strict):
     # window_size / s / patch_size merged patches; `temporal_patch_size`: the single frame is repeated
     # (the frames' kernels summed); `patch_bias`: the patch embedding has a bias.
     position: Literal["learned", "rope_2d"] = "learned"
-    rope_theta: VValue = 10000.0
+    rope_theta: Value = 10000.0
     mlp: Literal["plain", "gated"] = "plain"
     merge: Literal["pixel_shuffle", "blocks"] = "pixel_shuffle"
-    window_size: VValue = 0
-    fullatt_blocks: Union[_Expr, list[StrictInt], None] = None
-    temporal_patch_size: VValue = 1
+    window_size: Value = 0
+    fullatt_blocks: Union[Expr, list[StrictInt], None] = None
+    temporal_patch_size: Value = 1
     patch_bias: StrictBool = True
     # the image tokens by the config's ids ({start, context, end}: exprs), their texts read from the
     # checkpoint's tokenizer (the recipe's texts when it has none): the config's ids are authoritative
-    token_ids: dict[Literal["start", "context", "end"], VValue] = {}
+    token_ids: dict[Literal["start", "context", "end"], Value] = {}
 
 
 class VisionSpec(BaseModel):
@@ -220,7 +212,7 @@ def resolve_vision(v: VisionRecipe, raw: dict[str, Any], llm_hidden: int, image_
     env.update({k: val for k, val in section.items() if val is not None})
 
     def get(name: str, value):
-        if isinstance(value, _Expr):
+        if isinstance(value, Expr):
             try:
                 return evaluate(value.expr, env)
             except ExprError as exc:
@@ -386,7 +378,7 @@ def image_token_texts(v: VisionRecipe, raw: dict[str, Any], tok_dir, source: str
     env = {k: val for k, val in raw.items() if not isinstance(val, (dict, list))}
     for key, value in v.token_ids.items():
         try:
-            tid = evaluate(value.expr, env) if isinstance(value, _Expr) else value
+            tid = evaluate(value.expr, env) if isinstance(value, Expr) else value
         except ExprError as exc:
             raise GeneratorError(f"{source}: vision.token_ids.{key}: {exc} (names are config.json's top-level "
                                  f"keys).") from None
