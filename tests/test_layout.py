@@ -11,6 +11,7 @@ export, read by every stage; it imports only the utilities itself):
     runtime   nothing else                            (its tokenizer server module is inside it)
     serve     runtime
     verify    anything but cli
+    accuracy  anything but cli                        (the accuracy report: runs bundles and references)
     cli, pipeline, bench, __main__: anything
 
 Every import counts, those inside functions too; only `if TYPE_CHECKING:` blocks (annotations, never
@@ -27,7 +28,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "generator"
 UTILITIES = {"errors", "names", "limits", "progress", "interrupt", "paths"}
-STAGES = {"recipe", "resolve", "inputs", "export", "runtime", "serve", "verify", "cli"}
+STAGES = {"recipe", "resolve", "inputs", "export", "runtime", "serve", "verify", "accuracy", "cli"}
 TOP = {"pipeline", "bench", "__main__"}
 ANY = STAGES | {"contract", "top"}
 ALLOWED = {
@@ -40,6 +41,7 @@ ALLOWED = {
     "runtime": set(),
     "serve": {"runtime"},
     "verify": ANY - {"cli"},
+    "accuracy": ANY - {"cli"},
     "cli": ANY,
     "top": ANY,
 }
