@@ -25,6 +25,21 @@ if TYPE_CHECKING:
     from ..contract import Bundle
 
 
+NUMERICS_HELP = ("board (default): weights on their int grid, fp32 activations, what the board computes; "
+                 "fast: int8 activations (onnxruntime's MatMulNBits accuracy level 4), not what the board "
+                 "computes, faster on this CPU")
+
+
+def add_numerics_arg(p: argparse.ArgumentParser):
+    """`--numerics board|fast` (run, serve, bench)."""
+    p.add_argument("--numerics", choices=["board", "fast"], default="board", help=NUMERICS_HELP)
+
+
+def numerics_note(numerics: str) -> str:
+    """What a speed line adds to name its numerics: nothing for board, the mode for fast."""
+    return " (numerics fast: int8 activations, not the board's)" if numerics == "fast" else ""
+
+
 def add_run_args(p: argparse.ArgumentParser):
     p.add_argument("bundle", nargs="?", help="bundle directory (default: derived from --template_filename_axmodel)")
     p.add_argument("--prompt", help="answer this one prompt and exit (else interactive: 'q' exits, 'reset' resets)")
@@ -34,6 +49,7 @@ def add_run_args(p: argparse.ArgumentParser):
                    help="intra-op threads, one pool shared by all sessions (default 2)")
     p.add_argument("--history", choices=["used", "board"], default="used",
                    help="decode with only the cache rows in use (default, same results) or the full static shapes")
+    add_numerics_arg(p)
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("-i", "--image", help="image file for the first turn, vision-language bundles only; resized "
                    "to the vision part's input size as the board does (default: none)")
@@ -189,7 +205,7 @@ def run(args) -> int:
     check_board_flags(args, bundle)
     tokenizer = make_tokenizer(args)
     engine = Engine(bundle, threads=args.threads, history=args.history, mmap_embed=bool(args.use_mmap_load_embed),
-                    shared_pool=True)  # this process exists to run the bundle
+                    shared_pool=True, numerics=args.numerics)  # this process exists to run the bundle
     chat = Chat(bundle, engine, tokenizer, system_prompt=args.system_prompt, seed=args.seed)
 
     from ..runtime.kvcache import start_over as start_over_with
@@ -233,7 +249,7 @@ def run(args) -> int:
             log(f"ttft: {st.ttft_ms:.2f} ms")
         log(f"input token num : {st.prefilled}, reused from the cache: {st.prompt_tokens - st.prefilled} "
             f"(cached before the turn: {cached_before})")
-        log(f"{'hit eos,' if st.hit_eos else ''}avg {st.decode_tok_s:.2f} token/s")
+        log(f"{'hit eos,' if st.hit_eos else ''}avg {st.decode_tok_s:.2f} token/s{numerics_note(engine.numerics)}")
         log(f"precompute_len:{engine.precompute_len}, remaining:{engine.C - engine.precompute_len}")
 
     def guarded(text: str):

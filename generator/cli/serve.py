@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..serve.service import DEFAULT_PORT
+from .run import add_numerics_arg
 from .types import int_at_least, positive_seconds
 
 
@@ -23,5 +24,6 @@ def add_serve_args(p: argparse.ArgumentParser):
                    help="seconds a request waits for the engine before 503 (default %(default)s)")
     p.add_argument("--threads", type=int_at_least(1), default=2, help="intra-op threads (default 2)")
     p.add_argument("--history", choices=["used", "board"], default="used", help="as for `run`")
+    add_numerics_arg(p)
     p.add_argument("--seed", type=int, default=None, help="sampling seed for requests without one")
     p.add_argument("--log_requests", action="store_true", help="log every request to stderr")

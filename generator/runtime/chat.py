@@ -169,5 +169,5 @@ class Chat:
     def vision(self):
         """The bundle's vision encoder (opened on first use); a clear error for a text-only bundle."""
         if self._vision is None:
-            self._vision = VisionEncoder(self.b, threads=self.engine.threads)
+            self._vision = VisionEncoder(self.b, threads=self.engine.threads, numerics=self.engine.numerics)
         return self._vision

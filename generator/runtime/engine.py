@@ -21,7 +21,7 @@ from onnx import TensorProto
 
 from ..contract import STORAGE, Bundle, ShapeGroup, board_mask, from_bf16_bits, from_storage
 from ..errors import GeneratorError
-from .ort import DEVICE, Binding, fixed_token_outputs, open_session, use_global_pool
+from .ort import DEVICE, Binding, check_numerics, fixed_token_outputs, open_session, use_global_pool
 
 
 class History:
@@ -85,9 +85,11 @@ class Engine:
     """Owns the sessions, the KV cache and the buffers; prefill / decode / post as on the board."""
 
     def __init__(self, bundle: Bundle, *, threads: int = 2, history: str = "used", mmap_embed: bool = True,
-                 shared_pool: bool = False):
+                 shared_pool: bool = False, numerics: str = "board"):
         if history not in HISTORY:
             raise GeneratorError(f"history must be 'used' or 'board', got {history!r}")
+        # board: weights on their int grid, fp32 activations (what the board computes); fast: int8 activations
+        self.numerics = check_numerics(numerics)
         self.b, self.spec, self.opts = bundle, bundle.spec, bundle.opts
         self.history_mode, self.history = history, HISTORY[history]
         self.threads = threads
@@ -124,7 +126,7 @@ class Engine:
                 raise GeneratorError(f"Bundle file {path} is missing; rebuild the bundle.")
             relaxed = self.history.relaxed
             sess = open_session(path, threads=self.threads, quantized=self.quantized, shared_pool=self.shared_pool,
-                                relaxed=relaxed)
+                                relaxed=relaxed, numerics=self.numerics)
             fixed = fixed_token_outputs(sess) if relaxed and group > 0 else []
             if fixed:  # a graph that bakes its token count into its nodes cannot run unpadded chunks
                 raise GeneratorError(f"{path}: outputs {fixed} have a fixed token dimension, so this graph "
@@ -288,7 +290,7 @@ class Engine:
     # -- post ----------------------------------------------------------------------------------
     def _setup_post(self):
         self.post = open_session(self.b.post_file, threads=self.threads, quantized=self.quantized,
-                                 shared_pool=self.shared_pool)
+                                 shared_pool=self.shared_pool, numerics=self.numerics)
         self.post_in = np.zeros((1, 1, self.H), self.dtype)
         k = self.opts.post_topk
         self.post_out = np.zeros((1, 1, k or self.spec.vocab_size), self.dtype)

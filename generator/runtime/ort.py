@@ -15,6 +15,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto
 
+from ..errors import GeneratorError
+
 PROVIDERS = ["CPUExecutionProvider"]
 _GLOBAL_POOL: int | None = None
 
@@ -41,7 +43,20 @@ def global_pool_size() -> int:
     return _GLOBAL_POOL or 0
 
 
-def session_options(threads: int, quantized: bool, shared_pool: bool = False) -> ort.SessionOptions:
+NUMERICS = ("board", "fast")
+
+
+def check_numerics(numerics: str, flag: str = "--numerics") -> str:
+    """`numerics` if it is a known mode, else a GeneratorError naming `flag`."""
+    if numerics not in NUMERICS:
+        raise GeneratorError(f"{flag} must be 'board' (weights on their int grid, fp32 activations: what the "
+                             f"board computes) or 'fast' (int8 activations, faster on this CPU); got {numerics!r}.")
+    return numerics
+
+
+def session_options(threads: int, quantized: bool, shared_pool: bool = False,
+                    numerics: str = "board") -> ort.SessionOptions:
+    check_numerics(numerics)
     so = ort.SessionOptions()
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if shared_pool or _GLOBAL_POOL:  # once a process has the global pool, every session must use it
@@ -52,9 +67,12 @@ def session_options(threads: int, quantized: bool, shared_pool: bool = False) ->
         so.inter_op_num_threads = 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if quantized:
+    if quantized and numerics == "fast":
         # MatMulNBits with int8 activations (onnxruntime's fast CPU path for block-quantized weights)
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "4")
+    elif quantized:
+        # board: DequantizeLinear constant-folded into fp32 weights (code * scale), fp32 MatMul
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
     so.log_severity_level = 3
     return so
 
@@ -76,9 +94,10 @@ def relaxed_graph(path: Path) -> bytes:
 
 
 def open_session(path: Path, *, threads: int, quantized: bool, shared_pool: bool = False,
-                 relaxed: bool = False) -> ort.InferenceSession:
-    """A CPU session on a bundle graph; `relaxed`: with symbolic history/token dimensions (relaxed_graph)."""
-    so = session_options(threads, quantized, shared_pool)
+                 relaxed: bool = False, numerics: str = "board") -> ort.InferenceSession:
+    """A CPU session on a bundle graph; `relaxed`: with symbolic history/token dimensions (relaxed_graph);
+    `numerics`: "board" (fp32 activations) or "fast" (int8 activations), see the module docstring."""
+    so = session_options(threads, quantized, shared_pool, numerics)
     if not relaxed:
         return ort.InferenceSession(str(path), so, providers=PROVIDERS)
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))

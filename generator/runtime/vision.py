@@ -63,7 +63,7 @@ def preprocess(image: np.ndarray, size: int, resize: str = "bicubic") -> np.ndar
 class VisionEncoder:
     """The bundle's vision graph on onnxruntime: image -> [tokens, hidden] rows in the hidden-state type."""
 
-    def __init__(self, bundle: Bundle, threads: int = 2):
+    def __init__(self, bundle: Bundle, threads: int = 2, numerics: str = "board"):
         entry = bundle.manifest.vision
         if entry is None:
             raise GeneratorError(f"bundle '{bundle.dir}' is text-only (no vision part): it cannot take images.")
@@ -74,13 +74,13 @@ class VisionEncoder:
         self.dtype, self.onnx_type = STORAGE[self.hidden]
         self.size, self.tokens, self.width = entry.image_size, entry.tokens, bundle.spec.hidden_size
         quantized = entry.weight_type in ("s8", "s4")
-        self.sess = open_session(path, threads=threads, quantized=quantized)
+        self.sess = open_session(path, threads=threads, quantized=quantized, numerics=numerics)
         self.resampler = None  # two-stage (MiniCPM-V): the encoder's features go through the resampler graph
         if entry.resampler_graph:
             second = bundle.dir / entry.resampler_graph
             if not second.is_file():
                 raise GeneratorError(f"Bundle file {second} is missing; rebuild the bundle.")
-            self.resampler = open_session(second, threads=threads, quantized=quantized)
+            self.resampler = open_session(second, threads=threads, quantized=quantized, numerics=numerics)
             self.features = (1, (entry.image_size // int(entry.spec["patch_size"])) ** 2, int(entry.spec["hidden_size"]))
 
     def pixels(self, image: np.ndarray) -> np.ndarray:

@@ -108,13 +108,13 @@ class ChatService:
     def __init__(self, bundle_path: str | Path, *, system_prompt: str | None = None, kvcache_path: str | None = None,
                  model_name: str | None = None, max_tokens: int | None = None, queue_timeout: float = 600.0,
                  threads: int = 2, history: str = "used", seed: int | None = None, log=None,
-                 shared_pool: bool = False):
+                 shared_pool: bool = False, numerics: str = "board"):
         from ..contract import Bundle
         from ..runtime.chat import Chat
         from ..runtime.engine import Engine
 
         self.bundle = Bundle(bundle_path)
-        self.engine = Engine(self.bundle, threads=threads, history=history, shared_pool=shared_pool)
+        self.engine = Engine(self.bundle, threads=threads, history=history, shared_pool=shared_pool, numerics=numerics)
         self.chat = Chat(self.bundle, self.engine, system_prompt=system_prompt, seed=seed)
         self.model_id = model_name or self.bundle.model
         self.aliases = {self.model_id, self.bundle.model, self.bundle.dir.name}
@@ -303,6 +303,8 @@ class ChatService:
                             "total_tokens": st.prompt_tokens + st.generated,
                             "prompt_tokens_details": {"cached_tokens": st.prompt_tokens - st.prefilled}}
             req["timings"] = {"ttft_ms": round(st.ttft_ms, 2), "decode_tok_s": round(st.decode_tok_s, 2)}
+            if self.engine.numerics != "board":  # speed in int8-activation numerics says so
+                req["timings"]["numerics"] = self.engine.numerics
         finally:
             self.lock.release()
 
@@ -314,14 +316,16 @@ def serve(args) -> int:
         raise GeneratorError(f"--max_tokens must be >= 1, got {args.max_tokens}.")
     service = ChatService(args.bundle, system_prompt=args.system_prompt, kvcache_path=args.kvcache_path,
                           model_name=args.model_name, max_tokens=args.max_tokens, queue_timeout=args.queue_timeout,
-                          threads=args.threads, history=args.history, seed=args.seed, shared_pool=True)
+                          threads=args.threads, history=args.history, seed=args.seed, shared_pool=True,
+                          numerics=getattr(args, "numerics", "board"))
     from .http import ApiServer  # the HTTP layer loads the tokenizer server's plumbing: only when serving
 
     try:
         server = ApiServer((args.host, args.port), service, log_requests=args.log_requests)
     except OSError as exc:
         raise GeneratorError(f"Cannot listen on {args.host}:{args.port} (--host/--port): {exc}.") from None
-    print(f"[I] model {service.model_id}: precompute_len {service.precompute_len}, kv_cache_len {service.engine.C}",
-          file=sys.stderr, flush=True)
+    note = ", numerics fast (int8 activations, not the board's)" if service.engine.numerics == "fast" else ""
+    print(f"[I] model {service.model_id}: precompute_len {service.precompute_len}, kv_cache_len {service.engine.C}"
+          f"{note}", file=sys.stderr, flush=True)
     server.serve_until_interrupted()
     return 0

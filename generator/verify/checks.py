@@ -37,6 +37,7 @@ from .report import (FAILURES_SHOWN, describe, excess, failing_rows, limit_text,
 
 TOLERANCES = DATA_DIR / "tolerances.yaml"
 GENERATE_TOKENS = 16
+NUMERICS = "board"  # every session the checks open computes what the board computes (fp32 activations)
 
 
 @lru_cache(maxsize=1)
@@ -60,7 +61,8 @@ def thresholds(weight_type: str, hidden_state_type: str) -> dict[str, dict[str, 
 
 
 WEIGHT_TYPE_OF = {TensorProto.INT8: "s8", TensorProto.INT4: "s4", TensorProto.BFLOAT16: "bf16",
-                  TensorProto.FLOAT16: "fp16", TensorProto.FLOAT: "fp32"}
+                  TensorProto.FLOAT16: "fp16", TensorProto.FLOAT: "fp32", TensorProto.FLOAT8E4M3FN: "fp8_e4m3",
+                  TensorProto.FLOAT8E5M2: "fp8_e5m2"}
 
 
 def graph_weight_types(path: Path) -> list[str]:
@@ -175,7 +177,7 @@ def layer_check(bundle: Bundle, cap: dict[str, np.ndarray], progress: Progress, 
                 path = bundle.layer_file(i, g.index)
                 types = graph_weight_types(path)
                 limit = limits_for(types, hidden)["layer"]
-                sess = open_session(path, threads=threads, quantized=any(map(is_quantized, types)))
+                sess = open_session(path, threads=threads, quantized=any(map(is_quantized, types)), numerics=NUMERICS)
                 got = run_once(sess, {
                     "K_cache": (to_storage(k_hist, hidden), ot), "V_cache": (to_storage(v_hist, hidden), ot),
                     "indices": (idx, TensorProto.UINT32), "input": (to_storage(x, hidden), ot),
@@ -197,7 +199,7 @@ def logits_check(bundle: Bundle, cap: dict[str, np.ndarray]) -> dict[str, Any]:
     hidden = opts.hidden_state_type
     dt, ot = STORAGE[hidden]
     types = graph_weight_types(bundle.post_file)
-    sess = open_session(bundle.post_file, threads=2, quantized=any(map(is_quantized, types)))
+    sess = open_session(bundle.post_file, threads=2, quantized=any(map(is_quantized, types)), numerics=NUMERICS)
     x = cap["outputs"][-1, -1:][None]  # [1, 1, H] last layer output at the last position
     k = opts.post_topk
     outs = {"output": ((1, 1, k or spec.vocab_size), dt, ot)}
@@ -230,7 +232,7 @@ def generate_check(bundle: Bundle, session, prompt: str, ref: dict[str, Any],
     before the runner's sessions open, with the same session)."""
     tok = session.tokenizer
     eos, ids, system_ids, ref = ref["eos"], ref["ids"], ref["system_ids"], ref["reference"]
-    engine = Engine(bundle, threads=2)
+    engine = Engine(bundle, threads=2, numerics=NUMERICS)
     gen = Generator(engine, eos, Sampler(Sampling()))  # greedy, whatever post_config says
     if system_ids:
         engine.prefill(system_ids)  # prefilled once and reused, as on the board
@@ -264,7 +266,7 @@ def conversation_check(bundle: Bundle, model, *, system: int = 11, turns=((40, 6
     vocab = bundle.spec.vocab_size
     seeds = iter(range(seed, seed + 1 + 2 * len(turns)))  # one seed per draw, in order
     draw = lambda n: np.random.default_rng(next(seeds)).integers(0, vocab, n).tolist()  # noqa: E731
-    engine = Engine(bundle, threads=threads, history=history)
+    engine = Engine(bundle, threads=threads, history=history, numerics=NUMERICS)
     gen = Generator(engine, [], Sampler(Sampling()))
     ids = draw(system)
     engine.prefill(ids)
