@@ -11,6 +11,7 @@ export, read by every stage; it imports only the utilities itself):
     runtime   nothing else                            (its tokenizer server module is inside it)
     serve     runtime
     verify    anything but cli
+    quantize  recipe, resolve, inputs, export
     accuracy  anything but cli                        (the accuracy report: runs bundles and references)
     cli, pipeline, bench, __main__: anything
 
@@ -28,7 +29,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "generator"
 UTILITIES = {"errors", "names", "limits", "progress", "interrupt", "paths"}
-STAGES = {"recipe", "resolve", "inputs", "export", "runtime", "serve", "verify", "accuracy", "cli"}
+STAGES = {"recipe", "resolve", "inputs", "export", "runtime", "serve", "verify", "accuracy", "quantize", "cli"}
 TOP = {"pipeline", "bench", "__main__"}
 ANY = STAGES | {"contract", "top"}
 ALLOWED = {
@@ -42,6 +43,7 @@ ALLOWED = {
     "serve": {"runtime"},
     "verify": ANY - {"cli"},
     "accuracy": ANY - {"cli"},
+    "quantize": {"recipe", "resolve", "inputs", "export"},
     "cli": ANY,
     "top": ANY,
 }
