@@ -31,13 +31,20 @@ TOKENIZER_HOST = "127.0.0.1"
 TOKENIZER_PORT = 12345  # the board runtime's default --url_tokenizer_model port
 TOKENIZER_URL = f"http://{TOKENIZER_HOST}:{TOKENIZER_PORT}"
 
-WeightType = Literal["s8", "s4", "bf16", "fp16", "fp32"]
+WeightType = Literal["s8", "s4", "bf16", "fp16", "fp32", "fp8_e4m3", "fp8_e5m2"]
 HiddenType = Literal["bf16", "fp16", "fp32"]
 QUANTIZED_TYPES = ("s8", "s4")  # block-quantized weight types (DequantizeLinear + MatMul in the graphs)
+# fp8 weight types (Pulsar2's -w / --post_weight_type choices): ONNX FLOAT8E4M3FN / FLOAT8E5M2 initializers
+# with one fp32 scale per output channel, undone by DequantizeLinear (opset 21, axis 1) before the MatMul
+FP8_TYPES = ("fp8_e4m3", "fp8_e5m2")
 
 
 def is_quantized(weight_type: str) -> bool:
     return weight_type in QUANTIZED_TYPES
+
+
+def is_fp8(weight_type: str) -> bool:
+    return weight_type in FP8_TYPES
 
 
 # -- file names ---------------------------------------------------------------------------------
@@ -223,6 +230,7 @@ class RecipeRef(Record):
 class InputRef(Record):
     source: str
     files: dict[str, str]  # file name -> sha256
+    reference: str | None = None  # the fp32 checkpoint a calibrated (GPTQ/AWQ) source was derived from
 
 
 class TokenizerFiles(Record):
