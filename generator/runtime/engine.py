@@ -205,10 +205,12 @@ class Engine:
                              or (not g.dummy_history and g.history_rows >= hist)), None))
         return out
 
-    def prefill(self, tokens: list[int], positions: np.ndarray | None = None) -> np.ndarray:
+    def prefill(self, tokens: list[int], positions: np.ndarray | None = None,
+                hidden_out: np.ndarray | None = None) -> np.ndarray:
         """Prefill `tokens` after the cached ones in chunks of prefill_len; returns the last token's
         final hidden state. `positions`: their `indices` rows ([rows, n]; mRoPE: runtime/mrope.py's
-        from next_position), else consecutive from next_position.
+        from next_position), else consecutive from next_position. `hidden_out` ([n, hidden], storage
+        dtype): receives every token's final hidden state (the accuracy report's teacher forcing).
 
         board: each chunk runs the contract's group with its static shapes (history rows of the
         group, the chunk padded to prefill_len, new K/V rows copied into the cache).
@@ -239,6 +241,8 @@ class Engine:
             if group is None:  # longer than every prefill group's history: one token at a time
                 for j, tok in enumerate(chunk):
                     last = self.decode(tok, positions[:, c * P + j]).copy()
+                    if hidden_out is not None:
+                        hidden_out[c * P + j] = last
                 continue
             m = len(chunk)
             rows, width, cached = self.history.chunk(self, group, start, m)
@@ -268,6 +272,8 @@ class Engine:
                     self.k_cache[i, start:start + m] = k_out[0, :m]
                     self.v_cache[i, start:start + m] = v_out[0, :m]
             last = h[self.L % 2][0, m - 1].copy()
+            if hidden_out is not None:
+                hidden_out[c * P:c * P + m] = h[self.L % 2][0, :m]
             self.precompute_len = start + m
             self.cached_ids.extend(chunk)
             self._next.extend(following[c * P:c * P + m].tolist())
