@@ -34,17 +34,13 @@ TOKENIZER_URL = f"http://{TOKENIZER_HOST}:{TOKENIZER_PORT}"
 WeightType = Literal["s8", "s4", "bf16", "fp16", "fp32", "fp8_e4m3", "fp8_e5m2"]
 HiddenType = Literal["bf16", "fp16", "fp32"]
 QUANTIZED_TYPES = ("s8", "s4")  # block-quantized weight types (DequantizeLinear + MatMul in the graphs)
-# fp8 weight types (Pulsar2's -w / --post_weight_type choices): ONNX FLOAT8E4M3FN / FLOAT8E5M2 initializers
-# with one fp32 scale per output channel, undone by DequantizeLinear (opset 21, axis 1) before the MatMul
+# fp8 (Pulsar2's -w / --post_weight_type choices): FLOAT8E4M3FN / FLOAT8E5M2 initializers, one fp32 scale per
+# output channel, DequantizeLinear (axis 1) before the MatMul. uses_dequantize: codes + scales (s8, s4, fp8),
+# which the runtime folds into fp32 weights in board numerics (runtime/ort.py).
 FP8_TYPES = ("fp8_e4m3", "fp8_e5m2")
-
-
-def is_quantized(weight_type: str) -> bool:
-    return weight_type in QUANTIZED_TYPES
-
-
-def is_fp8(weight_type: str) -> bool:
-    return weight_type in FP8_TYPES
+is_quantized = QUANTIZED_TYPES.__contains__
+is_fp8 = FP8_TYPES.__contains__
+uses_dequantize = (*QUANTIZED_TYPES, *FP8_TYPES).__contains__
 
 
 # -- file names ---------------------------------------------------------------------------------
@@ -216,8 +212,8 @@ class Options(Record):
 
     @property
     def quantized(self) -> bool:
-        """Whether the layer or post weights are block-quantized (the runtime's session settings)."""
-        return is_quantized(self.weight_type) or is_quantized(self.post_weight_type)
+        """Whether any layer or post weight (overrides too) is codes + scales: the runtime's session settings."""
+        return any(map(uses_dequantize, (self.weight_type, self.post_weight_type, *self.overrides.values())))
 
 
 class RecipeRef(Record):

@@ -16,12 +16,12 @@ from fnmatch import fnmatch
 import numpy as np
 from onnx import TensorProto
 
-from ..contract import ShapeGroup, is_quantized, position_rows
+from ..contract import ShapeGroup, is_fp8, is_quantized, position_rows
 from ..errors import GeneratorError
 from ..resolve.options import BuildOptions
 from ..resolve.spec import ArchSpec, NormSpec
 from .onnx_graph import DTYPES, Graph, WeightsFile
-from .quant import pack_int4, quantize, to_bf16_bits
+from .quant import pack_int4, quantize, quantize_fp8, to_bf16_bits
 from ..recipe.tensors import NORMS
 
 WINDOW_BLOCK = -1.0e9  # added on top of the mask for keys outside a sliding window
@@ -37,6 +37,9 @@ class Linear:
     n: int
     group: int = 0
     bias: str | None = None
+
+
+FP8_ONNX = {"fp8_e4m3": TensorProto.FLOAT8E4M3FN, "fp8_e5m2": TensorProto.FLOAT8E5M2}
 
 
 def weight_type_for(opts: BuildOptions, key: str, default: str) -> str:
@@ -55,6 +58,10 @@ def store_linear(wf: WeightsFile, inits: list, name: str, w_out_in: np.ndarray, 
         raw = q.tobytes() if wtype == "s8" else pack_int4(q)
         inits.append(wf.tensor(f"{name}.qweight", raw, TensorProto.INT8 if wtype == "s8" else TensorProto.INT4, [k, n]))
         inits.append(wf.tensor(f"{name}.scales", scale.tobytes(), TensorProto.FLOAT, list(scale.shape)))
+    elif is_fp8(wtype):  # fp8 codes + one fp32 scale per output channel (export/quant.py quantize_fp8)
+        q, scale = quantize_fp8(w, wtype)
+        inits.append(wf.tensor(f"{name}.weight", q.view(np.uint8).tobytes(), FP8_ONNX[wtype], [k, n]))
+        inits.append(wf.tensor(f"{name}.scales", scale.tobytes(), TensorProto.FLOAT, [n]))
     elif wtype == "bf16":
         inits.append(wf.tensor(f"{name}.weight", to_bf16_bits(w).tobytes(), TensorProto.BFLOAT16, [k, n]))
     elif wtype == "fp16":
@@ -108,6 +115,8 @@ def store_layer(wf: WeightsFile, spec: ArchSpec, opts: BuildOptions, i: int, w: 
 def linear(g: Graph, x: str, lin: Linear) -> str:
     if is_quantized(lin.wtype):
         w = g.op("DequantizeLinear", f"{lin.name}.qweight", f"{lin.name}.scales", axis=0, block_size=lin.group)
+    elif is_fp8(lin.wtype):
+        w = g.op("DequantizeLinear", f"{lin.name}.weight", f"{lin.name}.scales", axis=1)
     elif lin.wtype in ("bf16", "fp16"):
         w = g.op("Cast", f"{lin.name}.weight", to=TensorProto.FLOAT)
     else:

@@ -7,6 +7,9 @@ work is done, and say why.
 
 from __future__ import annotations
 
+from fnmatch import fnmatch
+from typing import get_args
+
 from pydantic import Field
 
 from ..contract import Options, ShapeGroup, WeightType, is_quantized
@@ -15,7 +18,7 @@ from ..recipe import BuildDefaults
 from .chips import Chip
 from .spec import ArchSpec
 
-BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "s8": 1.0, "s4": 0.5}
+BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "s8": 1.0, "s4": 0.5, "fp8_e4m3": 1.0, "fp8_e5m2": 1.0}
 
 
 class BuildOptions(Options):
@@ -26,6 +29,8 @@ class BuildOptions(Options):
     manifest's vision entry (not among the manifest's options: text-only manifests stay as they were)."""
 
     vision_weight_type: WeightType = Field("s8", exclude=True)
+    # the overrides given as --override (checked against the model's tensor names), merged into `overrides`
+    flag_overrides: dict[str, WeightType] = Field({}, exclude=True)
 
     def groups(self) -> list[ShapeGroup]:
         def group(index: int, tokens: int, history: int, dummy: bool = False) -> ShapeGroup:
@@ -40,9 +45,14 @@ class BuildOptions(Options):
 def make_options(defaults: BuildDefaults, chip: Chip, **flags) -> BuildOptions:
     """The build's options: the recipe's (and variant's) defaults under the flags that were given."""
     data = defaults.model_dump()
+    flag_overrides = flags.pop("flag_overrides", None) or {}
     for key, value in flags.items():
         if value is not None:
             data[key] = value
+    if flag_overrides:  # --override over the recipe's: first matching pattern wins, so the flags' come first
+        data["overrides"] = {**flag_overrides, **{k: v for k, v in data.get("overrides", {}).items()
+                                                  if k not in flag_overrides}}
+        data["flag_overrides"] = flag_overrides
     data["chip"] = chip.label  # as typed (AX630C stays AX630C): it names the bundle's files
     if data.get("vision_weight_type") is None:  # the layers' when the chip takes it for the vision part, else s8
         data["vision_weight_type"] = data["weight_type"] if data["weight_type"] in chip.vision_weight_types else "s8"
@@ -67,9 +77,11 @@ def check_flags(opts: BuildOptions, chip: Chip):
     if opts.vision_weight_type not in chip.vision_weight_types:
         problems.append(f"vision weight type '{opts.vision_weight_type}' (--vision_weight_type / make VISION_WEIGHT_TYPE=) "
                         f"is not supported on {chip.name}; its vision part takes {', '.join(chip.vision_weight_types)}")
-    for wt in set(opts.overrides.values()):
+    for pattern, wt in opts.overrides.items():
         if wt not in chip.weight_types:
-            problems.append(f"override weight type '{wt}' is not supported on {chip.name}")
+            where = "--override / make OVERRIDE=" if pattern in opts.flag_overrides else "the recipe's overrides"
+            problems.append(f"override {pattern}={wt} ({where}): weight type '{wt}' is not supported on {chip.name}; "
+                            f"it supports {', '.join(chip.weight_types)}")
     if opts.hidden_state_type not in chip.hidden_state_types:
         problems.append(f"hidden state type '{opts.hidden_state_type}' (--hidden_state_type) is not supported on {chip.name}; "
                         f"it supports {', '.join(chip.hidden_state_types)}")
@@ -91,10 +103,41 @@ def check_flags(opts: BuildOptions, chip: Chip):
     refuse(chip, problems)
 
 
+def parse_overrides(items: list[str] | None) -> dict[str, str]:
+    """--override PATTERN=TYPE values (make OVERRIDE="a=s8 b=s8") -> {pattern: type}, in the order given."""
+    known = get_args(WeightType)
+    out: dict[str, str] = {}
+    for item in items or []:
+        pattern, sep, wt = item.partition("=")
+        pattern, wt = pattern.strip(), wt.strip()
+        if not sep or not pattern or not wt:
+            raise GeneratorError(f"--override {item!r} (make OVERRIDE=) must be PATTERN=TYPE, e.g. "
+                                 f"'layers.0.*=s8' or 'layers.*.down_proj=s8'.")
+        if wt not in known:
+            raise GeneratorError(f"--override {item!r} (make OVERRIDE=): unknown weight type '{wt}'; "
+                                 f"known: {', '.join(known)}.")
+        out[pattern] = wt
+    return out
+
+
+def linear_keys(spec: ArchSpec) -> list[str]:
+    """The names weight-type overrides match (export/graphs.py weight_type_for): each layer's stored
+    linears (q/k/v fused as qkv_proj, gate/up as gate_up_proj) and the post graph's lm_head."""
+    mlp = ("gate_up_proj",) if spec.mlp_gated else ("up_proj",)
+    per_layer = ("qkv_proj", "o_proj", *mlp, "down_proj")
+    return [f"layers.{i}.{k}" for i in range(spec.num_hidden_layers) for k in per_layer] + ["lm_head"]
+
+
 def check_fit(opts: BuildOptions, chip: Chip, spec: ArchSpec):
     """What the model adds to check_flags (run first): the vocabulary, the positions and the NPU memory."""
     if opts.post_topk > spec.vocab_size:
         refuse(chip, [f"--post_topk {opts.post_topk} must be between 0 and the vocabulary size"])
+    keys = linear_keys(spec)
+    for pattern, wt in opts.flag_overrides.items():
+        if not any(fnmatch(k, pattern) for k in keys):
+            raise GeneratorError(f"--override {pattern}={wt} (make OVERRIDE=) matches no weight of {spec.model_name}; "
+                                 f"the names are {keys[0]} .. {keys[-2]} (layers.<i>.qkv_proj, o_proj, "
+                                 f"{'gate_up_proj' if spec.mlp_gated else 'up_proj'}, down_proj) and lm_head.")
     problems = []
     need = estimate_bytes(spec, opts) / 2**20
     if need > chip.memory_mb:

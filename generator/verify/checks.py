@@ -23,7 +23,7 @@ import yaml
 from onnx import TensorProto
 from rich.console import Console
 
-from ..contract import STORAGE, Bundle, Sampling, board_mask, from_storage, is_quantized, to_storage
+from ..contract import STORAGE, Bundle, Sampling, board_mask, from_storage, to_storage, uses_dequantize
 from ..errors import GeneratorError
 from ..export.bundle import dest, write_text
 from ..paths import DATA_DIR
@@ -177,7 +177,7 @@ def layer_check(bundle: Bundle, cap: dict[str, np.ndarray], progress: Progress, 
                 path = bundle.layer_file(i, g.index)
                 types = graph_weight_types(path)
                 limit = limits_for(types, hidden)["layer"]
-                sess = open_session(path, threads=threads, quantized=any(map(is_quantized, types)), numerics=NUMERICS)
+                sess = open_session(path, threads=threads, quantized=any(map(uses_dequantize, types)), numerics=NUMERICS)
                 got = run_once(sess, {
                     "K_cache": (to_storage(k_hist, hidden), ot), "V_cache": (to_storage(v_hist, hidden), ot),
                     "indices": (idx, TensorProto.UINT32), "input": (to_storage(x, hidden), ot),
@@ -199,7 +199,7 @@ def logits_check(bundle: Bundle, cap: dict[str, np.ndarray]) -> dict[str, Any]:
     hidden = opts.hidden_state_type
     dt, ot = STORAGE[hidden]
     types = graph_weight_types(bundle.post_file)
-    sess = open_session(bundle.post_file, threads=2, quantized=any(map(is_quantized, types)), numerics=NUMERICS)
+    sess = open_session(bundle.post_file, threads=2, quantized=any(map(uses_dequantize, types)), numerics=NUMERICS)
     x = cap["outputs"][-1, -1:][None]  # [1, 1, H] last layer output at the last position
     k = opts.post_topk
     outs = {"output": ((1, 1, k or spec.vocab_size), dt, ot)}
