@@ -7,6 +7,8 @@ onnxruntime upgrade that changes them is one module's business.
 
 from __future__ import annotations
 
+import collections
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +20,10 @@ from onnx import TensorProto
 from ..errors import GeneratorError
 
 PROVIDERS = ["CPUExecutionProvider"]
+# board numerics: "shared" (one fp32 array per weight, shared by a layer's sessions) or "fold" (onnxruntime
+# constant-folds DequantizeLinear in each session); see the module docstring for the measurements
+BOARD_WEIGHTS = "shared"
+OPENED: collections.Counter = collections.Counter()  # sessions opened in this process, by numerics (a test hook)
 _GLOBAL_POOL: int | None = None
 
 
@@ -77,31 +83,134 @@ def session_options(threads: int, quantized: bool, shared_pool: bool = False,
     return so
 
 
-def relaxed_graph(path: Path) -> bytes:
-    """The graph with its history and token dimensions symbolic (same nodes, same weights).
+RELAXED_DIMS = {"K_cache": {1: "history"}, "V_cache": {1: "history"}, "indices": {1: "tokens"},
+                "input": {1: "tokens"}, "mask": {1: "tokens", 2: "total"}, "K_cache_out": {1: "tokens"},
+                "V_cache_out": {1: "tokens"}, "output": {1: "tokens"}}
+
+
+def relax(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with its history and token dimensions symbolic, in place (same nodes, same weights).
 
     The graphs take P and T from their inputs' shapes, so the only change is the declared shapes."""
-    model = onnx.load(str(path), load_external_data=False)
-    dims_of = {"K_cache": {1: "history"}, "V_cache": {1: "history"}, "indices": {1: "tokens"}, "input": {1: "tokens"},
-               "mask": {1: "tokens", 2: "total"}, "K_cache_out": {1: "tokens"}, "V_cache_out": {1: "tokens"},
-               "output": {1: "tokens"}}
     for value in [*model.graph.input, *model.graph.output]:
         dims = value.type.tensor_type.shape.dim
-        for axis, name in dims_of.get(value.name, {}).items():
+        for axis, name in RELAXED_DIMS.get(value.name, {}).items():
             dims[axis].ClearField("dim_value")
             dims[axis].dim_param = name
-    return model.SerializeToString()
+    return model
+
+
+def relaxed_graph(path: Path) -> bytes:
+    """relax() of the graph at `path`, serialized (its weights stay external)."""
+    return relax(onnx.load(str(path), load_external_data=False)).SerializeToString()
+
+
+class _Fp32:
+    """One dequantized weight: the numpy array and the OrtValue over its memory (no copy)."""
+
+    __slots__ = ("array", "value", "__weakref__")
+
+    def __init__(self, array: np.ndarray):
+        self.array, self.value = array, ort.OrtValue.ortvalue_from_numpy(array)
+
+
+# (data file, its size and mtime, codes and scales names, axis, block) -> the weight, while a session holds it
+_FP32: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def dequantize(codes: np.ndarray, scales: np.ndarray, axis: int, block: int) -> np.ndarray:
+    """What DequantizeLinear computes without a zero point: fp32(code) * fp32 scale, one rounding, exact;
+    `block` codes along `axis` share a scale (0: per-tensor or per-axis scales)."""
+    w = codes.astype(np.float32)
+    axis %= w.ndim
+    if block:
+        k = w.shape[axis]
+        if k % block == 0:  # in place, block by block, without a full-size copy of the scales
+            blocks = w.reshape(*w.shape[:axis], k // block, block, *w.shape[axis + 1:])
+            blocks *= np.expand_dims(scales.astype(np.float32), axis + 1)
+            return w
+        w *= np.repeat(scales.astype(np.float32), block, axis=axis).take(range(k), axis=axis)
+        return w
+    shape = [1] * w.ndim
+    if scales.size > 1:
+        shape[axis] = -1
+    w *= scales.astype(np.float32).reshape(shape)
+    return w
+
+
+def _fp32_weight(folder: Path, inits: dict[str, TensorProto], node: onnx.NodeProto) -> _Fp32:
+    from onnx import numpy_helper
+
+    q, s = (inits[n] for n in node.input[:2])
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    axis, block = attrs.get("axis", 1), attrs.get("block_size", 0)
+    where = []
+    for t in (q, s):
+        loc = dict((e.key, e.value) for e in t.external_data)
+        stat = (folder / loc["location"]).stat() if "location" in loc else None
+        where.append((t.name, tuple(sorted(loc.items())), stat and (stat.st_size, stat.st_mtime_ns)))
+    key = (str(folder.resolve()), *where, axis, block)
+    found = _FP32.get(key)
+    if found is None:
+        codes = numpy_helper.to_array(q, base_dir=str(folder))
+        scales = numpy_helper.to_array(s, base_dir=str(folder))
+        found = _FP32[key] = _Fp32(np.ascontiguousarray(dequantize(codes, scales, axis, block)))
+    return found
+
+
+def dequantized_graph(model: onnx.ModelProto, folder: Path) -> tuple[onnx.ModelProto, dict[str, _Fp32]]:
+    """In place: each DequantizeLinear of stored codes and scales (no zero point) becomes an fp32
+    initializer of its output's name whose data the session takes from the returned weights (one array
+    per weight, shared by every session on the same data: a layer's shape groups)."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    weights: dict[str, _Fp32] = {}
+    for node in list(g.node):
+        if (node.op_type != "DequantizeLinear" or len(node.input) > 2 or not all(n in inits for n in node.input)
+                or not inits[node.input[0]].external_data):
+            continue  # left to onnxruntime's constant folding (session_options: the same values)
+        w = weights[node.output[0]] = _fp32_weight(folder, inits, node)
+        # a declared initializer of the right type and shape whose data comes from SessionOptions.add_initializer
+        # (onnxruntime never reads the external location it names: the codes' file, so that it exists)
+        t = TensorProto(name=node.output[0], data_type=TensorProto.FLOAT, dims=w.array.shape,
+                        data_location=TensorProto.EXTERNAL)
+        t.external_data.add(key="location", value=dict((e.key, e.value) for e in inits[node.input[0]].external_data)
+                            ["location"])
+        g.initializer.append(t)
+        g.node.remove(node)
+    used = {n for node in g.node for n in node.input} | {o.name for o in g.output}
+    for t in [t for t in g.initializer if t.name not in used and t.name not in weights]:
+        g.initializer.remove(t)  # the codes and scales now unused
+    return model, weights
 
 
 def open_session(path: Path, *, threads: int, quantized: bool, shared_pool: bool = False,
                  relaxed: bool = False, numerics: str = "board") -> ort.InferenceSession:
     """A CPU session on a bundle graph; `relaxed`: with symbolic history/token dimensions (relaxed_graph);
-    `numerics`: "board" (fp32 activations) or "fast" (int8 activations), see the module docstring."""
+    `numerics`: "board" (fp32 activations on dequantized weights) or "fast" (int8 activations): see the
+    module docstring. The session holds its shared fp32 weights (`board_weights`): keep it while it runs."""
     so = session_options(threads, quantized, shared_pool, numerics)
-    if not relaxed:
-        return ort.InferenceSession(str(path), so, providers=PROVIDERS)
+    OPENED[numerics] += 1
+    share = quantized and numerics == "board" and BOARD_WEIGHTS == "shared"
+    if not relaxed and not share:
+        sess = ort.InferenceSession(str(path), so, providers=PROVIDERS)
+        sess.numerics, sess.board_weights = numerics, {}
+        return sess
+    model = onnx.load(str(path), load_external_data=False)
+    if relaxed:
+        relax(model)
+    weights: dict[str, _Fp32] = {}
+    if share:
+        model, weights = dequantized_graph(model, path.parent)
+        for name, w in weights.items():
+            so.add_initializer(name, w.value)  # used in place: no per-session copy
+        # prepacking would give each session its own packed copy of every weight
+        so.add_session_config_entry("session.disable_prepacking", "1")
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-    return ort.InferenceSession(relaxed_graph(path), so, providers=PROVIDERS)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=PROVIDERS)
+    sess.numerics = numerics
+    sess.board_weights = weights  # onnxruntime reads their memory: they live as long as the session
+    return sess
 
 
 def fixed_token_outputs(sess: ort.InferenceSession) -> list[str]:
