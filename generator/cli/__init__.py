@@ -1,4 +1,4 @@
-"""Command line: `python -m generator {build,list,run,verify,serve,bench}`."""
+"""Command line: `python -m generator {build,list,run,verify,serve,bench,accuracy}`."""
 
 from __future__ import annotations
 
@@ -169,6 +169,12 @@ def cmd_show_recipe(args) -> int:
     return 0
 
 
+def cmd_accuracy(args) -> int:
+    from ..accuracy.command import accuracy
+
+    return accuracy(args)
+
+
 def cmd_bench(args) -> int:
     from ..bench import bench
 
@@ -204,6 +210,10 @@ def make_parser() -> argparse.ArgumentParser:
     from ..bench import add_bench_args
 
     add_bench_args(sub.add_parser("bench", help="runner speed vs transformers on this machine"))
+    from ..accuracy.command import add_accuracy_args
+
+    add_accuracy_args(sub.add_parser("accuracy", help="KL divergence, top-1 agreement and perplexity vs the fp32 "
+                                                      "reference over a fixed text"))
     return parser
 
 
@@ -211,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     handler = {"build": cmd_build, "list": cmd_list, "run": cmd_run, "verify": cmd_verify, "serve": cmd_serve,
-               "new-recipe": cmd_new_recipe, "bench": cmd_bench,
+               "new-recipe": cmd_new_recipe, "bench": cmd_bench, "accuracy": cmd_accuracy,
                "show-recipe": cmd_show_recipe}[args.command]
     try:
         return handler(args)

@@ -1,0 +1,114 @@
+"""The accuracy report on tiny random bundles vs their transformers fp32 reference (generator/accuracy/)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from models import SMALL_GROUPS, quiet_build
+
+from generator.accuracy.run import evaluate, read_text, windows
+from generator.cli import main
+
+TOKENS = 150  # two windows of the tiny bundles' 96-token cache
+
+
+@pytest.fixture(scope="module")
+def bundles(tiny_llama, tmp_path_factory):
+    """fp32 weights with fp32 hidden states (the graphs compute the reference's function), s8 and s4."""
+    out = {}
+    for wt, post in (("fp32", "fp32"), ("s8", "s8"), ("s4", "s8")):
+        path = tmp_path_factory.mktemp(f"acc_{wt}") / wt
+        quiet_build(input_path=str(tiny_llama), output_path=str(path), weight_type=wt, hidden_state_type="fp32",
+                    post_weight_type=post, **SMALL_GROUPS)
+        out[wt] = path
+    return out
+
+
+@pytest.fixture(scope="module")
+def evaluated(bundles):
+    text = read_text(None)
+    same = evaluate([bundles["fp32"]], text=text, max_tokens=TOKENS, threads=1, bf16_embedding=True, log=lambda s: None)
+    all_ = evaluate([bundles[w] for w in ("fp32", "s8", "s4")], text=text, max_tokens=TOKENS, threads=1,
+                    log=lambda s: None)
+    return same["results"][0], {r.weight_type: r for r in all_["results"]}
+
+
+def test_windows_cover_every_target_once():
+    assert windows(11, 4) == [(0, 4), (4, 8), (8, 10)]  # positions 0..9 predict ids 1..10
+    assert windows(2, 96) == [(0, 1)]
+
+
+def test_fp32_bundle_matches_its_reference(evaluated):
+    """With the reference's layer-0 input rounded to bf16 (the contract's embedding table), an fp32 bundle
+    with fp32 hidden states computes the reference's function: KLD at float rounding, the same argmax."""
+    same, _ = evaluated
+    m = same.metrics
+    assert m["n_tokens"] == TOKENS and same.info["windows"] == 2 and same.info["window"] == 96
+    assert m["kld_mean"] < 1e-6 and m["kld_p99"] < 1e-5
+    assert m["top1_agreement"] == 1.0
+    assert m["ppl"] == pytest.approx(m["ppl_ref"], rel=1e-4)
+
+
+def test_coarser_weights_cost_more(evaluated):
+    _, r = evaluated
+    kld = {w: r[w].metrics["kld_mean"] for w in r}
+    assert kld["fp32"] < kld["s8"] < kld["s4"], kld
+    assert r["s4"].metrics["top1_agreement"] <= r["s8"].metrics["top1_agreement"] <= 1.0
+    assert len(r["s8"].kld) == TOKENS and np.all(r["s8"].kld >= 0)
+    # one reference serves every bundle of the same checkpoint
+    assert len({x.metrics["ppl_ref"] for x in r.values()}) == 1
+
+
+def test_cli_writes_the_report(bundles, tmp_path, capsys):
+    text = tmp_path / "eval.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    rc = main(["accuracy", str(bundles["s8"]), str(bundles["s4"]), "--text", str(text), "--max_tokens", "40",
+               "--threads", "1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "KLD mean" in out and "s4" in out
+    for b in ("s8", "s4"):
+        report = json.loads((bundles[b] / "report" / "accuracy.json").read_text())
+        assert report["text"] == "eval.txt" and report["numerics"] == "board"
+        assert [x["weight_type"] for x in report["bundles"]] == ["s8", "s4"]
+        assert all(x["n_tokens"] == 40 and 0 <= x["top1_agreement"] <= 1 for x in report["bundles"])
+        assert (bundles[b] / "report" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("case, words", [
+    ("missing bundle", "not a bundle folder"),
+    ("empty text", "is empty"),
+    ("binary text", "not a UTF-8 text file"),
+    ("nul text", "NUL bytes"),
+    ("max_tokens 0", "--max_tokens must be a positive"),
+    ("missing text", "no such file"),
+    ("bad numerics", "invalid choice"),
+])
+def test_bad_input(case, words, bundles, tmp_path, capsys):
+    args = ["accuracy", str(bundles["s8"]), "--threads", "1"]
+    if case == "missing bundle":
+        args[1] = str(tmp_path / "nope")
+    elif case == "empty text":
+        (tmp_path / "e.txt").write_text("  \n")
+        args += ["--text", str(tmp_path / "e.txt")]
+    elif case == "binary text":
+        (tmp_path / "b.bin").write_bytes(bytes(range(128, 256)))
+        args += ["--text", str(tmp_path / "b.bin")]
+    elif case == "nul text":
+        (tmp_path / "n.txt").write_bytes(b"abc\x00def")
+        args += ["--text", str(tmp_path / "n.txt")]
+    elif case == "max_tokens 0":
+        args += ["--max_tokens", "0"]
+    elif case == "missing text":
+        args += ["--text", str(tmp_path / "missing.txt")]
+    elif case == "bad numerics":
+        args += ["--numerics", "int4"]
+    if case == "bad numerics":
+        with pytest.raises(SystemExit):
+            main(args)
+    else:
+        assert main(args) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
