@@ -298,6 +298,7 @@ class Manifest(Record):
     build_seconds: float
     synthetic: bool = False  # built from generated weights (verify regenerates them)
     checks_skipped: str | None = None  # why verification did not run
+    weight_type_auto: dict[str, Any] | None = None  # -w auto: the KLD budget, the measured KLD, the per-layer mix
     checks: dict[str, Any] | None = None  # the verification summary
     files: dict[str, FileEntry] | None = None  # absent only while checks run on the unpublished bundle
     vision: VisionEntry | None = None  # vision-language bundles only (text bundles: absent, null)

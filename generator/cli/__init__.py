@@ -28,7 +28,13 @@ def add_build_args(p: argparse.ArgumentParser):
     p.add_argument("--output_path", help="bundle folder, replaced as a whole (default: out/<model>_<chip>)")
     p.add_argument("--chip", default="AX650", help="AX650, or AX630C / AX620E; file names use the name as typed "
                    "(default: %(default)s)")
-    p.add_argument("-w", "--weight_type", choices=WEIGHT_TYPES, help=f"layer weight type {recipe(d.weight_type)}")
+    p.add_argument("-w", "--weight_type", choices=(*WEIGHT_TYPES, "auto"), help=f"layer weight type; auto: per layer "
+                   f"s4 or s8, the smallest within --kld_budget on the calibration text {recipe(d.weight_type)}")
+    p.add_argument("--override", action="append", metavar="PATTERN=TYPE", help="weight type of the weights whose "
+                   "names match PATTERN (fnmatch on layers.<i>.qkv_proj / o_proj / gate_up_proj / down_proj, lm_head), "
+                   "e.g. 'layers.0.*=s8'; repeatable, first match wins, over the recipe's overrides (default: none)")
+    p.add_argument("--kld_budget", type=float, help="with -w auto: the largest mean KL divergence vs fp32 on the "
+                   "calibration text the chosen mix may have, e.g. 0.05 (default: none)")
     p.add_argument("-t", "--hidden_state_type", choices=HIDDEN_TYPES,
                    help=f"type at the graph boundaries {recipe(d.hidden_state_type)}")
     p.add_argument("--prefill_len", type=int, help=f"tokens per prefill chunk {recipe(d.prefill_len)}")
@@ -62,7 +68,10 @@ def cmd_build(args) -> int:
     console = Console(stderr=True)
     flags = {k: getattr(args, k) for k in ("weight_type", "hidden_state_type", "prefill_len", "kv_cache_len",
                                             "last_kv_cache_len", "post_topk", "post_weight_type", "group_size",
-                                            "vision_weight_type")}
+                                            "vision_weight_type", "kld_budget")}
+    from ..resolve.options import parse_overrides
+
+    flags["flag_overrides"] = parse_overrides(args.override)
     m = build(model=args.model, input_path=args.input_path, output_path=args.output_path, chip=args.chip,
               synthetic=args.synthetic, recipe_name=args.recipe, check_level=args.check_level, prompt=args.prompt,
               console=console, progress=not args.no_progress, image_size=args.image_size, **flags)

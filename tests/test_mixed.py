@@ -1,0 +1,138 @@
+"""Mixed precision: --override PATTERN=TYPE (CLI over the recipe's overrides) lands in the graphs (read from
+the graph files) and the manifest; --weight_type auto --kld_budget X picks per layer s4 or s8 within the budget
+(generous budget: s4 everywhere; smaller budgets: never more s4; the chosen mix re-measured independently is
+within the budget); bad input is refused with the flag named."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from generator.accuracy.metrics import kl_divergence
+from generator.cli import main
+from generator.contract import Bundle
+from generator.errors import GeneratorError
+from generator.export.graphs import weight_type_for
+from generator.quantize.auto import calibration_ids, choose_mix, settings
+from generator.quantize.calibrate import read_calibration
+from generator.quantize.simulate import fake_quantize, load_float_model, window_logits
+from generator.recipe import BuildDefaults
+from generator.resolve.chips import get_chip
+from generator.resolve.options import make_options
+from generator.verify.checks import graph_weight_types
+from models import SMALL_GROUPS, quiet_build, save_tiny, tiny_llama_config
+
+GROUP_FLAGS = ["--prefill_len", "16", "--kv_cache_len", "96", "--last_kv_cache_len", "16", "--group_size", "16",
+               "--no-progress", "-t", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def llama4(tmp_path_factory, tiny_tok):
+    """A 4-layer tiny llama: enough layers for the mix to have a middle."""
+    tok_dir, vocab = tiny_tok
+    return save_tiny(tiny_llama_config(vocab, num_hidden_layers=4), tmp_path_factory.mktemp("llama4"), tok_dir, seed=4)
+
+
+def test_cli_overrides_land_in_the_graphs_the_manifest_and_the_log(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "b"
+    code = main(["build", "--input_path", str(tiny_llama), "--output_path", str(out), "-w", "s4",
+                 "--override", "layers.0.*=s8", "--override", "layers.1.down_proj=bf16", "--override", "lm_head=fp8_e4m3",
+                 *GROUP_FLAGS])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    b = Bundle(out)
+    assert graph_weight_types(b.layer_file(0, 0)) == ["s8"]
+    assert graph_weight_types(b.layer_file(1, 1)) == ["bf16", "s4"]
+    assert graph_weight_types(b.post_file) == ["fp8_e4m3"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["overrides"] == {"layers.0.*": "s8", "layers.1.down_proj": "bf16", "lm_head": "fp8_e4m3"}
+    log = " ".join(err.split())
+    assert "layers.0.*: s8" in log and "lm_head: fp8_e4m3" in log  # the build log's summary names them
+
+
+def test_cli_overrides_come_before_the_recipes():
+    chip = get_chip("AX650")
+    defaults = BuildDefaults(overrides={"layers.*": "s8", "lm_head": "bf16"})
+    opts = make_options(defaults, chip, weight_type="s4", flag_overrides={"layers.0.*": "bf16"})
+    assert list(opts.overrides) == ["layers.0.*", "layers.*", "lm_head"]
+    assert weight_type_for(opts, "layers.0.qkv_proj", "s4") == "bf16"
+    assert weight_type_for(opts, "layers.3.down_proj", "s4") == "s8"
+    assert make_options(defaults, chip, weight_type="s4").overrides == {"layers.*": "s8", "lm_head": "bf16"}
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--override", "layers.0.*=s3"], "unknown weight type 's3'"),
+    (["--override", "layers.0.*"], "must be PATTERN=TYPE"),
+    (["--override", "layers.9.*=s8"], "matches no weight"),
+    (["--override", "layers.*.gate_proj=s8"], "matches no weight"),
+    (["--chip", "AX630C", "--override", "layers.0.*=fp16"], "not supported on AX620E"),
+    (["-w", "auto"], "needs --kld_budget"),
+    (["-w", "auto", "--kld_budget", "0"], "must be a number > 0"),
+    (["-w", "auto", "--kld_budget", "-0.5"], "must be a number > 0"),
+    (["-w", "s8", "--kld_budget", "0.1"], "only with --weight_type auto"),
+])
+def test_bad_mixed_precision_flags_are_refused_naming_the_flag(tiny_llama, tmp_path, capsys, args, expected):
+    code = main(["build", "--input_path", str(tiny_llama), "--output_path", str(tmp_path / "b"), *args, *GROUP_FLAGS])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert expected in err.replace("\n", " ")
+    assert ("--override" in err) or ("--kld_budget" in err)
+    assert "Traceback" not in err and not (tmp_path / "b").exists()
+
+
+def test_auto_with_a_generous_budget_is_s4_everywhere_and_recorded(llama4, tmp_path, capsys):
+    out = tmp_path / "b"
+    code = main(["build", "--input_path", str(llama4), "--output_path", str(out), "-w", "auto", "--kld_budget", "10",
+                 *GROUP_FLAGS])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    note = m["weight_type_auto"]
+    assert m["options"]["weight_type"] == "s4" and m["options"]["overrides"] == {}
+    assert note["kld_budget"] == 10 and note["layers"] == {str(i): "s4" for i in range(4)}
+    assert 0 < note["kld_mean"] <= 10 and note["kld_mean_all_base"] < note["kld_mean"]
+    b = Bundle(out)
+    assert all(graph_weight_types(b.layer_file(i, 0)) == ["s4"] for i in range(4))
+    assert "KLD alone at s4" in err  # the table is in the build log
+
+
+def measured(source, types: dict[int, str], ids, post: str) -> float:
+    """The mix's mean KLD, measured afresh: a new fp32 model, fake-quantized as a whole, metrics' KL."""
+    window = settings()["window"]
+    model = load_float_model(source)
+    ref = window_logits(model, ids, window)
+    fake_quantize(model, lambda name: post if name == "lm_head" else types[int(name.split(".")[1])], 16)
+    return float(np.mean(kl_divergence(ref, window_logits(model, ids, window))))
+
+
+def test_auto_is_monotone_in_the_budget_and_each_mix_is_within_it(llama4):
+    ids = calibration_ids(llama4, read_calibration(None), 96)
+    model = load_float_model(llama4)
+    run = lambda budget, allowed=("s8", "s4", "bf16"), post="s8": choose_mix(  # noqa: E731
+        model, ids, budget=budget, group_size=16, post_weight_type=post, allowed=list(allowed))
+    loose = run(10.0)
+    assert set(loose.types.values()) == {"s4"}
+    ranked = sorted(loose.sensitivity, key=loose.sensitivity.get)
+    # budgets between the measured totals of growing s4 sets: each admits one more layer than the last
+    totals = [loose.base_kld] + [t for _, _, t in loose.steps]
+    mixes = [run(b) for b in sorted((a + c) / 2 for a, c in zip(totals, totals[1:]))]
+    counts = [list(m.types.values()).count("s4") for m in mixes]
+    assert counts == sorted(counts) and counts[0] < 4  # a larger budget never picks fewer s4
+    for m in mixes:
+        s4 = {i for i, t in m.types.items() if t == "s4"}
+        assert s4 == set(ranked[:len(s4)])  # the least sensitive layers go to s4 first
+        assert m.kld <= m.budget
+        assert measured(llama4, m.types, ids, "s8") == pytest.approx(m.kld, rel=1e-3, abs=1e-7)
+    # below every s8 model: the most sensitive layers fall back to bf16 where the chip has it, else refused
+    # (the head kept fp32 here, so that the layers alone make the error)
+    all_s8 = run(10.0, post="fp32").base_kld
+    tight = run(all_s8 * 0.5, post="fp32")
+    assert "bf16" in tight.types.values() and "s4" not in tight.types.values() and tight.kld <= tight.budget
+    with pytest.raises(GeneratorError, match="too small"):
+        run(all_s8 * 0.5, allowed=("s8", "s4"), post="fp32")
+    # the model comes back unchanged
+    np.testing.assert_array_equal(window_logits(model, ids, 64), window_logits(load_float_model(llama4), ids, 64))
