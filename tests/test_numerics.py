@@ -114,20 +114,23 @@ def test_layer_groups_share_one_fp32_copy(bundle):
     assert a.board_weights and {id(w) for w in a.board_weights.values()} == {id(w) for w in b.board_weights.values()}
 
 
-def test_dequantize_matches_onnx_reference():
+@pytest.mark.parametrize("k", [64, 72])  # 72: a last block of 8 rows (576 = 4.5 blocks of 128 in SmolLM2)
+def test_dequantize_matches_onnx_reference(k):
     """The runtime's dequantize() against onnx's own reference implementation of DequantizeLinear."""
     from onnx.reference import ReferenceEvaluator
 
     rng = np.random.default_rng(0)
-    codes = rng.integers(-128, 128, (64, 24)).astype(np.int8)
-    scales = rng.random((4, 24)).astype(np.float32) * 0.01
+    codes = rng.integers(-128, 128, (k, 24)).astype(np.int8)
+    scales = rng.random((-(-k // 16), 24)).astype(np.float32) * 0.01
     node = onnx.helper.make_node("DequantizeLinear", ["q", "s"], ["w"], axis=0, block_size=16)
-    graph = onnx.helper.make_graph([node], "dq", [onnx.helper.make_tensor_value_info("q", TensorProto.INT8, [64, 24]),
-                                                  onnx.helper.make_tensor_value_info("s", TensorProto.FLOAT, [4, 24])],
-                                   [onnx.helper.make_tensor_value_info("w", TensorProto.FLOAT, [64, 24])])
+    info = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph([node], "dq", [info("q", TensorProto.INT8, codes.shape),
+                                                  info("s", TensorProto.FLOAT, scales.shape)],
+                                   [info("w", TensorProto.FLOAT, codes.shape)])
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
     (want,) = ReferenceEvaluator(model).run(None, {"q": codes, "s": scales})
-    assert np.array_equal(rt.dequantize(codes, scales, 0, 16), want)
+    got = rt.dequantize(codes, scales, 0, 16)
+    assert got.dtype == np.float32 and np.array_equal(got, want)
 
 
 def test_engine_and_checks_use_board_numerics(bundle, tiny_llama):

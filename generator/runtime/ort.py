@@ -123,13 +123,10 @@ def dequantize(codes: np.ndarray, scales: np.ndarray, axis: int, block: int) -> 
     `block` codes along `axis` share a scale (0: per-tensor or per-axis scales)."""
     w = codes.astype(np.float32)
     axis %= w.ndim
-    if block:
-        k = w.shape[axis]
-        if k % block == 0:  # in place, block by block, without a full-size copy of the scales
-            blocks = w.reshape(*w.shape[:axis], k // block, block, *w.shape[axis + 1:])
-            blocks *= np.expand_dims(scales.astype(np.float32), axis + 1)
-            return w
-        w *= np.repeat(scales.astype(np.float32), block, axis=axis).take(range(k), axis=axis)
+    if block:  # in place, block by block: no full-size temporary (a last partial block is allowed)
+        rows, scale_rows = np.moveaxis(w, axis, 0), np.moveaxis(scales.astype(np.float32), axis, 0)
+        for j in range(scale_rows.shape[0]):
+            rows[j * block:(j + 1) * block] *= scale_rows[j]
         return w
     shape = [1] * w.ndim
     if scales.size > 1:
