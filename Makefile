@@ -3,6 +3,8 @@
 #   make <model> CHIP=AX650   build + verify a model variant (see `make list`)
 #   make test                 run the test suite
 #   make bench                runner speed vs transformers on this machine
+#   make accuracy MODEL=...   build MODEL (default: the default model) at s8, s4, calibrated s4, fp8 and an auto mix,
+#                             then one accuracy report (KL divergence, top-1, perplexity vs fp32); NUMERICS=fast
 # Flags (Pulsar2 llm_build names): CHIP WEIGHT_TYPE HIDDEN_STATE_TYPE PREFILL_LEN KV_CACHE_LEN
 #   LAST_KV_CACHE_LEN="128 256" POST_TOPK POST_WEIGHT_TYPE VISION_WEIGHT_TYPE CHECK_LEVEL PROMPT INPUT OUTPUT SYNTHETIC=1 IMAGE_SIZE
 #   OVERRIDE="layers.0.*=s8 lm_head=s8" (per-weight types)  WEIGHT_TYPE=auto KLD_BUDGET=0.05 (per-layer s4/s8 mix)
@@ -36,7 +38,7 @@ BUILD_FLAGS = --chip $(call q,$(CHIP)) -c $(call q,$(CHECK_LEVEL)) \
 	$(if $(OUTPUT),--output_path $(call q,$(OUTPUT))) \
 	$(if $(filter 1 yes true,$(SYNTHETIC)),--synthetic)
 
-.PHONY: all venv test bench list new-recipe clean distclean
+.PHONY: all venv test bench accuracy list new-recipe clean distclean
 all: $(DEFAULT_MODEL)
 
 # The project virtualenv, from pinned requirements (torch 2.13.0 is the CPU wheel on disk).
@@ -53,6 +55,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m generator bench
+
+MODEL ?= $(DEFAULT_MODEL)
+accuracy: $(STAMP)
+	$(PY) -m generator accuracy --model $(call q,$(MODEL)) --chip $(call q,$(CHIP)) \
+		$(if $(NUMERICS),--numerics $(call q,$(NUMERICS))) $(if $(MAX_TOKENS),--max_tokens $(call q,$(MAX_TOKENS))) \
+		$(if $(filter 1 yes true,$(REUSE)),--reuse)
 
 list: $(STAMP)
 	$(PY) -m generator list

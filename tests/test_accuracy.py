@@ -112,3 +112,19 @@ def test_bad_input(case, words, bundles, tmp_path, capsys):
         assert main(args) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
+
+
+def test_make_accuracy_skips_a_configuration_whose_flag_is_missing(monkeypatch, tmp_path):
+    from generator.accuracy import suite
+    from generator.errors import GeneratorError
+
+    labels = [c["label"] for c in suite.configurations()]
+    assert {"s8", "s4_rtn"} <= set(labels) and len(set(labels)) == len(labels)
+    monkeypatch.setattr(suite, "configurations", lambda: [{"label": "x", "flags": ["--nope"], "requires": "--nope"}])
+    suite.build_help.cache_clear()
+    monkeypatch.setattr(suite, "build_help", lambda: "usage: ... -w {s8,s4}")
+    notes = []
+    with pytest.raises(GeneratorError, match="no configuration"):
+        suite.build_all("smollm2-135m-instruct", "AX650", tmp_path, False, notes.append)
+    assert "skipped x" in notes[0] and "--nope" in notes[0]
+    assert not list(tmp_path.iterdir())  # nothing built

@@ -25,6 +25,17 @@ def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def weights_text(r: Result) -> str:
+    """The weight type, with the per-weight overrides (a mix, --override, -w auto) counted by type."""
+    over = r.info.get("overrides") or {}
+    if not over:
+        return r.weight_type
+    counts: dict[str, int] = {}
+    for t in over.values():
+        counts[t] = counts.get(t, 0) + 1
+    return f"{r.weight_type} + " + ", ".join(f"{t} x{n}" for t, n in sorted(counts.items()))
+
+
 def summary_line(r: Result) -> str:
     """One bundle's figures in one line (the -c 2 report and bench notes use it)."""
     m = r.metrics
@@ -39,7 +50,7 @@ def print_table(console: Console, results: list[Result], title: str = "accuracy 
         table.add_column(col, justify="left" if col in ("bundle", "weights", "numerics") else "right", no_wrap=True)
     for r in results:
         m = r.metrics
-        table.add_row(r.label, r.weight_type, r.numerics, fmt(m["kld_mean"], ".4f"), fmt(m["kld_p99"], ".3f"),
+        table.add_row(r.label, weights_text(r), r.numerics, fmt(m["kld_mean"], ".4f"), fmt(m["kld_p99"], ".3f"),
                       f"{m['top1_agreement']:.3f}", fmt(m["ppl"], ".2f"), fmt(m["ppl_ref"], ".2f"), str(m["n_tokens"]),
                       f"{r.info.get('bundle_seconds', 0):.1f}")
     console.print(table)
@@ -56,7 +67,7 @@ def plot(results: list[Result], path: Path, title: str):
     import matplotlib.pyplot as plt
 
     floor = 1e-8  # exact agreement, shown at the bottom of the log scale
-    labels = [f"{r.label}\n{r.weight_type}, {r.numerics}" for r in results]
+    labels = [f"{r.label}\n{weights_text(r)}, {r.numerics}" for r in results]
     fig, (left, right) = plt.subplots(1, 2, figsize=(max(9.0, 2.2 * len(results) + 4), 5),
                                       gridspec_kw={"width_ratios": [2, 1]})
     data = [np.maximum(r.kld, floor) if r.kld is not None else np.array([np.nan]) for r in results]
