@@ -202,9 +202,10 @@ def layer_modules(model, sim: "Simulator") -> dict[int, object]:
 
 
 def choose_mix(model, ids: list[int], *, budget: float, group_size: int, post_weight_type: str, allowed: list[str],
-               log: Callable[[str], None] = lambda s: None, cfg: dict | None = None) -> Mix:
+               step: Callable[[], None] = lambda: None, cfg: dict | None = None) -> Mix:
     """Run the sensitivity pass and the greedy choice on `model` (fp32 transformers, modified in place and
-    restored at the end). `allowed`: the chip's layer weight types."""
+    restored at the end). `allowed`: the chip's layer weight types; `step`: called after each measurement
+    (at most 2 L + 1 of them)."""
     cfg = cfg or settings()
     small, base, fallback = cfg["small"], cfg["base"], cfg.get("fallback")
     for t in (small, base):
@@ -219,12 +220,13 @@ def choose_mix(model, ids: list[int], *, budget: float, group_size: int, post_we
             sim.set(i, small)
             sensitivity[i] = fw.kld(i)
             sim.set(i, "fp32")
-            log(f"sensitivity layer {i}: {sensitivity[i]:.5f}")
+            step()
         for i in sim.layers:
             sim.set(i, base)
         sim.set_head(post_weight_type)  # from here on the whole model as the bundle stores it
         total = base_kld = fw.kld(0)
         fw.commit()
+        step()
         steps: list[tuple[int, str, float]] = []
         if base_kld > budget:
             if not fallback or fallback not in allowed:
@@ -235,6 +237,7 @@ def choose_mix(model, ids: list[int], *, budget: float, group_size: int, post_we
                 sim.set(i, fallback)
                 total = fw.kld(i)
                 fw.commit()
+                step()
                 steps.append((i, fallback, total))
                 if total <= budget:
                     break
@@ -246,7 +249,7 @@ def choose_mix(model, ids: list[int], *, budget: float, group_size: int, post_we
                 sim.set(i, small)
                 trial = fw.kld(i)
                 steps.append((i, small, trial))
-                log(f"layer {i} at {small}: {trial:.5f}")
+                step()
                 if trial > budget:
                     sim.set(i, base)
                     break
