@@ -4,6 +4,11 @@ Builds the embedded default model at s8 and s4 (timed), then measures for each b
 transformers eager fp32 (the reference everything is verified against): time to first token for
 the chat-templated prompt, and decode speed over a fixed number of greedy tokens (EOS ignored, so
 every contender decodes the same count). Prints ratios against transformers and writes bench.json.
+
+Speed is never shown without its accuracy cost: each bundle is timed in each --numerics mode (board:
+fp32 activations, what the board computes; fast: int8 activations, labelled "int8 act"), and in the
+same run the accuracy report measures that mode's KL divergence and top-1 agreement vs the fp32
+reference on the first `bench_tokens` (data/accuracy.yaml) tokens of the evaluation text.
 """
 
 from __future__ import annotations
@@ -34,15 +39,18 @@ def add_bench_args(p):
     p.add_argument("--weight_types", nargs="+", default=["s8", "s4"], help="bundles to build and time "
                    "(default: s8 s4)")
     p.add_argument("--out", default=None, help="where bundles and bench.json go (default: out/bench)")
+    p.add_argument("--numerics", nargs="+", choices=["board", "fast"], default=["board", "fast"],
+                   help="runner numerics to time, each with its own accuracy: board (fp32 activations) and fast "
+                        "(int8 activations) (default: both)")
 
 
-def measure_bundle(path: Path, ids: list[int], tokens: int, runs: int, threads: int) -> dict:
+def measure_bundle(path: Path, ids: list[int], tokens: int, runs: int, threads: int, numerics: str = "board") -> dict:
     from .contract import Bundle, Sampling
     from .runtime.engine import Engine
     from .runtime.generation import Generator, Sampler
 
     t0 = time.perf_counter()
-    engine = Engine(Bundle(path), threads=threads, shared_pool=True)
+    engine = Engine(Bundle(path), threads=threads, shared_pool=True, numerics=numerics)
     load_s = time.perf_counter() - t0
     gen = Generator(engine, [], Sampler(Sampling()))
     gen.generate(ids[:8], 4)  # warm-up: sessions, pages, thread pool
@@ -85,6 +93,8 @@ def bench(args) -> int:
     from .runtime.chat import load_tokenizer_module
 
     console = Console()
+    if not console.is_terminal:  # a pipe or a log: the whole table, not 80 columns of it
+        console.width = 160
     root = Path(args.out) if args.out else OUT_DIR / "bench"
     results: dict = {"model": args.model, "prompt": PROMPT, "tokens": args.tokens, "threads": args.threads, "bundles": {}}
     quiet = Console(file=io.StringIO())
@@ -104,26 +114,46 @@ def bench(args) -> int:
     from .inputs.checkpoint import open_input
 
     hf_dir = open_input(first.manifest.input.source).dir
+    from .accuracy.run import evaluate, read_text, settings
+
+    text, acc_tokens, refs = read_text(None), settings()["bench_tokens"], {}
+    results["accuracy_tokens"] = acc_tokens
     for wt, path in bundles.items():
-        console.print(f"running the {wt} bundle ...")
-        results["bundles"][wt].update(measure_bundle(path, ids, args.tokens, args.runs, args.threads))
+        base = results["bundles"].pop(wt)
+        for mode in args.numerics:
+            console.print(f"running the {wt} bundle, {mode} numerics ...")
+            r = {**base, "weight_type": wt, "numerics": mode,
+                 **measure_bundle(path, ids, args.tokens, args.runs, args.threads, mode)}
+            acc = evaluate([path], text=text, max_tokens=acc_tokens, numerics=mode, threads=args.threads,
+                           shared_pool=True, log=lambda s: None, ref_cache=refs)["results"][0].metrics
+            r.update({k: acc[k] for k in ("kld_mean", "kld_p99", "top1_agreement", "ppl", "ppl_ref")})
+            results["bundles"][f"{wt} {mode}"] = r
+    del refs
     console.print("running transformers eager fp32 ...")
     results["transformers_fp32"] = measure_transformers(hf_dir, ids, args.tokens, args.runs, args.threads)
     ref = results["transformers_fp32"]
 
     table = Table(title_justify="left", title=f"{args.model}: {len(ids)}-token prompt, {args.tokens} greedy tokens, {args.threads} threads "
                         f"(median of {args.runs}); HF = transformers eager fp32")
-    for col in ("contender", "TTFT ms", "decode tok/s", "decode vs HF", "TTFT vs HF", "build s", "MiB"):
+    for col in ("contender", "TTFT ms", "decode tok/s", "decode vs HF", "TTFT vs HF", "KLD mean", "top-1", "build s",
+                "MiB"):
         table.add_column(col, justify="left" if col == "contender" else "right")
-    for wt, r in results["bundles"].items():
+    for r in results["bundles"].values():
         r["decode_ratio"] = r["decode_tok_s"] / ref["decode_tok_s"]
         r["ttft_ratio"] = ref["ttft_ms"] / r["ttft_ms"]
-        table.add_row(f"axgen {wt}", f"{r['ttft_ms']:.1f}", f"{r['decode_tok_s']:.1f}",
-                      f"{r['decode_ratio']:.2f}x", f"{r['ttft_ratio']:.2f}x", f"{r['build_s']:.1f}",
-                      f"{r['bundle_mib']:.1f}")
-    table.add_row("HF fp32", f"{ref['ttft_ms']:.1f}", f"{ref['decode_tok_s']:.1f}", "1.00x", "1.00x", "-", "-")
+        mode = "board" if r["numerics"] == "board" else "fast (int8 act)"
+        kld = "-" if r["kld_mean"] is None else f"{r['kld_mean']:.4f}"
+        table.add_row(f"axgen {r['weight_type']} {mode}", f"{r['ttft_ms']:.1f}", f"{r['decode_tok_s']:.1f}",
+                      f"{r['decode_ratio']:.2f}x", f"{r['ttft_ratio']:.2f}x", kld, f"{r['top1_agreement']:.3f}",
+                      f"{r['build_s']:.1f}", f"{r['bundle_mib']:.1f}")
+    table.add_row("HF fp32 (reference)", f"{ref['ttft_ms']:.1f}", f"{ref['decode_tok_s']:.1f}", "1.00x", "1.00x", "0",
+                  "1.000", "-", "-")
     console.print(table)
+    console.print(f"KLD mean: KL(fp32 reference || bundle) per token, top-1: argmax agreement, over the first "
+                  f"{acc_tokens} tokens of the evaluation text (teacher-forced; `make accuracy` for the full report).",
+                  highlight=False)
     (root / "bench.json").write_text(json.dumps(results, indent=2))
-    console.print(f"s8 decode is {results['bundles'].get('s8', {}).get('decode_ratio', float('nan')):.2f}x transformers "
+    s8 = results["bundles"].get("s8 board") or results["bundles"].get("s8 fast") or {}
+    console.print(f"s8 decode ({s8.get('numerics', '-')}) is {s8.get('decode_ratio', float('nan')):.2f}x transformers "
                   f"eager fp32 (target >= 3x). Results: {root / 'bench.json'}")
     return 0

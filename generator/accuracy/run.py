@@ -209,15 +209,17 @@ def open_bundle(path: str | Path) -> Bundle:
 
 def evaluate(bundle_dirs: list[str | Path], *, text: str, max_tokens: int | None = None, numerics: str = "board",
              reference: str | None = None, threads: int = 2, shared_pool: bool = False,
-             bf16_embedding: bool = False, labels: list[str] | None = None, log=print) -> dict[str, Any]:
+             bf16_embedding: bool = False, labels: list[str] | None = None, log=print,
+             ref_cache: dict | None = None) -> dict[str, Any]:
     """Evaluate each bundle over `text` against its reference (references shared by bundles of the same
-    checkpoint and tokens). Returns {"results": [Result], "settings": {...}}."""
+    checkpoint and tokens, and across calls given the same `ref_cache`). Returns {"results": [Result],
+    "settings": {...}}."""
     from ..runtime.ort import check_numerics
 
     check_numerics(numerics)
     check_max_tokens(max_tokens)
     bundles = [open_bundle(d) for d in bundle_dirs]
-    refs: dict[tuple, tuple[np.ndarray, float]] = {}
+    refs: dict[tuple, tuple[np.ndarray, float]] = {} if ref_cache is None else ref_cache
     results = []
     for n, bundle in enumerate(bundles):
         ids = text_ids(bundle, text, max_tokens)
