@@ -206,6 +206,9 @@ def choose_weight_types(r: Resolved, budget: float, console: Console, calib_data
     from .quantize.simulate import untie_head
     from .verify.reference import load_reference
 
+    if r.recipe.vision is not None:
+        raise GeneratorError(f"--weight_type auto chooses among the language model's layers; {r.recipe.name} is a "
+                             f"vision-language recipe, which it does not cover yet. Use -w s8/s4 and --override.")
     cfg = settings()
     ids = calibration_ids(r.ckpt.dir, read_calibration(calib_data), int(cfg["tokens"]))
     console.print(f"weight type auto: sensitivity pass on {len(ids)} calibration tokens (budget {budget:g})",
@@ -214,7 +217,8 @@ def choose_weight_types(r: Resolved, budget: float, console: Console, calib_data
     untie_head(model)
     with Progress(console, enabled=progress).task("weight type auto", 2 * r.spec.num_hidden_layers + 1) as step:
         mix = choose_mix(model, ids, budget=budget, group_size=r.opts.group_size,
-                         post_weight_type=r.opts.post_weight_type, allowed=list(r.chip.weight_types), step=step, cfg=cfg)
+                         post_weight_type=r.opts.post_weight_type, allowed=list(r.chip.weight_types), step=step, cfg=cfg,
+                         layers=r.spec.num_hidden_layers)
     del model
     console.print(mix.table(), highlight=False)
     wt, chosen = mix.options()

@@ -128,3 +128,21 @@ def test_make_accuracy_skips_a_configuration_whose_flag_is_missing(monkeypatch, 
         suite.build_all("smollm2-135m-instruct", "AX650", tmp_path, False, notes.append)
     assert "skipped x" in notes[0] and "--nope" in notes[0]
     assert not list(tmp_path.iterdir())  # nothing built
+
+
+def test_check_level_2_reports_accuracy(tiny_llama, tmp_path):
+    """-c 2 adds the accuracy section (the evaluation text's first check_tokens tokens) to the summary and
+    writes report/accuracy.json; it informs, it never fails the check."""
+    from generator.accuracy.run import settings
+    from generator.verify.report import accuracy_text
+
+    out = tmp_path / "c2"
+    m = quiet_build(input_path=str(tiny_llama), output_path=str(out), weight_type="s8", check_level=2, **SMALL_GROUPS)
+    acc = m["checks"]["accuracy"]
+    assert acc["n_tokens"] == settings()["check_tokens"]
+    assert 0 < acc["kld_mean"] < 0.05 and acc["top1_agreement"] > 0.8 and acc["ppl_ref"] > 1
+    report = json.loads((out / "report" / "accuracy.json").read_text())
+    assert report["bundles"][0]["kld_mean"] == pytest.approx(acc["kld_mean"])
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert summary["accuracy"]["top1_agreement"] == acc["top1_agreement"]
+    assert "KLD mean" in accuracy_text(acc)

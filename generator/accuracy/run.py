@@ -154,20 +154,28 @@ def open_reference(bundle: Bundle, override: str | None = None):
 def reference_logits(ckpt, recipe, ids: list[int], spans: list[tuple[int, int]],
                      bf16_embedding: bool = False) -> np.ndarray:
     """transformers fp32 logits at every position of every window [T, V] (each window from no context)."""
+    from ..verify.checks import release_memory
+    from ..verify.reference import load_reference
+
+    model = load_reference(ckpt, recipe)
+    out = model_logits(model, ids, spans, bf16_embedding)
+    del model
+    release_memory()
+    return out
+
+
+def model_logits(model, ids: list[int], spans: list[tuple[int, int]], bf16_embedding: bool = False) -> np.ndarray:
+    """A loaded transformers model's fp32 logits at every position of every window [T, V]."""
     import contextlib
 
     import torch
 
-    from ..verify.checks import release_memory
-    from ..verify.reference import bf16_embedding_input, load_reference
+    from ..verify.reference import bf16_embedding_input
 
-    model = load_reference(ckpt, recipe)
     out = []
     with torch.no_grad(), (bf16_embedding_input(model) if bf16_embedding else contextlib.nullcontext()):
         for s, e in spans:
             out.append(model(torch.tensor([ids[s:e]])).logits[0].float().numpy())
-    del model
-    release_memory()
     return np.concatenate(out)
 
 
@@ -197,6 +205,22 @@ def describe_bundle(bundle: Bundle) -> dict[str, Any]:
     extra = {k: getattr(o, k) for k in ("quant_method",) if getattr(o, k, None)}
     return {"group_size": o.group_size, "post_weight_type": o.post_weight_type,
             "hidden_state_type": o.hidden_state_type, "overrides": dict(o.overrides), **extra}
+
+
+def score(bundle: Bundle, label: str, numerics: str, ref: np.ndarray, values: np.ndarray, top_ids: np.ndarray | None,
+          targets: np.ndarray) -> Result:
+    """The bundle's Result from its logits (or top-k values and ids) and the reference's."""
+    info = describe_bundle(bundle)
+    if top_ids is None:
+        metrics, kld = token_metrics(ref, values, targets), kl_divergence(ref, values)
+    else:
+        agree = float((top_ids[:, 0] == ref.argmax(-1)).mean())
+        metrics = {"kld_mean": None, "kld_p99": None, "top1_agreement": agree, "ppl_ref": None, "ppl": None,
+                   "n_tokens": int(len(targets))}
+        kld = None
+        info["note"] = (f"post_topk {bundle.opts.post_topk}: the post graph gives only the top {bundle.opts.post_topk} "
+                        f"logits, so only top-1 agreement is measured; build with --post_topk 0 for KLD and perplexity")
+    return Result(label, str(bundle.dir), bundle.opts.weight_type, numerics, metrics, kld, info)
 
 
 def open_bundle(path: str | Path) -> Bundle:
@@ -239,24 +263,12 @@ def evaluate(bundle_dirs: list[str | Path], *, text: str, max_tokens: int | None
         values, top_ids = bundle_logits(bundle, ids, spans, numerics=numerics, threads=threads,
                                         shared_pool=shared_pool)
         seconds = time.perf_counter() - t
-        if top_ids is None:
-            metrics = token_metrics(ref, values, targets)
-            kld = kl_divergence(ref, values)
-            note = None
-        else:
-            agree = float((top_ids[:, 0] == ref.argmax(-1)).mean())
-            metrics = {"kld_mean": None, "kld_p99": None, "top1_agreement": agree, "ppl_ref": None, "ppl": None,
-                       "n_tokens": int(len(targets))}
-            kld = None
-            note = (f"post_topk {bundle.opts.post_topk}: the post graph gives only the top {bundle.opts.post_topk} "
-                    f"logits, so only top-1 agreement is measured; build with --post_topk 0 for KLD and perplexity")
         label = labels[n] if labels else bundle.dir.name
-        info = {**describe_bundle(bundle), "reference": key[0], "windows": len(spans), "window": window_for(bundle),
-                "bundle_seconds": round(seconds, 2), "reference_seconds": round(ref_s, 2)}
-        if note:
-            info["note"] = note
-        results.append(Result(label, str(bundle.dir), bundle.opts.weight_type, numerics, metrics, kld, info))
+        result = score(bundle, label, numerics, ref, values, top_ids, targets)
+        result.info.update(reference=key[0], windows=len(spans), window=window_for(bundle),
+                           bundle_seconds=round(seconds, 2), reference_seconds=round(ref_s, 2))
+        results.append(result)
         del values
-        log(f"{label}: {metrics['n_tokens']} tokens in {seconds:.1f} s")
+        log(f"{label}: {result.metrics['n_tokens']} tokens in {seconds:.1f} s")
     return {"results": results, "settings": {"numerics": numerics, "max_tokens": max_tokens,
                                              "reference_embedding": "bf16" if bf16_embedding else "fp32"}}

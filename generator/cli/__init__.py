@@ -93,6 +93,10 @@ def cmd_build(args) -> int:
         if "generate" in checks:
             g = checks["generate"]
             out.print(f"{g['prompt']} -> {g['ours_text']!r}  (transformers: {g['reference_text']!r})")
+        if "accuracy" in checks:
+            from ..verify.report import accuracy_text
+
+            out.print(f"accuracy vs fp32 (evaluation text): {accuracy_text(checks['accuracy'])}", highlight=False)
         out.print("[bold green]checks passed[/]" if checks["passed"] else "[bold red]checks FAILED[/]")
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, ensure_ascii=False))

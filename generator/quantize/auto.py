@@ -87,8 +87,9 @@ class Mix:
 
 
 class Simulator:
-    """The fp32 model with per-layer weight types applied in place; every original weight is kept once so a
-    layer can be set to any type again (only the layers that change are recomputed)."""
+    """The fp32 model with per-layer weight types applied in place; every original weight is kept once (a
+    second fp32 copy of the linears: the pass needs about twice the reference's memory) so a layer can be set
+    to any type again, and only the layers that change are re-quantized."""
 
     def __init__(self, model, group_size: int):
         import torch
@@ -202,10 +203,10 @@ def layer_modules(model, sim: "Simulator") -> dict[int, object]:
 
 
 def choose_mix(model, ids: list[int], *, budget: float, group_size: int, post_weight_type: str, allowed: list[str],
-               step: Callable[[], None] = lambda: None, cfg: dict | None = None) -> Mix:
+               step: Callable[[], None] = lambda: None, cfg: dict | None = None, layers: int | None = None) -> Mix:
     """Run the sensitivity pass and the greedy choice on `model` (fp32 transformers, modified in place and
     restored at the end). `allowed`: the chip's layer weight types; `step`: called after each measurement
-    (at most 2 L + 1 of them)."""
+    (at most 2 L + 1 of them); `layers`: the decoder layer count the model must show."""
     cfg = cfg or settings()
     small, base, fallback = cfg["small"], cfg["base"], cfg.get("fallback")
     for t in (small, base):
@@ -213,6 +214,9 @@ def choose_mix(model, ids: list[int], *, budget: float, group_size: int, post_we
             raise GeneratorError(f"--weight_type auto chooses between {small} and {base}; this chip takes "
                                  f"{', '.join(allowed)}.")
     sim = Simulator(model, group_size)
+    if layers is not None and sorted(sim.layers) != list(range(layers)):
+        raise GeneratorError(f"--weight_type auto found decoder linears in layers {sorted(sim.layers)} of "
+                             f"{type(model).__name__}, expected 0..{layers - 1}; it cannot map this model's layers.")
     fw = Forwards(model, list(ids), int(cfg["window"]), layer_modules(model, sim))
     try:
         sensitivity = {}

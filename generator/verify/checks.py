@@ -293,6 +293,7 @@ def run_checks(bundle_dir: Path, ckpt, recipe, level: int, prompt: str | None, p
 
     Each graph is held to the limits of the weight types it was built with (a wider post graph or
     per-tensor overrides get their own); the end-to-end checks to those of the least precise graph."""
+    from ..accuracy.check import check_accuracy, check_reference
     from .reference import capture, load_reference
 
     bundle = Bundle(bundle_dir)
@@ -317,6 +318,7 @@ def run_checks(bundle_dir: Path, ckpt, recipe, level: int, prompt: str | None, p
     if level >= 2:
         session = tok_mod.ChatSession(tok)
         gen_ref = generate_reference(bundle, model, session, prompt)
+        acc_ref = check_reference(bundle, model)  # the accuracy section's reference logits (informational)
     del model
     release_memory()
     vision_ref = None
@@ -364,6 +366,8 @@ def run_checks(bundle_dir: Path, ckpt, recipe, level: int, prompt: str | None, p
         if not res["passed"]:
             summary["failures"].append(f"generate check: {res['matching_prefix']} matching tokens (need {need}), "
                                        f"agreement {res['teacher_forced_agreement']:.2f} (need {lg['min_agreement']})")
+        summary["accuracy"] = check_accuracy(bundle, acc_ref, console)
+        del acc_ref
     if bundle.manifest.vision is not None and level >= 1:  # the vision part (verify/vision.py)
         from .vision import vision_checks
 

@@ -144,3 +144,10 @@ def vision_plot(res: dict[str, Any], path: Path, title: str):
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def accuracy_text(acc: dict[str, Any]) -> str:
+    """The -c 2 accuracy section (accuracy/check.py) in one line, for the build's closing lines."""
+    f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    return (f"KLD mean {f(acc['kld_mean'], '.4f')}, p99 {f(acc['kld_p99'], '.3f')}, top-1 {acc['top1_agreement']:.3f}, "
+            f"ppl {f(acc['ppl'], '.2f')} (fp32 {f(acc['ppl_ref'], '.2f')}) over {acc['n_tokens']} tokens")
