@@ -227,6 +227,7 @@ class InputRef(Record):
     source: str
     files: dict[str, str]  # file name -> sha256
     reference: str | None = None  # the fp32 checkpoint a calibrated (GPTQ/AWQ) source was derived from
+    quantization: dict[str, Any] | None = None  # how that calibrated source was made (method, calibration, ...)
 
 
 class TokenizerFiles(Record):

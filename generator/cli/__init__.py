@@ -48,6 +48,10 @@ def add_build_args(p: argparse.ArgumentParser):
                    "models only (default: from the recipe/variant; else the layer weight type where the chip takes it "
                    "for the vision part, else s8)")
     p.add_argument("--group_size", type=int, help=f"quantization group size along the input dim {recipe(d.group_size)}")
+    p.add_argument("--quant_method", help="how s4/s8 weights are found: rtn (round to nearest), gptq, awq, awq+gptq "
+                   "(calibrated on --calib_data, written as a cached GPTQ checkpoint the build reads) (default: "
+                   "generator/data/quantize.yaml, gptq for s4 and rtn otherwise; rtn where calibration does not apply)")
+    p.add_argument("--calib_data", help="calibration text file, UTF-8 (default: generator/data/text/calibration.txt)")
     p.add_argument("--image_size", type=int, help="vision part input size in pixels, vision-language models only, "
                    "Pulsar2's vlm input_size (default: the recipe's vision.default_image_size, 224)")
     p.add_argument("-c", "--check_level", type=int, default=0, choices=[0, 1, 2],
@@ -68,7 +72,7 @@ def cmd_build(args) -> int:
     console = Console(stderr=True)
     flags = {k: getattr(args, k) for k in ("weight_type", "hidden_state_type", "prefill_len", "kv_cache_len",
                                             "last_kv_cache_len", "post_topk", "post_weight_type", "group_size",
-                                            "vision_weight_type", "kld_budget")}
+                                            "vision_weight_type", "kld_budget", "quant_method", "calib_data")}
     from ..resolve.options import parse_overrides
 
     flags["flag_overrides"] = parse_overrides(args.override)
@@ -182,6 +186,20 @@ def cmd_show_recipe(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from ..quantize.calibrate import quantize_checkpoint
+    from ..quantize.simulate import model_source
+
+    if bool(args.model) == bool(args.input_path):
+        raise GeneratorError("quantize: name a model with embedded weights or pass --input_path (one of them).")
+    source = args.input_path or model_source(args.model)
+    out = quantize_checkpoint(source, args.quant_method, args.weight_type, args.group_size, args.output_path,
+                              args.calib_data, log=lambda s: Console(stderr=True).print(s, highlight=False))
+    Console().print(f"[bold green]GPTQ checkpoint[/] {out} ({args.quant_method}, {args.weight_type}, group "
+                    f"{args.group_size}); build it with --input_path {out}", highlight=False)
+    return 0
+
+
 def cmd_accuracy(args) -> int:
     from ..accuracy.command import accuracy
 
@@ -225,6 +243,14 @@ def make_parser() -> argparse.ArgumentParser:
     add_bench_args(sub.add_parser("bench", help="runner speed vs transformers on this machine"))
     from ..accuracy.command import add_accuracy_args
 
+    p = sub.add_parser("quantize", help="calibrated quantization (GPTQ/AWQ) into a standard GPTQ checkpoint folder")
+    p.add_argument("model", nargs="?", help="model variant with embedded weights (default: none; or --input_path)")
+    p.add_argument("--input_path", help="fp16/bf16/fp32 HF model directory or .gguf file")
+    p.add_argument("--output_path", required=True, help="checkpoint folder to write (required)")
+    p.add_argument("--quant_method", default="gptq", help="rtn, gptq, awq or awq+gptq (default: %(default)s)")
+    p.add_argument("-w", "--weight_type", default="s4", choices=("s4", "s8"), help="(default: %(default)s)")
+    p.add_argument("--group_size", type=int, default=128, help="(default: %(default)s)")
+    p.add_argument("--calib_data", help="calibration text file (default: generator/data/text/calibration.txt)")
     add_accuracy_args(sub.add_parser("accuracy", help="KL divergence, top-1 agreement and perplexity vs the fp32 "
                                                       "reference over a fixed text"))
     return parser
@@ -234,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     handler = {"build": cmd_build, "list": cmd_list, "run": cmd_run, "verify": cmd_verify, "serve": cmd_serve,
-               "new-recipe": cmd_new_recipe, "bench": cmd_bench, "accuracy": cmd_accuracy,
+               "new-recipe": cmd_new_recipe, "bench": cmd_bench, "accuracy": cmd_accuracy, "quantize": cmd_quantize,
                "show-recipe": cmd_show_recipe}[args.command]
     try:
         return handler(args)

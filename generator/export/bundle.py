@@ -41,6 +41,7 @@ from ..names import inside
 from ..paths import PROJECT_ROOT, TEMPLATES_DIR, TOKENIZER_SERVER
 from ..progress import Progress
 from ..resolve.resolved import Resolved
+from ..inputs.gptq import provenance
 from .graphs import layer_graph, post_graph, store_layer, store_post
 from .onnx_graph import WeightsFile
 from .quant import to_bf16_bits
@@ -323,7 +324,8 @@ def write_bundle(ctx: Resolved, tmp: Path, progress: Progress, extra: dict[str, 
         "chip": ctx.chip.name,
         "options": ctx.opts.model_dump(),
         "spec": ctx.spec.model_dump(),
-        "input": {"source": ctx.ckpt.source, "files": ctx.ckpt.fingerprint()},
+        "input": {"source": ctx.ckpt.source, "files": ctx.ckpt.fingerprint(),
+                  **provenance(ctx.ckpt.config)},
         "tools": tool_versions(),
         "graphs": files,
         "tokenizer": tok,

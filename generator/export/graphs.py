@@ -10,6 +10,7 @@ K_cache input's shape, so a runner may bind fewer history rows than the static s
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from fnmatch import fnmatch
 
@@ -22,7 +23,10 @@ from ..resolve.options import BuildOptions
 from ..resolve.spec import ArchSpec, NormSpec
 from .onnx_graph import DTYPES, Graph, WeightsFile
 from .quant import pack_int4, quantize, quantize_fp8, to_bf16_bits
+from ..inputs.gptq import Grid
 from ..recipe.tensors import NORMS
+
+LOG = logging.getLogger(__name__)
 
 WINDOW_BLOCK = -1.0e9  # added on top of the mask for keys outside a sliding window
 
@@ -49,12 +53,27 @@ def weight_type_for(opts: BuildOptions, key: str, default: str) -> str:
     return default
 
 
+def fused_grid(w: dict, keys: tuple[str, ...], factors: list[float] | None = None) -> Grid | str | None:
+    """The GPTQ codes of linears fused into one (q/k/v, gate/up), each part's scales times its factor;
+    None when the source is not GPTQ-packed, a string saying why when it cannot keep them."""
+    grids = [w.get(f"{k}.grid") for k in keys]
+    if all(g is None for g in grids):
+        return None
+    bad = next((g for g in grids if not isinstance(g, Grid)), None)
+    return (bad or "only some parts are GPTQ-packed") if bad is not None or None in grids else Grid.concat(grids, factors)
+
+
 def store_linear(wf: WeightsFile, inits: list, name: str, w_out_in: np.ndarray, bias: np.ndarray | None,
-                 wtype: str, group: int) -> Linear:
+                 wtype: str, group: int, grid: Grid | str | None = None) -> Linear:
+    """grid: the source's GPTQ codes and scales, stored as they are when they fit wtype and group (a
+    GPTQ input keeps its grid bit-exact); otherwise the float weight is quantized here (logged)."""
     w = np.ascontiguousarray(w_out_in.T, dtype=np.float32)  # [K, N], one copy
     k, n = w.shape
     if is_quantized(wtype):
-        q, scale = quantize(w, wtype, group)
+        kept = grid.for_build(wtype, group) if isinstance(grid, Grid) else grid
+        if isinstance(kept, str):
+            LOG.warning("%s: GPTQ codes re-quantized from the dequantized weights (%s)", name, kept)
+        q, scale = kept if isinstance(kept, tuple) else quantize(w, wtype, group)
         raw = q.tobytes() if wtype == "s8" else pack_int4(q)
         inits.append(wf.tensor(f"{name}.qweight", raw, TensorProto.INT8 if wtype == "s8" else TensorProto.INT4, [k, n]))
         inits.append(wf.tensor(f"{name}.scales", scale.tobytes(), TensorProto.FLOAT, list(scale.shape)))
@@ -94,15 +113,21 @@ def store_layer(wf: WeightsFile, spec: ArchSpec, opts: BuildOptions, i: int, w: 
         q_w, q_b = q_w * scale, (q_b * scale if q_b is not None else None)
     qkv_w = np.concatenate([q_w, w["k_proj.weight"], w["v_proj.weight"]], axis=0)
     qkv_b = (np.concatenate([q_b, w["k_proj.bias"], w["v_proj.bias"]]) if spec.qkv_bias else None)
-    refs["qkv_proj"] = store_linear(wf, inits, "qkv_proj", qkv_w, qkv_b, wt("qkv_proj"), opts.group_size)
-    refs["o_proj"] = store_linear(wf, inits, "o_proj", w["o_proj.weight"], w.get("o_proj.bias"), wt("o_proj"), opts.group_size)
+    q_factor = 1.0 if spec.qk_norm is not None else float(scale)
+    refs["qkv_proj"] = store_linear(wf, inits, "qkv_proj", qkv_w, qkv_b, wt("qkv_proj"), opts.group_size,
+                                    fused_grid(w, ("q_proj", "k_proj", "v_proj"), [q_factor, 1.0, 1.0]))
+    refs["o_proj"] = store_linear(wf, inits, "o_proj", w["o_proj.weight"], w.get("o_proj.bias"), wt("o_proj"), opts.group_size,
+                                  fused_grid(w, ("o_proj",)))
     if spec.mlp_gated:
         gu_w = np.concatenate([w["gate_proj.weight"], w["up_proj.weight"]], axis=0)
         gu_b = np.concatenate([w["gate_proj.bias"], w["up_proj.bias"]]) if spec.mlp_bias else None
-        refs["gate_up_proj"] = store_linear(wf, inits, "gate_up_proj", gu_w, gu_b, wt("gate_up_proj"), opts.group_size)
+        refs["gate_up_proj"] = store_linear(wf, inits, "gate_up_proj", gu_w, gu_b, wt("gate_up_proj"), opts.group_size,
+                                            fused_grid(w, ("gate_proj", "up_proj")))
     else:
-        refs["up_proj"] = store_linear(wf, inits, "up_proj", w["up_proj.weight"], w.get("up_proj.bias"), wt("up_proj"), opts.group_size)
-    refs["down_proj"] = store_linear(wf, inits, "down_proj", w["down_proj.weight"], w.get("down_proj.bias"), wt("down_proj"), opts.group_size)
+        refs["up_proj"] = store_linear(wf, inits, "up_proj", w["up_proj.weight"], w.get("up_proj.bias"), wt("up_proj"), opts.group_size,
+                                       fused_grid(w, ("up_proj",)))
+    refs["down_proj"] = store_linear(wf, inits, "down_proj", w["down_proj.weight"], w.get("down_proj.bias"), wt("down_proj"), opts.group_size,
+                                     fused_grid(w, ("down_proj",)))
     for norm in NORMS:
         if f"{norm}.weight" in w:
             refs[norm] = (store_vector(wf, inits, f"{norm}.weight", w[f"{norm}.weight"]),

@@ -107,7 +107,8 @@ class WeightSource:
         return out
 
     def layer(self, i: int) -> dict[str, np.ndarray]:
-        """Canonical tensors of layer i: '<name>.weight' ([out, in] for linears) and '<name>.bias'."""
+        """Canonical tensors of layer i: '<name>.weight' ([out, in] for linears) and '<name>.bias'; for a
+        GPTQ-packed linear also '<name>.grid' (inputs.gptq.Grid, or why it has none)."""
         spec, t = self.spec, self.recipe.tensors
         out: dict[str, np.ndarray] = {}
         for key, parts, w_name, b_name in self._layer_map(i):
@@ -136,6 +137,9 @@ class WeightSource:
                 out[f"{key}.weight"] = w
                 if b is not None:
                     out[f"{key}.bias"] = b
+                gptq = getattr(self.ckpt, "gptq", None)
+                if gptq is not None and gptq.is_packed(w_name):  # its own codes, for a build that keeps them
+                    out[f"{key}.grid"] = gptq.grid(w_name)
         missing = [n for n in self.shapes if f"{n}.weight" not in out]
         if missing:
             raise GeneratorError(f"Recipe '{self.recipe.name}' gives no checkpoint tensor for {missing} of layer {i}.")
@@ -151,6 +155,8 @@ class WeightSource:
                 for suffix in ("weight", "bias"):
                     if f"{n}.{suffix}" in w:
                         w[f"{n}.{suffix}"] = w[f"{n}.{suffix}"] * np.float32(spec.residual_scale)
+                if not isinstance(w.get(f"{n}.grid", ""), str):
+                    w[f"{n}.grid"] = w[f"{n}.grid"].scaled(spec.residual_scale)
         return w
 
     def embed_tokens(self) -> np.ndarray:

