@@ -3,6 +3,32 @@
 Every use of onnxruntime's private API (`InferenceSession._sess`, `IOBinding._iobinding`: binding
 numpy buffers by address and running without per-call Python wrappers) is here and only here, so an
 onnxruntime upgrade that changes them is one module's business.
+
+Numerics of block-quantized graphs (DequantizeLinear of int8/int4 codes and fp32 scales, then MatMul):
+- "board" (the default; checks and the accuracy report use nothing else): what the board's w8a16/w4a16
+  computes, weights on their int grid and activations in fp32. Each DequantizeLinear of stored codes
+  becomes an fp32 initializer holding code * scale, computed once in numpy (`dequantize`: the same single
+  fp32 multiplication DequantizeLinear does, bit for bit) and handed to every session on that data with
+  `SessionOptions.add_initializer`: onnxruntime reads the array in place, so a layer's shape-group
+  sessions share one copy. Prepacking is off in these sessions (it would give each one a packed copy).
+- "fast": onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits with accuracy level 4, which
+  quantizes the activations to int8 per block: not what the board computes (about 3x the KL divergence of
+  s8), but 2-3x faster here. Only when asked (`--numerics fast`); speed lines then say so.
+
+Measured options for "board" (SmolLM2-135M-Instruct, 30 layers, decode + first prefill group open per
+layer; this 2-core machine; `BOARD_WEIGHTS` switches the first two):
+| option                                   | decode tok/s | 60-token prefill | RSS        |
+|------------------------------------------|--------------|------------------|------------|
+| shared fp32 weights (chosen)             | 45 (58-60)   | 107 ms (70 ms)   | 717 MiB    |
+| fold: `session.disable_quant_qdq` (each  | 50-55 (63)   | 79 ms (54 ms)    | 1250 MiB   |
+|   session folds its own fp32 copy)       |              |                  |            |
+| DequantizeLinear run per call (no fold)  | 28           | 106 ms           | ~2000 MiB  |
+| MatMulNBits accuracy level 0 (fp32 act.) | (5.7; s4 13.7)| -               | -          |
+| fast (level 4, int8 activations)         | 133 (s4 160) | 53 ms            | 505 (s4 370)|
+decode and prefill: 1 thread, CPU time, s8 (s4 the same in board numerics); in brackets 2 threads wall
+time when the machine was otherwise idle; RSS after loading and generating, 2 threads (peak the same).
+Sharing costs ~15% decode and ~35% prefill time here but halves the memory of the fp32 weights (one
+copy instead of one per open shape group: 2 per layer with history "used", more with "board"), which is what decides whether a 1.5B-3B model runs in board numerics on a 16-24 GB machine.
 """
 
 from __future__ import annotations
