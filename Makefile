@@ -8,6 +8,7 @@
 # Flags (Pulsar2 llm_build names): CHIP WEIGHT_TYPE HIDDEN_STATE_TYPE PREFILL_LEN KV_CACHE_LEN
 #   LAST_KV_CACHE_LEN="128 256" POST_TOPK POST_WEIGHT_TYPE VISION_WEIGHT_TYPE CHECK_LEVEL PROMPT INPUT OUTPUT SYNTHETIC=1 IMAGE_SIZE
 #   OVERRIDE="layers.0.*=s8 lm_head=s8" (per-weight types)  WEIGHT_TYPE=auto KLD_BUDGET=0.05 (per-layer s4/s8 mix)
+#   QUANT=rtn|gptq|awq|awq+gptq (how s4/s8 weights are found; default gptq for s4) CALIB=file.txt (calibration text)
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -32,6 +33,8 @@ BUILD_FLAGS = --chip $(call q,$(CHIP)) -c $(call q,$(CHECK_LEVEL)) \
 	$(if $(GROUP_SIZE),--group_size $(call q,$(GROUP_SIZE))) \
 	$(foreach o,$(OVERRIDE),--override $(call q,$(o))) \
 	$(if $(KLD_BUDGET),--kld_budget $(call q,$(KLD_BUDGET))) \
+	$(if $(QUANT),--quant_method $(call q,$(QUANT))) \
+	$(if $(CALIB),--calib_data $(call q,$(CALIB))) \
 	$(if $(IMAGE_SIZE),--image_size $(call q,$(IMAGE_SIZE))) \
 	$(if $(PROMPT),--prompt $(call q,$(PROMPT))) \
 	$(if $(INPUT),--input_path $(call q,$(INPUT))) \
