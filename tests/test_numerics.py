@@ -16,10 +16,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from generator.contract import Bundle, board_mask
+from generator.cli.run import numerics_note
+from generator.contract import Bundle, Sampling, board_mask
 from generator.errors import GeneratorError
 from generator.runtime import ort as rt
 from generator.runtime.engine import Engine
+from generator.runtime.generation import Generator, Sampler
 from generator.verify.checks import conversation_check, layer_check, logits_check
 from generator.progress import Progress
 from models import SMALL_GROUPS, quiet_build, threads, token_ids
@@ -141,7 +143,12 @@ def test_engine_and_checks_use_board_numerics(bundle, tiny_llama):
     engine = Engine(bundle, threads=threads())
     assert engine.numerics == "board" and engine.post.numerics == "board"
     assert {engine.session(i, 0).numerics for i in range(engine.L)} == {"board"}
-    assert Engine(bundle, threads=threads(), numerics="fast").post.numerics == "fast"
+    fast = Engine(bundle, threads=threads(), numerics="fast")
+    assert fast.post.numerics == "fast"
+    gen = Generator(fast, [], Sampler(Sampling()))
+    gen.generate(token_ids(4, bundle.spec.vocab_size, 1), 2)
+    assert gen.stats.numerics == "fast"  # what speed lines name (run: "avg ... token/s (numerics fast ...)")
+    assert numerics_note("fast") and not numerics_note("board")
     reference = load_reference(open_input(tiny_llama), registry().recipes["llama"])
     n = SMALL_GROUPS["last_kv_cache_len"][-1] + SMALL_GROUPS["prefill_len"]
     cap = capture(reference, token_ids(n, bundle.spec.vocab_size, 0))

@@ -70,6 +70,7 @@ class TurnStats:
     ttft_ms: float = 0.0
     decode_tok_s: float = 0.0
     hit_eos: bool = False
+    numerics: str = "board"  # the engine's (runtime/ort.py): speed in "fast" numerics is not the board's math
 
 
 class Generator:
@@ -78,7 +79,7 @@ class Generator:
     def __init__(self, engine: Engine, eos_ids: list[int], sampler: Sampler):
         self.engine, self.eos = engine, set(eos_ids)
         self.sampler = sampler
-        self.stats = TurnStats()
+        self.stats = TurnStats(numerics=engine.numerics)
 
     def stream(self, ids: list[int], max_new_tokens: int | None = None, forced: list[int] | None = None,
                logits_out: list | None = None) -> Iterator[int]:
@@ -91,7 +92,8 @@ class Generator:
         e.rewind(common)
         t0 = time.perf_counter()
         hidden = e.prefill(ids[common:])
-        stats = self.stats = TurnStats(prompt_tokens=len(ids), prefilled=len(ids) - common)
+        stats = self.stats = TurnStats(prompt_tokens=len(ids), prefilled=len(ids) - common,
+                                       numerics=self.engine.numerics)
         budget = e.C - e.precompute_len + 1
         if max_new_tokens is not None:
             budget = min(budget, max_new_tokens)
