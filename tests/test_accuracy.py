@@ -16,12 +16,13 @@ TOKENS = 150  # two windows of the tiny bundles' 96-token cache
 
 @pytest.fixture(scope="module")
 def bundles(tiny_llama, tmp_path_factory):
-    """fp32 weights with fp32 hidden states (the graphs compute the reference's function), s8 and s4."""
+    """fp32 weights with fp32 hidden states (the graphs compute the reference's function), s8 and s4 (round to
+    nearest: a calibrated s4 is compared with its fp32 source, tested where calibration is)."""
     out = {}
     for wt, post in (("fp32", "fp32"), ("s8", "s8"), ("s4", "s8")):
         path = tmp_path_factory.mktemp(f"acc_{wt}") / wt
         quiet_build(input_path=str(tiny_llama), output_path=str(path), weight_type=wt, hidden_state_type="fp32",
-                    post_weight_type=post, **SMALL_GROUPS)
+                    post_weight_type=post, quant_method="rtn", **SMALL_GROUPS)
         out[wt] = path
     return out
 
@@ -146,3 +147,19 @@ def test_check_level_2_reports_accuracy(tiny_llama, tmp_path):
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert summary["accuracy"]["top1_agreement"] == acc["top1_agreement"]
     assert "KLD mean" in accuracy_text(acc)
+
+
+def test_post_topk_bundle_reports_top1_only(tiny_llama, tmp_path):
+    """post_topk > 0: no full logits, so KLD and perplexity are None with a note; top-1 still measured."""
+    from generator.accuracy.report import write_reports
+
+    out = tmp_path / "topk"
+    quiet_build(input_path=str(tiny_llama), output_path=str(out), weight_type="fp32", hidden_state_type="fp32",
+                post_weight_type="fp32", post_topk=8, **SMALL_GROUPS)
+    ev = evaluate([out], text=read_text(None), max_tokens=40, threads=1, bf16_embedding=True, log=lambda s: None)
+    r = ev["results"][0]
+    assert r.metrics["kld_mean"] is None and r.metrics["ppl"] is None and "post_topk" in r.info["note"]
+    assert r.metrics["top1_agreement"] == 1.0
+    write_reports(ev, "evaluation.txt")
+    assert json.loads((out / "report" / "accuracy.json").read_text())["bundles"][0]["kld_mean"] is None
+    assert (out / "report" / "accuracy.png").is_file()

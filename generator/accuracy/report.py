@@ -70,14 +70,20 @@ def plot(results: list[Result], path: Path, title: str):
     labels = [f"{r.label}\n{weights_text(r)}, {r.numerics}" for r in results]
     fig, (left, right) = plt.subplots(1, 2, figsize=(max(9.0, 2.2 * len(results) + 4), 5),
                                       gridspec_kw={"width_ratios": [2, 1]})
-    data = [np.maximum(r.kld, floor) if r.kld is not None else np.array([np.nan]) for r in results]
+    data = [np.maximum(r.kld, floor) if r.kld is not None else np.array([]) for r in results]
     left.boxplot(data, whis=(1, 99), showmeans=True, showfliers=False)
-    for i, (r, d) in enumerate(zip(results, data), start=1):
+    first = next((i for i, r in enumerate(results, start=1) if r.kld is not None), None)
+    for i, r in enumerate(results, start=1):
         if r.kld is not None:
             left.scatter([i], [max(r.metrics["kld_p99"], floor)], marker="_", s=300, color="red", zorder=5,
-                         label="p99" if i == 1 else None)
+                         label="p99" if i == first else None)
     left.set_xticks(range(1, len(results) + 1), labels, fontsize=8)
-    left.set_yscale("log")
+    for i, r in enumerate(results, start=1):
+        if r.kld is None:  # post_topk: no full logits (run.py)
+            left.text(i, 0.5, "no KLD:\npost_topk > 0", ha="center", va="center", fontsize=8,
+                      transform=left.get_xaxis_transform())
+    if any(r.kld is not None for r in results):
+        left.set_yscale("log")
     left.set_ylabel("KL(ref || ours) per position (nats)")
     left.set_title("KLD distribution (box: p25-p75, whiskers: p1-p99, triangle: mean)", fontsize=9)
     left.grid(alpha=0.3, axis="y")

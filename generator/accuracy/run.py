@@ -135,7 +135,13 @@ def bundle_logits(bundle: Bundle, ids: list[int], spans: list[tuple[int, int]], 
 def reference_path(bundle: Bundle, override: str | None = None) -> str:
     """--reference, else the fp32 checkpoint a calibrated bundle came from, else what it was built from."""
     inp = bundle.manifest.input
-    return override or getattr(inp, "reference", None) or inp.source
+    if override:
+        return override
+    ref = getattr(inp, "reference", None)
+    if ref and not Path(ref).exists():  # never fall back to the calibrated weights: that hides their error
+        raise GeneratorError(f"{bundle.dir}: the fp32 checkpoint its weights were calibrated from (manifest "
+                             f"input.reference {ref}) does not exist here; pass it with --reference PATH.")
+    return ref or inp.source
 
 
 def open_reference(bundle: Bundle, override: str | None = None):
