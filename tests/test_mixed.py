@@ -136,3 +136,16 @@ def test_auto_is_monotone_in_the_budget_and_each_mix_is_within_it(llama4):
         run(all_s8 * 0.5, allowed=("s8", "s4"), post="fp32")
     # the model comes back unchanged
     np.testing.assert_array_equal(window_logits(model, ids, 64), window_logits(load_float_model(llama4), ids, 64))
+
+
+def test_make_passes_override_and_kld_budget():
+    """make OVERRIDE="a=s8 b=s8" WEIGHT_TYPE=auto KLD_BUDGET=x -> one --override per word, quoted."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(["make", "-n", "-C", str(root), "-o", ".venv/.installed", "smollm2-135m-instruct",
+                          "OVERRIDE=layers.0.*=s8 lm_head=s8", "WEIGHT_TYPE=auto", "KLD_BUDGET=0.05"],
+                         capture_output=True, text=True, timeout=60).stdout
+    assert "--override 'layers.0.*=s8' --override 'lm_head=s8'" in out
+    assert "-w 'auto'" in out and "--kld_budget '0.05'" in out

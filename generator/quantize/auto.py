@@ -13,7 +13,10 @@ computes what the bundle computes in board numerics (weights on their grid, fp32
 4. If even step 2 is over the budget, the most sensitive layers move to `fallback` (bf16) instead, one at
    a time, until the total fits; without a fallback on the chip the budget is refused as too small.
 The chosen mix is returned as (weight_type, overrides) with the measured KLD; the build records both.
-Layers are granular units here (`layers.<i>.*`); finer per-tensor mixes stay with --override.
+Layers are granular units here (`layers.<i>.*`); finer per-tensor mixes stay with --override. --override
+patterns win over the chosen mix in the bundle but are not part of the measurement (nor are the recipe's
+overrides, which come after the mix). fp8 is not on the ladder: it takes s8's bytes and, measured on the
+default model, about 9x s8's KLD (fp8_e4m3 layers, s8 head: 0.018 vs 0.002 on the evaluation text).
 """
 
 from __future__ import annotations
