@@ -227,8 +227,8 @@ def open_session(path: Path, *, threads: int, quantized: bool, shared_pool: bool
         model, weights = dequantized_graph(model, path.parent)
         for name, w in weights.items():
             so.add_initializer(name, w.value)  # used in place: no per-session copy
-        # prepacking would give each session its own packed copy of every weight
-        so.add_session_config_entry("session.disable_prepacking", "1")
+        if weights:  # prepacking would give each session its own packed copy of every weight
+            so.add_session_config_entry("session.disable_prepacking", "1")
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=PROVIDERS)
     sess.numerics = numerics
