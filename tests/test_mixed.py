@@ -30,6 +30,17 @@ GROUP_FLAGS = ["--prefill_len", "16", "--kv_cache_len", "96", "--last_kv_cache_l
                "--no-progress", "-t", "fp32"]
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The tiny models' forwards are fastest on one thread (and do not fight other test workers)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def llama4(tmp_path_factory, tiny_tok):
     """A 4-layer tiny llama: enough layers for the mix to have a middle."""
