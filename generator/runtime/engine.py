@@ -82,7 +82,10 @@ HISTORY: dict[str, History] = {"used": UsedRows(), "board": BoardShapes()}
 
 
 class Engine:
-    """Owns the sessions, the KV cache and the buffers; prefill / decode / post as on the board."""
+    """Owns the sessions, the KV cache and the buffers; prefill / decode / post as on the board.
+
+    `numerics` (runtime/ort.py): "board" (default) computes what the board computes, quantized weights on
+    their int grid with fp32 activations; "fast" quantizes activations to int8 (faster here, not the board's)."""
 
     def __init__(self, bundle: Bundle, *, threads: int = 2, history: str = "used", mmap_embed: bool = True,
                  shared_pool: bool = False, numerics: str = "board"):
