@@ -181,16 +181,23 @@ def _fp32_weight(folder: Path, inits: dict[str, TensorProto], node: onnx.NodePro
     return found
 
 
-def dequantized_graph(model: onnx.ModelProto, folder: Path) -> tuple[onnx.ModelProto, dict[str, _Fp32]]:
+FLOAT8 = (TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2)
+
+
+def dequantized_graph(model: onnx.ModelProto, folder: Path,
+                      only_float8: bool = False) -> tuple[onnx.ModelProto, dict[str, _Fp32]]:
     """In place: each DequantizeLinear of stored codes and scales (no zero point) becomes an fp32
     initializer of its output's name whose data the session takes from the returned weights (one array
-    per weight, shared by every session on the same data: a layer's shape groups)."""
+    per weight, shared by every session on the same data: a layer's shape groups). `only_float8`: just the
+    fp8 weights (fast numerics: onnxruntime has no int8-activation kernel for them and would otherwise
+    run their DequantizeLinear on every call, 10x slower than board numerics)."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     weights: dict[str, _Fp32] = {}
     for node in list(g.node):
         if (node.op_type != "DequantizeLinear" or len(node.input) > 2 or not all(n in inits for n in node.input)
-                or not inits[node.input[0]].external_data):
+                or not inits[node.input[0]].external_data
+                or (only_float8 and inits[node.input[0]].data_type not in FLOAT8)):
             continue  # left to onnxruntime's constant folding (session_options: the same values)
         w = weights[node.output[0]] = _fp32_weight(folder, inits, node)
         # a declared initializer of the right type and shape whose data comes from SessionOptions.add_initializer
@@ -214,7 +221,7 @@ def open_session(path: Path, *, threads: int, quantized: bool, shared_pool: bool
     module docstring. The session holds its shared fp32 weights (`board_weights`): keep it while it runs."""
     so = session_options(threads, quantized, shared_pool, numerics)
     OPENED[numerics] += 1
-    share = quantized and numerics == "board" and BOARD_WEIGHTS == "shared"
+    share = quantized and BOARD_WEIGHTS == "shared"  # fast: only fp8 weights (dequantized_graph)
     if not relaxed and not share:
         sess = ort.InferenceSession(str(path), so, providers=PROVIDERS)
         sess.numerics, sess.board_weights = numerics, {}
@@ -224,10 +231,12 @@ def open_session(path: Path, *, threads: int, quantized: bool, shared_pool: bool
         relax(model)
     weights: dict[str, _Fp32] = {}
     if share:
-        model, weights = dequantized_graph(model, path.parent)
+        model, weights = dequantized_graph(model, path.parent, only_float8=numerics == "fast")
         for name, w in weights.items():
             so.add_initializer(name, w.value)  # used in place: no per-session copy
-        if weights:  # prepacking would give each session its own packed copy of every weight
+        # prepacking would give each session its own packed copy of every weight (fast keeps it: its
+        # MatMulNBits run on prepacked int weights)
+        if weights and numerics == "board":
             so.add_session_config_entry("session.disable_prepacking", "1")
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=PROVIDERS)
