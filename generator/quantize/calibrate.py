@@ -209,7 +209,7 @@ def quantize_model(model, method: str, bits: int, group_size: int, windows: list
                 w = mods[n].weight.detach().float().numpy()
                 if method.endswith("gptq"):
                     r = gptq(w, acc[n].h, bits, group_size, damp=cfg["gptq"]["damp"], block=cfg["gptq"]["block"],
-                             clip_grid=clip)
+                             clip_grid=clip, act_order=bool(cfg["gptq"].get("act_order", False)))
                 else:
                     r = rtn(w, bits, group_size, clip if method == "awq" else (1.0,))
                 with torch.no_grad():
@@ -241,6 +241,8 @@ def quantize_checkpoint(source: str | Path, method: str, weight_type: str, group
     from .writer import write_checkpoint
 
     check_method(method, weight_type)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise GeneratorError(f"--group_size {group_size!r}: expected a positive number of input rows per scale.")
     if weight_type not in BITS:
         raise GeneratorError(f"Weight type '{weight_type}' (-w) cannot be written as a GPTQ checkpoint; use s4 or s8.")
     text = read_calibration(calib_data)

@@ -86,8 +86,11 @@ def rtn(weight: np.ndarray, bits: int, group_size: int, clip_grid: tuple[float, 
 
 
 def gptq(weight: np.ndarray, hessian, bits: int, group_size: int, *, damp: float = 0.01, block: int = 128,
-         clip_grid: tuple[float, ...] = (1.0,)) -> QuantResult:
-    """GPTQ of weight [out, in] (float32) with the Hessian [in, in] (torch float64) of its inputs."""
+         clip_grid: tuple[float, ...] = (1.0,), act_order: bool = False) -> QuantResult:
+    """GPTQ of weight [out, in] (float32) with the Hessian [in, in] (torch float64) of its inputs.
+    act_order: columns in order of decreasing diag(H) with static groups (each group's scale chosen
+    from the unquantized weights first), so the stored groups stay row // group_size (no g_idx
+    permutation, which the blocked DequantizeLinear could not take)."""
     import torch
 
     w = torch.from_numpy(np.array(weight, np.float32))
@@ -98,6 +101,8 @@ def gptq(weight: np.ndarray, hessian, bits: int, group_size: int, *, damp: float
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h += torch.eye(k, dtype=torch.float64) * (damp * torch.mean(torch.diag(h)))
+    if act_order:
+        return _gptq_static_groups(w, h, bits, group_size, block, clip_grid)
     u = _inverse_cholesky(h).to(torch.float32)
     importance = torch.diag(h).to(torch.float32)
     # a block holds whole groups, so each group's scale is chosen from fully updated weights
@@ -122,6 +127,37 @@ def gptq(weight: np.ndarray, hessian, bits: int, group_size: int, *, damp: float
             wb[:, i:] -= err[:, None] * ub[i, i:][None, :]
             errs[:, i] = err
         w[:, b1:] -= errs @ u[b0:b1, b1:]
+    return QuantResult(codes.numpy(), scales.to(torch.float16).numpy(), group_size)
+
+
+def _gptq_static_groups(w, h, bits: int, group_size: int, block: int, clip_grid: tuple[float, ...]) -> QuantResult:
+    import torch
+
+    out, k = w.shape
+    qmax = QMAX_OF_BITS[bits]
+    importance = torch.diag(h).to(torch.float32)
+    groups = -(-k // group_size)
+    scales = torch.stack([group_scales(w[:, g * group_size:(g + 1) * group_size], bits, clip_grid,
+                                       importance[g * group_size:(g + 1) * group_size]) for g in range(groups)])
+    perm = torch.argsort(importance, descending=True)
+    u = _inverse_cholesky(h[perm][:, perm]).to(torch.float32)
+    wp = w[:, perm].clone()
+    col_scale = scales[perm // group_size]  # [k, out]
+    codes_p = torch.zeros((out, k), dtype=torch.int8)
+    for b0 in range(0, k, block):
+        b1 = min(k, b0 + block)
+        wb, ub = wp[:, b0:b1].clone(), u[b0:b1, b0:b1]
+        errs = torch.zeros_like(wb)
+        for i in range(b1 - b0):
+            s = col_scale[b0 + i]
+            c = torch.clamp(torch.round(wb[:, i] / s), -qmax - 1, qmax)
+            codes_p[:, b0 + i] = c.to(torch.int8)
+            err = (wb[:, i] - c * s) / ub[i, i]
+            wb[:, i:] -= err[:, None] * ub[i, i:][None, :]
+            errs[:, i] = err
+        wp[:, b1:] -= errs @ u[b0:b1, b1:]
+    codes = torch.zeros_like(codes_p)
+    codes[:, perm] = codes_p
     return QuantResult(codes.numpy(), scales.to(torch.float16).numpy(), group_size)
 
 
