@@ -295,3 +295,45 @@ def test_the_gptq_view_uses_only_the_checkpoints_public_methods():
                if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")
                and not (isinstance(n.value, ast.Name) and n.value.id == "self")]
     assert not private, private
+
+
+# -- the build keeps a GPTQ checkpoint's own grid ---------------------------------------------------
+
+def _bundle_array(path: Path, name: str) -> np.ndarray:
+    import onnx
+    from onnx import numpy_helper
+
+    init = next(i for i in onnx.load(str(path)).graph.initializer if i.name == name)
+    return numpy_helper.to_array(init, base_dir=str(path.parent))
+
+
+@pytest.mark.parametrize("case, wt, group, kept", [("int4", "s4", 16, True), ("int8", "s8", 16, True),
+                                                   ("int8_v2_quantize_config", "s8", 16, True), ("int4", "s4", 32, False),
+                                                   ("int4_act_order", "s4", 16, False)])
+def test_build_keeps_the_checkpoints_codes_when_they_fit(packed, tiny_llama, case, wt, group, kept, tmp_path, caplog):
+    """int codes and scales of a GPTQ input land in the bundle bit-exact when the bits match the weight
+    type and each build group lies inside a checkpoint group (g_idx trivial); otherwise re-quantized, logged."""
+    path, _ = packed[case]
+    out = tmp_path / "b"
+    with caplog.at_level("WARNING", logger="generator.export.graphs"):
+        quiet_build(input_path=str(path), output_path=str(out), weight_type=wt, hidden_state_type="fp32",
+                    post_weight_type="s8", **dict(SMALL_GROUPS, group_size=group))
+    layer = Bundle(out).layer_file(0, 0)
+    codes = _bundle_array(layer, "down_proj.qweight").astype(np.int64)
+    scales = _bundle_array(layer, "down_proj.scales")
+    state = load_file(path / "model.safetensors")
+    prefix = "model.layers.0.mlp.down_proj"
+    bits = 4 if wt == "s4" else 8
+    per = 32 // bits
+    words = state[f"{prefix}.qweight"].numpy().view(np.uint32)
+    mine = np.stack([(words >> np.uint32(bits * k)) & np.uint32(2 ** bits - 1) for k in range(per)], 1)
+    mine = mine.reshape(-1, words.shape[1]).astype(np.int64) - 2 ** (bits - 1)  # [in, out] signed codes
+    ck_scales = state[f"{prefix}.scales"].float().numpy()
+    if kept:
+        assert np.array_equal(codes, mine)
+        rows = np.arange(scales.shape[0]) * group // CASES[case][1]  # a checkpoint group holds whole build groups
+        assert np.array_equal(scales, ck_scales[rows])
+        assert "re-quantized" not in caplog.text
+    else:
+        assert not np.array_equal(codes, mine)
+        assert "down_proj: GPTQ codes re-quantized" in caplog.text
