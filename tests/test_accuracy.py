@@ -76,6 +76,12 @@ def test_cli_writes_the_report(bundles, tmp_path, capsys):
         assert [x["weight_type"] for x in report["bundles"]] == ["s8", "s4"]
         assert all(x["n_tokens"] == 40 and 0 <= x["top1_agreement"] <= 1 for x in report["bundles"])
         assert (bundles[b] / "report" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # fast numerics: its own files, the board report stays
+    assert main(["accuracy", str(bundles["s8"]), "--text", str(text), "--max_tokens", "20", "--threads", "1",
+                 "--numerics", "fast"]) == 0
+    fast = json.loads((bundles["s8"] / "report" / "accuracy_fast.json").read_text())
+    assert fast["numerics"] == "fast" and fast["bundles"][0]["n_tokens"] == 20
+    assert json.loads((bundles["s8"] / "report" / "accuracy.json").read_text())["numerics"] == "board"
 
 
 @pytest.mark.parametrize("case, words", [
@@ -86,6 +92,7 @@ def test_cli_writes_the_report(bundles, tmp_path, capsys):
     ("max_tokens 0", "--max_tokens must be a positive"),
     ("missing text", "no such file"),
     ("bad numerics", "invalid choice"),
+    ("no bundle", "none given"),
 ])
 def test_bad_input(case, words, bundles, tmp_path, capsys):
     args = ["accuracy", str(bundles["s8"]), "--threads", "1"]
@@ -106,6 +113,8 @@ def test_bad_input(case, words, bundles, tmp_path, capsys):
         args += ["--text", str(tmp_path / "missing.txt")]
     elif case == "bad numerics":
         args += ["--numerics", "int4"]
+    elif case == "no bundle":
+        del args[1]
     if case == "bad numerics":
         with pytest.raises(SystemExit):
             main(args)

@@ -40,7 +40,7 @@ def accuracy(args) -> int:
         raise GeneratorError(f"--threads must be at least 1, got {args.threads}.")
     if bool(args.bundles) == bool(args.model):
         raise GeneratorError("accuracy: give bundle folders, or --model VARIANT to build and report its configurations "
-                             "(not both).")
+                             + ("(not both)." if args.model else "(none given)."))
     max_tokens = check_max_tokens(args.max_tokens) or settings()["max_tokens"]
     text = read_text(args.text)
     err = Console(stderr=True)

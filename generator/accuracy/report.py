@@ -108,20 +108,23 @@ def report_json(evaluation: dict[str, Any], text_name: str) -> dict[str, Any]:
 
 
 def write_reports(evaluation: dict[str, Any], text_name: str, model: str | None = None) -> list[Path]:
-    """report/accuracy.json and report/accuracy.png (the whole comparison) in every bundle's folder."""
+    """report/accuracy.json and report/accuracy.png (the whole comparison) in every bundle's folder; in fast
+    numerics accuracy_fast.json / .png, so the board-numerics report stays."""
     results: list[Result] = evaluation["results"]
+    stem = "accuracy" if evaluation["settings"]["numerics"] == "board" else f"accuracy_{evaluation['settings']['numerics']}"
     doc = json.dumps(report_json(evaluation, text_name), indent=1, ensure_ascii=False)
-    title = f"{model or results[0].label}: accuracy vs fp32 reference, {results[0].metrics['n_tokens']} tokens of {text_name}"
+    title = (f"{model or results[0].label}: accuracy vs fp32 reference, {results[0].metrics['n_tokens']} tokens of "
+             f"{text_name}, {evaluation['settings']['numerics']} numerics")
     written, png = [], None
     for r in results:
         folder = dest(Path(r.bundle), "report")
         folder.mkdir(exist_ok=True)
-        write_text(dest(folder, "accuracy.json"), doc)
-        target = dest(folder, "accuracy.png")
+        write_text(dest(folder, f"{stem}.json"), doc)
+        target = dest(folder, f"{stem}.png")
         if png is None:
             plot(results, target, title)
             png = target
         else:
             target.write_bytes(png.read_bytes())
-        written += [folder / "accuracy.json", target]
+        written += [folder / f"{stem}.json", target]
     return written
