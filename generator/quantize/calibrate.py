@@ -254,7 +254,7 @@ def quantize_checkpoint(source: str | Path, method: str, weight_type: str, group
     cfg = settings()["calibration"]
     windows = calibration_windows(AutoTokenizer.from_pretrained(str(ckpt.dir)), text, cfg["samples"], cfg["seq_len"])
     results = quantize_model(model, method, BITS[weight_type], group_size, windows, log, keep_float)
-    meta = {"method": method, "source": str(source), "calibration": str(calib_data or DEFAULT_CALIBRATION),
+    meta = {"method": method, "source": os.path.abspath(source), "calibration": str(calib_data or DEFAULT_CALIBRATION),
             "calibration_sha256": hashlib.sha256(text.encode()).hexdigest(), "windows": len(windows),
             "seq_len": int(windows[0].numel()), "seconds": round(time.time() - started, 1), "version": CODE_VERSION}
     write_checkpoint(model, results, BITS[weight_type], group_size, ckpt.dir, Path(out_dir), meta)
