@@ -105,6 +105,7 @@ def bench(args) -> int:
                   progress=False)
         bundles[wt] = Path(m["out_dir"])
         results["bundles"][wt] = {"build_s": m["build_seconds"],
+                                  "method": (m["input"].get("quantization") or {}).get("method") or "rtn",
                                   "bundle_mib": sum(f["bytes"] for f in m["files"].values()) / 2**20}
     first = Bundle(next(iter(bundles.values())))
     tok = load_tokenizer_module(first)
@@ -113,8 +114,9 @@ def bench(args) -> int:
     results["prompt_tokens"] = len(ids)
     from .inputs.checkpoint import open_input
 
-    hf_dir = open_input(first.manifest.input.source).dir
-    from .accuracy.run import evaluate, read_text, settings
+    from .accuracy.run import evaluate, read_text, reference_path, settings
+
+    hf_dir = open_input(reference_path(first)).dir  # a calibrated bundle's fp32 source, not its GPTQ checkpoint
 
     text, acc_tokens, refs = read_text(None), settings()["bench_tokens"], {}
     results["accuracy_tokens"] = acc_tokens
@@ -143,7 +145,8 @@ def bench(args) -> int:
         r["ttft_ratio"] = ref["ttft_ms"] / r["ttft_ms"]
         mode = "board" if r["numerics"] == "board" else "fast (int8 act)"
         kld = "-" if r["kld_mean"] is None else f"{r['kld_mean']:.4f}"
-        table.add_row(f"axgen {r['weight_type']} {mode}", f"{r['ttft_ms']:.1f}", f"{r['decode_tok_s']:.1f}",
+        method = "" if r["method"] == "rtn" else f" {r['method']}"
+        table.add_row(f"axgen {r['weight_type']}{method} {mode}", f"{r['ttft_ms']:.1f}", f"{r['decode_tok_s']:.1f}",
                       f"{r['decode_ratio']:.2f}x", f"{r['ttft_ratio']:.2f}x", kld, f"{r['top1_agreement']:.3f}",
                       f"{r['build_s']:.1f}", f"{r['bundle_mib']:.1f}")
     table.add_row("HF fp32 (reference)", f"{ref['ttft_ms']:.1f}", f"{ref['decode_tok_s']:.1f}", "1.00x", "1.00x", "0",

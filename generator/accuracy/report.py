@@ -28,12 +28,14 @@ def fmt(value: float | None, spec: str) -> str:
 def weights_text(r: Result) -> str:
     """The weight type, with the per-weight overrides (a mix, --override, -w auto) counted by type."""
     over = r.info.get("overrides") or {}
+    method = r.info.get("quant_method")
+    base = f"{r.weight_type} {method}" if method and method != "rtn" else r.weight_type
     if not over:
-        return r.weight_type
+        return base
     counts: dict[str, int] = {}
     for t in over.values():
         counts[t] = counts.get(t, 0) + 1
-    return f"{r.weight_type} + " + ", ".join(f"{t} x{n}" for t, n in sorted(counts.items()))
+    return f"{base} + " + ", ".join(f"{t} x{n}" for t, n in sorted(counts.items()))
 
 
 def summary_line(r: Result) -> str:

@@ -208,9 +208,10 @@ class Result:
 
 def describe_bundle(bundle: Bundle) -> dict[str, Any]:
     o = bundle.opts
-    extra = {k: getattr(o, k) for k in ("quant_method",) if getattr(o, k, None)}
-    return {"group_size": o.group_size, "post_weight_type": o.post_weight_type,
-            "hidden_state_type": o.hidden_state_type, "overrides": dict(o.overrides), **extra}
+    quant = getattr(bundle.manifest.input, "quantization", None) or {}
+    return {"quant_method": quant.get("method") or "rtn", "group_size": o.group_size,
+            "post_weight_type": o.post_weight_type, "hidden_state_type": o.hidden_state_type,
+            "overrides": dict(o.overrides)}
 
 
 def score(bundle: Bundle, label: str, numerics: str, ref: np.ndarray, values: np.ndarray, top_ids: np.ndarray | None,
