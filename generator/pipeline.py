@@ -266,5 +266,6 @@ def verify_bundle(bundle_dir: str | Path, *, input_path: str | None, check_level
 
         ckpt = synthetic_checkpoint(recipe, bundle.manifest.recipe.variant)
     else:  # a calibrated build is verified against the fp32 checkpoint it was quantized from
-        ckpt = open_input(bundle.manifest.input.reference or bundle.manifest.input.source)
+        ref = bundle.manifest.input.reference
+        ckpt = open_input(ref if ref and Path(ref).exists() else bundle.manifest.input.source)
     return run_checks(bundle.dir, ckpt, recipe, check_level, prompt, Progress(console), console)
