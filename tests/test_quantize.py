@@ -4,6 +4,7 @@ build keeping the checkpoint's codes, and bad input. Tiny random llama (tests/mo
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -174,6 +175,14 @@ def test_default_s4_build_calibrates_and_records_the_reference(tiny_llama, calib
     stamp = (cached[0] / "model.safetensors").stat().st_mtime_ns
     again = calibrate.cached_quantize(str(tiny_llama), "gptq", "s4", GROUP, str(calib_file))
     assert again == cached[0] and (again / "model.safetensors").stat().st_mtime_ns == stamp
+    assert list((tmp_path / "cache" / "quantized").iterdir()) == cached
+    # the same files at another path reuse the cache, and the bundle names the path it was built from
+    copy = tmp_path / tiny_llama.name
+    shutil.copytree(tiny_llama, copy)
+    m2 = quiet_build(input_path=str(copy), output_path=str(tmp_path / "b2"), weight_type="s4",
+                     hidden_state_type="fp32", post_weight_type="s8", calib_data=str(calib_file), check_level=0,
+                     **SMALL_GROUPS)
+    assert m2["input"]["reference"] == str(copy)
     assert list((tmp_path / "cache" / "quantized").iterdir()) == cached
 
 

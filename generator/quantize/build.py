@@ -11,6 +11,7 @@ stay float in the GPTQ checkpoint, so the build quantizes them from the fp32 wei
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Callable
 
@@ -55,5 +56,8 @@ def calibrated_input(r: Resolved, method: str | None, calib_data: str | None, co
     seconds = round(time.time() - started, 1)
     console.print(f"calibrated checkpoint {path} ({seconds} s)", highlight=False)
     r2 = reresolve(str(path))  # the bundle keeps the name and folder the fp32 source gave it
+    # the cache is keyed by content: the checkpoint may have been made from a copy of these files at another
+    # path (since removed), so the reference the manifest and the checks name is this build's own source
+    r2.ckpt.config["quantization_config"]["meta"]["source"] = os.path.abspath(r.ckpt.source)
     spec = r2.spec.model_copy(update={"model_name": r.spec.model_name})
     return dataclasses.replace(r2, model=r.model, spec=spec, out_dir=r.out_dir), {}
