@@ -53,11 +53,13 @@ def token_metrics(ref_logits, logits, targets) -> dict:
     lp_ref, lp = log_softmax(ref), log_softmax(ours)
     kld = np.maximum((np.exp(lp_ref) * (lp_ref - lp)).sum(axis=-1), 0.0)
     rows = np.arange(tgt.shape[0])
+    with np.errstate(over="ignore"):  # a random model's perplexity may be inf: that is the value
+        ppl_ref, ppl = float(np.exp(-lp_ref[rows, tgt].mean())), float(np.exp(-lp[rows, tgt].mean()))
     return {
         "kld_mean": float(kld.mean()),
         "kld_p99": float(np.percentile(kld, 99)),
         "top1_agreement": float((ref.argmax(-1) == ours.argmax(-1)).mean()),
-        "ppl_ref": float(np.exp(-lp_ref[rows, tgt].mean())),
-        "ppl": float(np.exp(-lp[rows, tgt].mean())),
+        "ppl_ref": ppl_ref,
+        "ppl": ppl,
         "n_tokens": int(tgt.shape[0]),
     }
