@@ -124,19 +124,21 @@ def test_bad_input(case, words, bundles, tmp_path, capsys):
     assert words in err and "Traceback" not in err
 
 
-def test_make_accuracy_skips_a_configuration_whose_flag_is_missing(monkeypatch, tmp_path):
+def test_make_accuracy_configurations_are_valid_build_flags_and_a_failed_build_is_reported(monkeypatch, tmp_path):
     from generator.accuracy import suite
+    from generator.cli import make_parser
     from generator.errors import GeneratorError
 
-    labels = [c["label"] for c in suite.configurations()]
-    assert {"s8", "s4_rtn"} <= set(labels) and len(set(labels)) == len(labels)
-    monkeypatch.setattr(suite, "configurations", lambda: [{"label": "x", "flags": ["--nope"], "requires": "--nope"}])
-    suite.build_help.cache_clear()
-    monkeypatch.setattr(suite, "build_help", lambda: "usage: ... -w {s8,s4}")
+    confs = suite.configurations()
+    labels = [c["label"] for c in confs]
+    assert {"s8", "s4_rtn", "s4_gptq", "fp8_e4m3", "auto"} <= set(labels) and len(set(labels)) == len(labels)
+    for c in confs:  # every configuration parses as `build` flags (argparse exits on an unknown one)
+        make_parser().parse_args(["build", "smollm2-135m-instruct", *map(str, c["flags"])])
+    monkeypatch.setattr(suite, "configurations", lambda: [{"label": "x", "flags": ["--nope"]}])
     notes = []
     with pytest.raises(GeneratorError, match="no configuration"):
         suite.build_all("smollm2-135m-instruct", "AX650", tmp_path, False, notes.append)
-    assert "skipped x" in notes[0] and "--nope" in notes[0]
+    assert "build of x failed" in notes[0] and "--nope" in notes[0]
     assert not list(tmp_path.iterdir())  # nothing built
 
 
