@@ -182,7 +182,8 @@ def build(*, check_level: int = 0, prompt: str | None = None, console: Console |
     r = resolve(**request)
     auto_note = {}
     if auto:
-        r, auto_note["weight_type_auto"] = choose_weight_types(r, budget, console, calib_data, progress)
+        r, auto_note["weight_type_auto"] = choose_weight_types(r, budget, console, calib_data, progress, quant_method,
+                                                               lambda path: resolve(**dict(request, input_path=path)))
     quant_note = {}
     if not auto:  # --quant_method: a calibrated GPTQ checkpoint (cached) becomes the build's input
         from .quantize.build import calibrated_input
@@ -216,12 +217,15 @@ def build(*, check_level: int = 0, prompt: str | None = None, console: Console |
 
 
 def choose_weight_types(r: Resolved, budget: float, console: Console, calib_data: str | None = None,
-                        progress: bool = True):
+                        progress: bool = True, quant_method: str | None = None, reresolve=None):
     """--weight_type auto: the per-layer mix within the KLD budget (quantize/auto.py), as the build's weight
-    type + overrides (--override patterns first), and the manifest's note of it."""
+    type + overrides (--override patterns first), and the manifest's note of it. With a calibrated method
+    (gptq, the s4 default) the s4 layers are measured and built from the cached all-s4 GPTQ checkpoint
+    (quantize/build.py auto_input; `reresolve(path)` resolves the request on another input)."""
     import dataclasses
 
     from .quantize.auto import calibration_ids, choose_mix, settings
+    from .quantize.build import auto_checkpoint, auto_input, auto_method, calibrated_weights
     from .quantize.calibrate import read_calibration
     from .quantize.simulate import untie_head
     from .verify.reference import load_reference
@@ -230,7 +234,9 @@ def choose_weight_types(r: Resolved, budget: float, console: Console, calib_data
         raise GeneratorError(f"--weight_type auto chooses among the language model's layers; {r.recipe.name} is a "
                              f"vision-language recipe, which it does not cover yet. Use -w s8/s4 and --override.")
     cfg = settings()
+    method = auto_method(r, quant_method, cfg["small"])
     ids = calibration_ids(r.ckpt.dir, read_calibration(calib_data), int(cfg["tokens"]))
+    path = auto_checkpoint(r, method, cfg["small"], calib_data, console) if method != "rtn" else None
     console.print(f"weight type auto: sensitivity pass on {len(ids)} calibration tokens (budget {budget:g})",
                   highlight=False)
     model = load_reference(r.ckpt, r.recipe, r.config)
@@ -238,7 +244,8 @@ def choose_weight_types(r: Resolved, budget: float, console: Console, calib_data
     with Progress(console, enabled=progress).task("weight type auto", 2 * r.spec.num_hidden_layers + 1) as step:
         mix = choose_mix(model, ids, budget=budget, group_size=r.opts.group_size,
                          post_weight_type=r.opts.post_weight_type, allowed=list(r.chip.weight_types), step=step, cfg=cfg,
-                         layers=r.spec.num_hidden_layers)
+                         layers=r.spec.num_hidden_layers, method=method,
+                         calibrated=calibrated_weights(path) if path is not None else None)
     del model
     console.print(mix.table(), highlight=False)
     wt, chosen = mix.options()
@@ -247,7 +254,8 @@ def choose_weight_types(r: Resolved, budget: float, console: Console, calib_data
         overrides.update({k: v for k, v in extra.items() if k not in overrides})
     opts = r.opts.model_copy(update={"weight_type": wt, "overrides": overrides})
     check_flags(opts, r.chip)
-    return dataclasses.replace(r, opts=opts), mix.note()
+    r = dataclasses.replace(r, opts=opts)
+    return (auto_input(r, path, cfg["small"], reresolve) if path is not None else r), mix.note()
 
 
 def verify_bundle(bundle_dir: str | Path, *, input_path: str | None, check_level: int, prompt: str | None,

@@ -10,13 +10,16 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from rich.console import Console
+from safetensors.torch import load_file
 
 from generator.accuracy.metrics import kl_divergence
 from generator.cli import main
 from generator.contract import Bundle
 from generator.errors import GeneratorError
 from generator.export.graphs import weight_type_for
+from generator.export.quant import quantize
 from generator.quantize.auto import calibration_ids, choose_mix, settings
 from generator.quantize.calibrate import read_calibration
 from generator.quantize.simulate import fake_quantize, load_float_model, window_logits
@@ -96,19 +99,91 @@ def test_bad_mixed_precision_flags_are_refused_naming_the_flag(tiny_llama, tmp_p
 
 
 def test_auto_with_a_generous_budget_is_s4_everywhere_and_recorded(llama4, tmp_path, capsys):
+    """--quant_method rtn: the s4 layers are our RTN quantizer's codes of the fp32 weights, nothing calibrated."""
     out = tmp_path / "b"
     code = main(["build", "--input_path", str(llama4), "--output_path", str(out), "-w", "auto", "--kld_budget", "10",
-                 *GROUP_FLAGS])
+                 "--quant_method", "rtn", *GROUP_FLAGS])
     err = capsys.readouterr().err
     assert code == 0, err
     m = json.loads((out / "manifest.json").read_text())
     note = m["weight_type_auto"]
     assert m["options"]["weight_type"] == "s4" and m["options"]["overrides"] == {}
-    assert note["kld_budget"] == 10 and note["layers"] == {str(i): "s4" for i in range(4)}
+    assert note["kld_budget"] == 10 and note["layers"] == {str(i): "s4" for i in range(4)} and note["method"] == "rtn"
     assert 0 < note["kld_mean"] <= 10 and note["kld_mean_all_base"] < note["kld_mean"]
+    assert "quantization" not in m["input"] and m["input"]["source"] == str(llama4)
     b = Bundle(out)
     assert all(graph_weight_types(b.layer_file(i, 0)) == ["s4"] for i in range(4))
-    assert "KLD alone at s4" in err  # the table is in the build log
+    assert "KLD alone at s4 (rtn)" in err  # the table is in the build log
+    w = load_file(llama4 / "model.safetensors")["model.layers.2.mlp.down_proj.weight"].float().numpy()
+    codes, _ = quantize(np.ascontiguousarray(w.T), "s4", 16)
+    assert np.array_equal(_initializer(b.layer_file(2, 0), "down_proj.qweight"), codes)
+
+
+def _initializer(path, name: str) -> np.ndarray:
+    import onnx
+    from onnx import numpy_helper
+
+    init = next(i for i in onnx.load(str(path)).graph.initializer if i.name == name)
+    return numpy_helper.to_array(init, base_dir=str(path.parent)).astype(np.int64 if "qweight" in name else np.float32)
+
+
+def _small_calibration():
+    import yaml
+
+    from generator.paths import DATA_DIR
+
+    s = yaml.safe_load((DATA_DIR / "quantize.yaml").read_text())
+    s["calibration"] = {"samples": 4, "seq_len": 32}
+    return s
+
+
+def test_auto_with_gptq_builds_the_cached_checkpoints_codes(llama4, tmp_path, monkeypatch):
+    """The default s4 method (gptq): the pass measures each layer's s4 with the all-s4 GPTQ checkpoint's
+    weights (checked against an independent KLD), the layers at s4 keep its codes and scales bit-exact, a
+    layer kept at s8 (--override) is RTN s8 of the fp32 weights, and the manifest names gptq."""
+    from generator.inputs.checkpoint import open_input
+    from generator.quantize import calibrate
+
+    monkeypatch.setenv("AXGEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(calibrate, "settings", _small_calibration)
+    m = quiet_build(input_path=str(llama4), output_path=str(tmp_path / "b"), weight_type="auto", kld_budget=10.0,
+                    flag_overrides={"layers.0.*": "s8"}, hidden_state_type="fp32", post_weight_type="s8", **SMALL_GROUPS)
+    note, quant = m["weight_type_auto"], m["input"]["quantization"]
+    assert note["method"] == "gptq" and quant["method"] == "gptq" and quant["bits"] == 4
+    assert note["layers"] == {str(i): "s4" for i in range(4)}  # measured without the --override
+    assert quant["float"] == [f"layers.0.{k}" for k in ("down_proj", "gate_up_proj", "o_proj", "qkv_proj")]
+    assert m["input"]["reference"] == str(llama4)
+    cache = tmp_path / "cache" / "quantized"
+    all_s4, mixed = sorted(cache.iterdir())  # the all-s4 checkpoint, and it with layer 0 back at fp32
+    assert mixed.name == f"{all_s4.name}-f{mixed.name.split('-f')[1]}"
+    view = open_input(all_s4).gptq
+    b = Bundle(tmp_path / "b")
+    assert graph_weight_types(b.layer_file(0, 0)) == ["s8"]
+    fp32 = load_file(llama4 / "model.safetensors")
+    codes, scales = quantize(np.ascontiguousarray(fp32["model.layers.0.mlp.down_proj.weight"].float().numpy().T), "s8", 16)
+    assert np.array_equal(_initializer(b.layer_file(0, 0), "down_proj.qweight"), codes)
+    for i in (1, 2, 3):
+        assert graph_weight_types(b.layer_file(i, 0)) == ["s4"]
+        grid = view.grid(f"model.layers.{i}.mlp.down_proj.weight")
+        assert np.array_equal(_initializer(b.layer_file(i, 0), "down_proj.qweight"), grid.codes)
+        assert np.array_equal(_initializer(b.layer_file(i, 0), "down_proj.scales"), grid.scales)
+    # layer 3's sensitivity: only its linears at the checkpoint's dequantized weights, the rest fp32
+    ids = calibration_ids(llama4, read_calibration(None), settings()["tokens"])
+    model = load_float_model(llama4)
+    ref = window_logits(model, ids, settings()["window"])
+    with torch.no_grad():
+        for name, mod in model.model.layers[3].named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.copy_(view.weight(f"model.layers.3.{name}.weight"))
+    kld = float(np.mean(kl_divergence(ref, window_logits(model, ids, settings()["window"]))))
+    assert note["sensitivity"]["3"] == pytest.approx(kld, rel=1e-3, abs=1e-7)
+
+
+def test_auto_refuses_awq(llama4, tmp_path, capsys):
+    code = main(["build", "--input_path", str(llama4), "--output_path", str(tmp_path / "b"), "-w", "auto",
+                 "--kld_budget", "1", "--quant_method", "awq", *GROUP_FLAGS])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "--weight_type auto takes --quant_method rtn or gptq" in err and "Traceback" not in err
 
 
 def measured(source, types: dict[int, str], ids, post: str) -> float:

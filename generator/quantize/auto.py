@@ -5,6 +5,10 @@ calibration text, teacher-forced (settings in generator/data/auto.yaml). The sim
 transformers model with our exact quantizer applied to its decoder linears (quantize/simulate.py), so it
 computes what the bundle computes in board numerics (weights on their grid, fp32 activations).
 
+The `small` (s4) candidate of each linear is our RTN quantizer's, or with a calibrated method (gptq, the s4
+default: data/quantize.yaml default_method) the linear's weight in the cached all-s4 GPTQ checkpoint
+(calibrate.cached_quantize, dequantized: our grid, exact), so the pass measures the weights the build
+stores (quantize/build.py: that checkpoint, with the layers the mix keeps wider back as fp32 weights).
 1. Sensitivity: for each layer, the KLD when only that layer is at `small` (s4) and the rest fp32.
 2. Start from every layer at `base` (s8) and the head at --post_weight_type; measure.
 3. Greedy: move layers to `small` from the least sensitive up, re-measuring the whole model each time; the
@@ -65,6 +69,7 @@ class Mix:
     base_kld: float  # every layer at base
     sensitivity: dict[int, float]  # layer -> KLD with only that layer at small
     steps: list[tuple[int, str, float]] = field(default_factory=list)  # (layer, type tried, total KLD)
+    method: str = "rtn"  # how the `small` layers are quantized (rtn, gptq)
 
     def options(self) -> tuple[str, dict[str, str]]:
         """(weight_type, overrides): the commonest type as the weight type, the other layers as overrides."""
@@ -75,15 +80,15 @@ class Mix:
     def note(self) -> dict:
         wt, overrides = self.options()
         return {"kld_budget": self.budget, "kld_mean": round(self.kld, 6), "kld_mean_all_base": round(self.base_kld, 6),
-                "tokens": self.tokens, "weight_type": wt, "overrides": overrides,
+                "tokens": self.tokens, "method": self.method, "weight_type": wt, "overrides": overrides,
                 "layers": {str(i): t for i, t in sorted(self.types.items())},
                 "sensitivity": {str(i): round(v, 6) for i, v in sorted(self.sensitivity.items())}}
 
     def table(self) -> str:
         lines = [f"weight type auto: budget {self.budget:g} mean KLD on {self.tokens} calibration tokens; "
                  f"all layers {settings()['base']}: {self.base_kld:.5f}; chosen mix: {self.kld:.5f}",
-                 f"{'layer':>5}  {'type':<6} {'KLD alone at ' + settings()['small']:>18}"]
-        lines += [f"{i:>5}  {self.types[i]:<6} {self.sensitivity[i]:>18.5f}" for i in sorted(self.types)]
+                 f"{'layer':>5}  {'type':<6} {'KLD alone at ' + settings()['small'] + ' (' + self.method + ')':>25}"]
+        lines += [f"{i:>5}  {self.types[i]:<6} {self.sensitivity[i]:>25.5f}" for i in sorted(self.types)]
         counts = ", ".join(f"{n} x {t}" for t, n in sorted({t: list(self.types.values()).count(t)
                                                              for t in self.types.values()}.items()))
         return "\n".join(lines + [f"layers: {counts}"])
@@ -92,12 +97,15 @@ class Mix:
 class Simulator:
     """The fp32 model with per-layer weight types applied in place; every original weight is kept once (a
     second fp32 copy of the linears: the pass needs about twice the reference's memory) so a layer can be set
-    to any type again, and only the layers that change are re-quantized."""
+    to any type again, and only the layers that change are re-quantized. calibrated(HF module name): the
+    weight [out, in] a `small` linear takes instead of our RTN quantizer's (a calibrated checkpoint's)."""
 
-    def __init__(self, model, group_size: int):
+    def __init__(self, model, group_size: int, calibrated: Callable[[str], np.ndarray] | None = None,
+                 small: str = "s4"):
         import torch
 
         self.model, self.group = model, group_size
+        self.calibrated, self.small = calibrated, small
         self.layers: dict[int, list] = {}
         self.head = None
         self.original: dict[str, np.ndarray] = {}
@@ -115,7 +123,15 @@ class Simulator:
     def _set(self, modules, wtype: str):
         with self._torch.no_grad():
             for name, module in modules:
-                w = self.original[name] if wtype == "fp32" else fake_weight(self.original[name], wtype, self.group, FP8_SIM)
+                if wtype == "fp32":
+                    w = self.original[name]
+                elif wtype == self.small and self.calibrated is not None:
+                    w = self.calibrated(name)
+                    if w.shape != self.original[name].shape:
+                        raise GeneratorError(f"The calibrated weight of '{name}' has shape {list(w.shape)}; the model's "
+                                             f"is {list(self.original[name].shape)}.")
+                else:
+                    w = fake_weight(self.original[name], wtype, self.group, FP8_SIM)
                 module.weight.copy_(self._torch.from_numpy(np.ascontiguousarray(w, np.float32)))
 
     def set(self, layer: int, wtype: str):
@@ -206,17 +222,19 @@ def layer_modules(model, sim: "Simulator") -> dict[int, object]:
 
 
 def choose_mix(model, ids: list[int], *, budget: float, group_size: int, post_weight_type: str, allowed: list[str],
-               step: Callable[[], None] = lambda: None, cfg: dict | None = None, layers: int | None = None) -> Mix:
+               step: Callable[[], None] = lambda: None, cfg: dict | None = None, layers: int | None = None,
+               calibrated: Callable[[str], np.ndarray] | None = None, method: str = "rtn") -> Mix:
     """Run the sensitivity pass and the greedy choice on `model` (fp32 transformers, modified in place and
     restored at the end). `allowed`: the chip's layer weight types; `step`: called after each measurement
-    (at most 2 L + 1 of them); `layers`: the decoder layer count the model must show."""
+    (at most 2 L + 1 of them); `layers`: the decoder layer count the model must show; `calibrated`: the
+    `small` weights by HF module name (Simulator) when `method` is not rtn."""
     cfg = cfg or settings()
     small, base, fallback = cfg["small"], cfg["base"], cfg.get("fallback")
     for t in (small, base):
         if t not in allowed:
             raise GeneratorError(f"--weight_type auto chooses between {small} and {base}; this chip takes "
                                  f"{', '.join(allowed)}.")
-    sim = Simulator(model, group_size)
+    sim = Simulator(model, group_size, calibrated, small)
     if layers is not None and sorted(sim.layers) != list(range(layers)):
         raise GeneratorError(f"--weight_type auto found decoder linears in layers {sorted(sim.layers)} of "
                              f"{type(model).__name__}, expected 0..{layers - 1}; it cannot map this model's layers.")
@@ -263,7 +281,7 @@ def choose_mix(model, ids: list[int], *, budget: float, group_size: int, post_we
                 total = trial
                 fw.commit()
         return Mix(budget=budget, tokens=len(ids), types=dict(sim.current), kld=total, base_kld=base_kld,
-                   sensitivity=sensitivity, steps=steps)
+                   sensitivity=sensitivity, steps=steps, method=method)
     finally:
         sim.restore()
 

@@ -270,7 +270,7 @@ def cached_quantize(source: str | Path, method: str, weight_type: str, group_siz
     check_method(method, weight_type)
     text = read_calibration(calib_data)
     ckpt = open_input(source)
-    floats = sorted(k for k in _canonical_keys(ckpt.config) if keep_float(k))
+    floats = sorted(k for k in canonical_keys(ckpt.config) if keep_float(k))
     key = cache_key(ckpt.fingerprint(), method, weight_type, group_size, text, floats)
     root = Path(os.environ.get("AXGEN_CACHE", CACHE_DIR)) / "quantized"
     final = root / key
@@ -291,6 +291,65 @@ def cached_quantize(source: str | Path, method: str, weight_type: str, group_siz
     return final
 
 
-def _canonical_keys(config: dict[str, Any]) -> list[str]:
+def with_float_modules(quantized: str | Path, source: str | Path, floats: set[str] | list[str],
+                       log: Callable[[str], None] = lambda s: None) -> Path:
+    """The GPTQ checkpoint `quantized` (written by quantize_checkpoint from `source`) with the packed linears
+    whose canonical names (e.g. 'layers.3.qkv_proj') are in `floats` put back as the fp32 source's weights:
+    what keep_float writes, without calibrating again (--weight_type auto: an all-s4 checkpoint plus the
+    layers the mix keeps wider). The other modules' packed tensors are copied as they are (bit-exact). The
+    kept codes were calibrated with every layer before them at s4, not with the mix's float ones: GPTQ's
+    inputs differ there, its codes are still on our grid. Cached next to `quantized` (<its key>-f<hash>)."""
+    from safetensors.torch import load_file, save_file
+
+    from .simulate import CANONICAL, load_float_model
+
+    quantized = Path(quantized)
+    floats = sorted(set(floats))
+    if not floats:
+        return quantized
+    config = json.loads((quantized / "config.json").read_text())
+    meta = config["quantization_config"]["meta"]
+    if str(meta.get("method", "")).startswith("awq"):
+        raise GeneratorError(f"{quantized}: AWQ folds its scales into the norms; its linears cannot be swapped for "
+                             f"the fp32 source's one at a time.")
+    digest = hashlib.sha256(json.dumps(floats).encode()).hexdigest()[:12]
+    final = quantized.parent / f"{quantized.name}-f{digest}"
+    if (final / "config.json").is_file():
+        log(f"reusing {final}")
+        return final
+    tensors = load_file(str(quantized / "model.safetensors"))
+    state = load_float_model(source, untie=False).state_dict()
+    replaced = set()
+    for name in [n for n in tensors if n.endswith(".qweight")]:
+        prefix = name[: -len(".qweight")]
+        parts = prefix.split(".")
+        at = max((k for k, p in enumerate(parts[:-1]) if p == "layers" and parts[k + 1].isdigit()), default=None)
+        suffix = ".".join(parts[at + 2:]) if at is not None else ""
+        canonical = f"layers.{parts[at + 1]}.{CANONICAL.get(suffix)}" if at is not None else ""
+        if suffix in CANONICAL and canonical in floats:
+            replaced.add(canonical)
+            for part in ("qweight", "qzeros", "scales", "g_idx"):
+                tensors.pop(f"{prefix}.{part}", None)
+            tensors[f"{prefix}.weight"] = state[f"{prefix}.weight"].detach().float().contiguous().clone()
+    meta["float"] = sorted(replaced)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=quantized.parent))
+    try:
+        (tmp / "ckpt").mkdir()
+        for f in quantized.iterdir():
+            if f.is_file() and f.name not in ("model.safetensors", "config.json"):
+                shutil.copy2(f, tmp / "ckpt" / f.name)
+        save_file(tensors, str(tmp / "ckpt" / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "ckpt" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        try:
+            os.rename(tmp / "ckpt", final)
+        except OSError:  # another build finished the same mix first
+            if not (final / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def canonical_keys(config: dict[str, Any]) -> list[str]:
     n = int(config.get("num_hidden_layers") or 0)
     return [f"layers.{i}.{k}" for i in range(n) for k in ("qkv_proj", "o_proj", "gate_up_proj", "up_proj", "down_proj")]
