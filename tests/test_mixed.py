@@ -152,7 +152,7 @@ def test_auto_with_gptq_builds_the_cached_checkpoints_codes(llama4, tmp_path, mo
     assert note["method"] == "gptq" and quant["method"] == "gptq" and quant["bits"] == 4
     assert note["layers"] == {str(i): "s4" for i in range(4)}  # measured without the --override
     assert quant["float"] == [f"layers.0.{k}" for k in ("down_proj", "gate_up_proj", "o_proj", "qkv_proj")]
-    assert m["input"]["reference"] == str(llama4)
+    assert m["input"]["reference"] == str(llama4) and quant["held_out"] == settings()["tokens"]
     cache = tmp_path / "cache" / "quantized"
     all_s4, mixed = sorted(cache.iterdir())  # the all-s4 checkpoint, and it with layer 0 back at fp32
     assert mixed.name == f"{all_s4.name}-f{mixed.name.split('-f')[1]}"
@@ -177,6 +177,22 @@ def test_auto_with_gptq_builds_the_cached_checkpoints_codes(llama4, tmp_path, mo
                 mod.weight.copy_(view.weight(f"model.layers.3.{name}.weight"))
     kld = float(np.mean(kl_divergence(ref, window_logits(model, ids, settings()["window"]))))
     assert note["sensitivity"]["3"] == pytest.approx(kld, rel=1e-3, abs=1e-7)
+
+
+def test_auto_measures_on_the_tail_calibration_holds_out(llama4):
+    from transformers import AutoTokenizer
+
+    from generator.quantize.calibrate import calibration_windows
+
+    text = read_calibration(None)
+    ids = AutoTokenizer.from_pretrained(str(llama4))(text, add_special_tokens=False)["input_ids"]
+    assert calibration_ids(llama4, text, 96) == ids[-96:]
+    fit = ids[:-96]  # every calibration window lies inside the text before the tail (and they reach its end)
+    windows = [w.tolist() for w in calibration_windows(AutoTokenizer.from_pretrained(str(llama4)), text, 1000, 64, 96)]
+    assert all(any(fit[s:s + 64] == w for s in range(len(fit) - 63)) for w in windows)
+    assert windows[-1] == fit[len(fit) - 64 - (len(fit) - 64) % 32:][:64]
+    short = text[:200]  # too short to split: the pass measures on its start
+    assert calibration_ids(llama4, short, 96) == AutoTokenizer.from_pretrained(str(llama4))(short, add_special_tokens=False)["input_ids"][:96]
 
 
 def test_auto_refuses_awq(llama4, tmp_path, capsys):

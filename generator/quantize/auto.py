@@ -1,7 +1,8 @@
 """`--weight_type auto --kld_budget X`: per layer the smallest weight type that keeps the model within a KLD budget.
 
 The measure is the mean KL divergence (fp32 reference || simulated bundle) per token over a slice of the
-calibration text, teacher-forced (settings in generator/data/auto.yaml). The simulated bundle is the fp32
+calibration text (its last `tokens`, which calibrated quantization holds out: calibrate.split_calibration),
+teacher-forced (settings in generator/data/auto.yaml). The simulated bundle is the fp32
 transformers model with our exact quantizer applied to its decoder linears (quantize/simulate.py), so it
 computes what the bundle computes in board numerics (weights on their grid, fp32 activations).
 
@@ -287,11 +288,14 @@ def choose_mix(model, ids: list[int], *, budget: float, group_size: int, post_we
 
 
 def calibration_ids(tokenizer_dir: str | Path, text: str, tokens: int) -> list[int]:
-    """The first `tokens` token ids of the calibration text."""
+    """The `tokens` token ids the pass measures on: the calibration text's tail that calibrated quantization
+    holds out (calibrate.split_calibration), else, for a short text, its first `tokens`."""
     from transformers import AutoTokenizer
 
+    from .calibrate import split_calibration
+
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    ids = tok(text, add_special_tokens=False)["input_ids"][:tokens]
+    ids = split_calibration(tok(text, add_special_tokens=False)["input_ids"], tokens)[1]
     if len(ids) < 8:
         raise GeneratorError(f"The calibration text has {len(ids)} tokens; --weight_type auto needs at least 8.")
     return ids
