@@ -1,7 +1,8 @@
 """Mixed precision: --override PATTERN=TYPE (CLI over the recipe's overrides) lands in the graphs (read from
 the graph files) and the manifest; --weight_type auto --kld_budget X picks per layer s4 or s8 within the budget
 (generous budget: s4 everywhere; smaller budgets: never more s4; the chosen mix re-measured independently is
-within the budget); bad input is refused with the flag named."""
+within the budget); with gptq (the s4 default) the s4 layers are measured and built from the cached all-s4
+GPTQ checkpoint (codes bit-exact), --quant_method rtn as before; bad input is refused with the flag named."""
 
 from __future__ import annotations
 
@@ -177,6 +178,18 @@ def test_auto_with_gptq_builds_the_cached_checkpoints_codes(llama4, tmp_path, mo
                 mod.weight.copy_(view.weight(f"model.layers.3.{name}.weight"))
     kld = float(np.mean(kl_divergence(ref, window_logits(model, ids, settings()["window"]))))
     assert note["sensitivity"]["3"] == pytest.approx(kld, rel=1e-3, abs=1e-7)
+
+
+def test_auto_with_gptq_and_no_layer_at_s4_builds_from_the_fp32_source(llama4, tmp_path, monkeypatch):
+    from generator.quantize import calibrate
+
+    monkeypatch.setenv("AXGEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(calibrate, "settings", _small_calibration)
+    m = quiet_build(input_path=str(llama4), output_path=str(tmp_path / "b"), weight_type="auto", kld_budget=10.0,
+                    flag_overrides={"layers.*": "s8"}, hidden_state_type="fp32", post_weight_type="s8", **SMALL_GROUPS)
+    assert m["weight_type_auto"]["method"] == "gptq" and "quantization" not in m["input"]
+    assert m["input"]["source"] == str(llama4)
+    assert all(graph_weight_types(Bundle(tmp_path / "b").layer_file(i, 0)) == ["s8"] for i in range(4))
 
 
 def test_auto_measures_on_the_tail_calibration_holds_out(llama4):

@@ -134,7 +134,9 @@ def auto_input(r: Resolved, path: Path, small: str, reresolve: Callable[[str], R
     """The build of an auto mix (r.opts) from the all-`small` checkpoint at path: every linear the options
     give another type than `small` back as fp32 weights; the options (the mix) stay r's. r unchanged when no
     linear is at `small`."""
-    types = {k: weight_type_for(r.opts, k, r.opts.weight_type) for k in canonical_keys(r.ckpt.config)}
+    absent = ".up_proj" if r.spec.mlp_gated else ".gate_up_proj"  # the fused name this model does not have
+    types = {k: weight_type_for(r.opts, k, r.opts.weight_type) for k in canonical_keys(r.ckpt.config)
+             if not k.endswith(absent)}
     if small not in types.values():
         return r
     floats = {k for k, t in types.items() if t != small}
