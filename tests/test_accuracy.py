@@ -174,3 +174,17 @@ def test_post_topk_bundle_reports_top1_only(tiny_llama, tmp_path):
     write_reports(ev, "evaluation.txt")
     assert json.loads((out / "report" / "accuracy.json").read_text())["bundles"][0]["kld_mean"] is None
     assert (out / "report" / "accuracy.png").is_file()
+
+
+def test_weights_column_names_the_method_next_to_the_type_it_calibrated():
+    from generator.accuracy.report import weights_text
+    from generator.accuracy.run import Result
+
+    def text(wt, info):
+        return weights_text(Result("x", "b", wt, "board", {}, info=info))
+
+    assert text("s4", {"quant_method": "gptq", "quant_type": "s4"}) == "s4 gptq"
+    assert text("s8", {"quant_method": "rtn", "quant_type": None}) == "s8"
+    # an auto mix: s8 layers (round to nearest) and calibrated s4 layers
+    mix = {"quant_method": "gptq", "quant_type": "s4", "overrides": {"layers.1.*": "s4", "layers.2.*": "s4"}}
+    assert text("s8", mix) == "s8 + s4 gptq x2"

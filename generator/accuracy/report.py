@@ -26,16 +26,21 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def weights_text(r: Result) -> str:
-    """The weight type, with the per-weight overrides (a mix, --override, -w auto) counted by type."""
+    """The weight type, with the per-weight overrides (a mix, --override, -w auto) counted by type; a
+    calibration method is named next to the type it calibrated (a GPTQ checkpoint holds one bit width)."""
     over = r.info.get("overrides") or {}
-    method = r.info.get("quant_method")
-    base = f"{r.weight_type} {method}" if method and method != "rtn" else r.weight_type
+    method, calibrated = r.info.get("quant_method"), r.info.get("quant_type")
+
+    def named(t: str) -> str:
+        return f"{t} {method}" if method and method != "rtn" and t == calibrated else t
+
+    base = named(r.weight_type)
     if not over:
         return base
     counts: dict[str, int] = {}
     for t in over.values():
         counts[t] = counts.get(t, 0) + 1
-    return f"{base} + " + ", ".join(f"{t} x{n}" for t, n in sorted(counts.items()))
+    return f"{base} + " + ", ".join(f"{named(t)} x{n}" for t, n in sorted(counts.items()))
 
 
 def summary_line(r: Result) -> str:

@@ -209,7 +209,8 @@ class Result:
 def describe_bundle(bundle: Bundle) -> dict[str, Any]:
     o = bundle.opts
     quant = getattr(bundle.manifest.input, "quantization", None) or {}
-    return {"quant_method": quant.get("method") or "rtn", "group_size": o.group_size,
+    bits = {4: "s4", 8: "s8"}.get(quant.get("bits"))
+    return {"quant_method": quant.get("method") or "rtn", "quant_type": bits, "group_size": o.group_size,
             "post_weight_type": o.post_weight_type, "hidden_state_type": o.hidden_state_type,
             "overrides": dict(o.overrides)}
 
