@@ -297,12 +297,19 @@ def cached_quantize(source: str | Path, method: str, weight_type: str, group_siz
         log(f"reusing {final}")
         return final
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+    return publish(final, lambda ckpt: quantize_checkpoint(source, method, weight_type, group_size, ckpt, calib_data,
+                                                           log, keep_float))
+
+
+def publish(final: Path, write: Callable[[Path], None]) -> Path:
+    """`write(folder)` into a temporary folder next to `final`, then rename it into place: a cache entry is
+    complete or absent. Another build that finished the same entry first wins."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        quantize_checkpoint(source, method, weight_type, group_size, tmp / "ckpt", calib_data, log, keep_float)
+        write(tmp / "ckpt")
         try:
             os.rename(tmp / "ckpt", final)
-        except OSError:  # another build finished the same key first
+        except OSError:  # another build finished the same entry first
             if not (final / "config.json").is_file():
                 raise
     finally:
@@ -351,22 +358,16 @@ def with_float_modules(quantized: str | Path, source: str | Path, floats: set[st
                 tensors.pop(f"{prefix}.{part}", None)
             tensors[f"{prefix}.weight"] = state[f"{prefix}.weight"].detach().float().contiguous().clone()
     meta["float"] = sorted(replaced)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=quantized.parent))
-    try:
-        (tmp / "ckpt").mkdir()
+
+    def write(ckpt: Path):
+        ckpt.mkdir()
         for f in quantized.iterdir():
             if f.is_file() and f.name not in ("model.safetensors", "config.json"):
-                shutil.copy2(f, tmp / "ckpt" / f.name)
-        save_file(tensors, str(tmp / "ckpt" / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "ckpt" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        try:
-            os.rename(tmp / "ckpt", final)
-        except OSError:  # another build finished the same mix first
-            if not (final / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+                shutil.copy2(f, ckpt / f.name)
+        save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+        (ckpt / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    return publish(final, write)
 
 
 def canonical_keys(config: dict[str, Any]) -> list[str]:
