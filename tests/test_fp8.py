@@ -75,6 +75,21 @@ def test_fp8_post_graph_runs_in_onnxruntime_like_numpy_dequantization(fp8_bundle
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+def test_fast_numerics_runs_fp8_weights_on_shared_fp32_copies(fp8_bundle):
+    """onnxruntime has no int8-activation kernel for float8: fast numerics gives fp8 graphs the board's
+    dequantized fp32 weights (else DequantizeLinear runs on every call) and board's outputs to round-off."""
+    from generator.runtime.ort import open_session
+
+    _, out, _ = fp8_bundle
+    b = Bundle(out)
+    x = np.random.default_rng(4).standard_normal((1, 1, b.spec.hidden_size)).astype(np.float32)
+    fast = open_session(b.post_file, threads=1, quantized=True, numerics="fast")
+    board = open_session(b.post_file, threads=1, quantized=True, numerics="board")
+    assert fast.board_weights and set(fast.board_weights) == set(board.board_weights)
+    want = board.run(None, {"input": x})[0]  # the same weights; fast keeps prepacking (another summation order)
+    np.testing.assert_allclose(fast.run(None, {"input": x})[0], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_fp8_builds_pass_the_layer_check(fp8_bundle):
     wt, _, m = fp8_bundle
     checks = m["checks"]
