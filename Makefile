@@ -3,6 +3,7 @@
 #   make <model> CHIP=AX650   build + verify a model variant (see `make list`)
 #   make test                 run the test suite
 #   make bench                runner speed vs transformers on this machine
+#   make bench-peers          make accuracy's report with llama.cpp Q8_0/Q4_0/Q4_K_M beside it (installs llama-cpp-python)
 #   make accuracy MODEL=...   build MODEL (default: the default model) at s8, s4, calibrated s4, fp8 and an auto mix,
 #                             then one accuracy report (KL divergence, top-1, perplexity vs fp32); NUMERICS=fast
 # Flags (Pulsar2 llm_build names): CHIP WEIGHT_TYPE HIDDEN_STATE_TYPE PREFILL_LEN KV_CACHE_LEN
@@ -41,7 +42,7 @@ BUILD_FLAGS = --chip $(call q,$(CHIP)) -c $(call q,$(CHECK_LEVEL)) \
 	$(if $(OUTPUT),--output_path $(call q,$(OUTPUT))) \
 	$(if $(filter 1 yes true,$(SYNTHETIC)),--synthetic)
 
-.PHONY: all venv test bench accuracy list new-recipe clean distclean
+.PHONY: all venv test bench bench-peers accuracy list new-recipe clean distclean
 all: $(DEFAULT_MODEL)
 
 # The project virtualenv, from pinned requirements (torch 2.13.0 is the CPU wheel on disk).
@@ -64,6 +65,11 @@ accuracy: $(STAMP)
 	$(PY) -m generator accuracy --model $(call q,$(MODEL)) --chip $(call q,$(CHIP)) \
 		$(if $(NUMERICS),--numerics $(call q,$(NUMERICS))) $(if $(MAX_TOKENS),--max_tokens $(call q,$(MAX_TOKENS))) \
 		$(if $(filter 1 yes true,$(REUSE)),--reuse)
+
+# llama.cpp side by side (optional: llama-cpp-python, built from source; never needed by `make test`)
+bench-peers: $(STAMP)
+	$(PY) -c 'import llama_cpp' 2>/dev/null || $(PY) -m pip install --quiet llama-cpp-python==0.3.36
+	$(PY) -m generator accuracy --model $(call q,$(MODEL)) --chip $(call q,$(CHIP)) --reuse --peers Q8_0 Q4_0 Q4_K_M
 
 list: $(STAMP)
 	$(PY) -m generator list

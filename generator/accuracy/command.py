@@ -33,6 +33,9 @@ def add_accuracy_args(p: argparse.ArgumentParser):
     p.add_argument("--reference", help="fp32 checkpoint to compare with (default: the manifest's input.reference, "
                    "else the checkpoint the bundle was built from)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime threads (default: %(default)s)")
+    p.add_argument("--peers", nargs="+", metavar="TYPE", help="also quantize the reference .gguf with llama.cpp to "
+                   "these types (e.g. Q8_0 Q4_0 Q4_K_M) and report them side by side; needs the optional "
+                   "llama-cpp-python (make bench-peers) (default: none)")
 
 
 def accuracy(args) -> int:
@@ -43,6 +46,10 @@ def accuracy(args) -> int:
                              + ("(not both)." if args.model else "(none given)."))
     max_tokens = check_max_tokens(args.max_tokens) or settings()["max_tokens"]
     text = read_text(args.text)
+    if args.peers:
+        from .peers import check_types
+
+        check_types(args.peers)  # before any build: llama-cpp-python is there and knows the types
     err = Console(stderr=True)
     if not err.is_terminal:
         err.width = 150
@@ -58,8 +65,16 @@ def accuracy(args) -> int:
     else:
         bundles = args.bundles
     t = time.perf_counter()
+    refs: dict = {}
     evaluation = evaluate(bundles, text=text, max_tokens=max_tokens, numerics=args.numerics, reference=args.reference,
-                          threads=args.threads, shared_pool=True, labels=labels, log=log)
+                          threads=args.threads, shared_pool=True, labels=labels, log=log, ref_cache=refs)
+    if args.peers:
+        from .peers import evaluate_peers
+
+        if args.reference:
+            raise GeneratorError("--peers quantizes the bundle's own reference checkpoint; drop --reference.")
+        evaluation["results"] += evaluate_peers(bundles[0], args.peers, text=text, max_tokens=max_tokens,
+                                                threads=args.threads, refs=refs, log=log)
     name = Path(args.text).name if args.text else EVALUATION_TEXT.name
     written = write_reports(evaluation, name, args.model)
     out = Console()

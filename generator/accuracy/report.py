@@ -124,6 +124,8 @@ def write_reports(evaluation: dict[str, Any], text_name: str, model: str | None 
              f"{text_name}, {evaluation['settings']['numerics']} numerics")
     written, png = [], None
     for r in results:
+        if r.info.get("peer"):  # llama.cpp (peers.py): in the report, no bundle folder of its own
+            continue
         folder = dest(Path(r.bundle), "report")
         folder.mkdir(exist_ok=True)
         write_text(dest(folder, f"{stem}.json"), doc)

@@ -187,6 +187,22 @@ def model_logits(model, ids: list[int], spans: list[tuple[int, int]], bf16_embed
 
 # -- one evaluation ------------------------------------------------------------------------------
 
+def reference_run(bundle: Bundle, text: str, max_tokens: int | None, reference: str | None, bf16_embedding: bool,
+                  refs: dict) -> tuple[list[int], list[tuple[int, int]], np.ndarray, tuple, tuple[np.ndarray, float]]:
+    """(ids, windows, targets, reference key, (reference logits, seconds)) of `text` for `bundle`; the
+    reference is computed once per key in `refs` (bundles of the same checkpoint and tokens share it)."""
+    ids = text_ids(bundle, text, max_tokens)
+    spans = windows(len(ids), window_for(bundle))
+    targets = np.concatenate([ids[s + 1:e + 1] for s, e in spans])
+    key = (reference_path(bundle, reference), bundle.manifest.synthetic and not reference, tuple(ids),
+           tuple(spans), bf16_embedding)
+    if key not in refs:
+        t = time.perf_counter()
+        ckpt, recipe = open_reference(bundle, reference)
+        refs[key] = (reference_logits(ckpt, recipe, ids, spans, bf16_embedding), time.perf_counter() - t)
+    return ids, spans, targets, key, refs[key]
+
+
 @dataclass
 class Result:
     """One bundle's figures against its reference (per-position KLD kept for the plot)."""
@@ -254,16 +270,7 @@ def evaluate(bundle_dirs: list[str | Path], *, text: str, max_tokens: int | None
     refs: dict[tuple, tuple[np.ndarray, float]] = {} if ref_cache is None else ref_cache
     results = []
     for n, bundle in enumerate(bundles):
-        ids = text_ids(bundle, text, max_tokens)
-        spans = windows(len(ids), window_for(bundle))
-        targets = np.concatenate([ids[s + 1:e + 1] for s, e in spans])
-        key = (reference_path(bundle, reference), bundle.manifest.synthetic and not reference, tuple(ids),
-               tuple(spans), bf16_embedding)
-        if key not in refs:
-            t = time.perf_counter()
-            ckpt, recipe = open_reference(bundle, reference)
-            refs[key] = (reference_logits(ckpt, recipe, ids, spans, bf16_embedding), time.perf_counter() - t)
-        ref, ref_s = refs[key]
+        ids, spans, targets, key, (ref, ref_s) = reference_run(bundle, text, max_tokens, reference, bf16_embedding, refs)
         if ref.shape[1] != bundle.spec.vocab_size:
             raise GeneratorError(f"the reference {key[0]} has {ref.shape[1]} logits per token and the bundle "
                                  f"{bundle.dir} {bundle.spec.vocab_size}; --reference must be the same model.")
