@@ -207,11 +207,15 @@ def build(*, check_level: int = 0, prompt: str | None = None, console: Console |
 
             checks = run_checks(tmp, reference_checkpoint(r.ckpt), r.recipe, level, prompt, bar, console,
                                 config=r.config)
+        from .predict import write_prediction
+
+        predicted = write_prediction(tmp, r.spec, r.opts, r.chip.label)  # report/predicted.json (predict.py)
         finish(tmp, manifest, checks)
         publish(tmp, r.out_dir)
     if "chat_template" in manifest["tokenizer"]:
         console.print(f"[bold yellow]chat template:[/] {manifest['tokenizer']['chat_template']['note']}", highlight=False)
     manifest["out_dir"] = str(r.out_dir)
+    manifest["predicted"] = predicted
     manifest["total_seconds"] = round(time.time() - started, 2)
     return manifest
 

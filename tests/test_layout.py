@@ -13,7 +13,7 @@ export, read by every stage; it imports only the utilities itself):
     verify    anything but cli
     quantize  recipe, resolve, inputs, export
     accuracy  anything but cli                        (the accuracy report: runs bundles and references)
-    cli, pipeline, bench, __main__: anything
+    cli, pipeline, bench, predict, __main__: anything
 
 Every import counts, those inside functions too; only `if TYPE_CHECKING:` blocks (annotations, never
 run) are left out. The tokenizer server is copied verbatim into every bundle, so it imports nothing
@@ -30,7 +30,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "generator"
 UTILITIES = {"errors", "names", "limits", "progress", "interrupt", "paths"}
 STAGES = {"recipe", "resolve", "inputs", "export", "runtime", "serve", "verify", "accuracy", "quantize", "cli"}
-TOP = {"pipeline", "bench", "__main__"}
+TOP = {"pipeline", "bench", "__main__", "predict"}
 ANY = STAGES | {"contract", "top"}
 ALLOWED = {
     "utility": set(),

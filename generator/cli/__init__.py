@@ -1,4 +1,4 @@
-"""Command line: `python -m generator {build,list,run,verify,serve,bench,accuracy}`."""
+"""Command line: `python -m generator {build,list,run,verify,serve,bench,accuracy,predict}`."""
 
 from __future__ import annotations
 
@@ -102,6 +102,11 @@ def cmd_build(args) -> int:
 
             out.print(f"accuracy vs fp32 (evaluation text): {accuracy_text(checks['accuracy'])}", highlight=False)
         out.print("[bold green]checks passed[/]" if checks["passed"] else "[bold red]checks FAILED[/]")
+    if m.get("predicted"):  # report/predicted.json (generator/predict.py)
+        from ..predict import summary_line
+
+        out.print(summary_line(m["predicted"]), highlight=False, soft_wrap=True)
+        summary["predicted"] = m["predicted"]
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     if checks and not checks["passed"]:
@@ -206,6 +211,26 @@ def cmd_accuracy(args) -> int:
     return accuracy(args)
 
 
+def cmd_predict(args) -> int:
+    from ..predict import predict, predict_bundle, summary_line, variant_spec
+
+    if Path(args.target).is_dir():
+        if any(getattr(args, k) is not None for k in ("weight_type", "kv_cache_len", "post_weight_type", "group_size")):
+            raise GeneratorError("predict: -w/--kv_cache_len/--post_weight_type/--group_size apply to a model variant; "
+                                 "a bundle is predicted with the options it was built with.")
+        from ..contract import Bundle
+
+        bundle = Bundle(args.target)
+        p = predict(bundle.spec, bundle.opts, args.chip) if args.chip else predict_bundle(bundle)
+    else:
+        flags = {k: getattr(args, k) for k in ("weight_type", "kv_cache_len", "post_weight_type", "group_size")}
+        chip = args.chip or "AX650"
+        spec, opts = variant_spec(args.target, chip, **flags)
+        p = predict(spec, opts, chip)
+    print(json.dumps(p, indent=2) if args.json else summary_line(p))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from ..bench import bench
 
@@ -251,6 +276,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-w", "--weight_type", default="s4", choices=("s4", "s8"), help="(default: %(default)s)")
     p.add_argument("--group_size", type=int, default=128, help="(default: %(default)s)")
     p.add_argument("--calib_data", help="calibration text file (default: generator/data/text/calibration.txt)")
+    p = sub.add_parser("predict", help="predicted board decode speed, TTFT and CMM memory (a cost model, "
+                       "calibrated on the vendor's published figures)")
+    p.add_argument("target", help="bundle folder, or a model variant (see `list`) (required)")
+    p.add_argument("--chip", help="AX650, AX630C / AX620E (default: the bundle's chip; AX650 for a variant)")
+    p.add_argument("-w", "--weight_type", choices=WEIGHT_TYPES, help="layer weight type, a variant only "
+                   "(default: the recipe's)")
+    p.add_argument("--kv_cache_len", type=int, help="KV cache rows, a variant only (default: the recipe's)")
+    p.add_argument("--post_weight_type", choices=WEIGHT_TYPES, help="lm_head weight type, a variant only "
+                   "(default: the recipe's)")
+    p.add_argument("--group_size", type=int, help="quantization group size, a variant only (default: the recipe's)")
+    p.add_argument("--json", action="store_true", help="print the prediction as JSON (default: one line)")
     add_accuracy_args(sub.add_parser("accuracy", help="KL divergence, top-1 agreement and perplexity vs the fp32 "
                                                       "reference over a fixed text"))
     return parser
@@ -261,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler = {"build": cmd_build, "list": cmd_list, "run": cmd_run, "verify": cmd_verify, "serve": cmd_serve,
                "new-recipe": cmd_new_recipe, "bench": cmd_bench, "accuracy": cmd_accuracy, "quantize": cmd_quantize,
-               "show-recipe": cmd_show_recipe}[args.command]
+               "show-recipe": cmd_show_recipe, "predict": cmd_predict}[args.command]
     try:
         return handler(args)
     except GeneratorError as exc:
