@@ -6,6 +6,8 @@
 #   make bench-peers          make accuracy's report with llama.cpp Q8_0/Q4_0/Q4_K_M beside it (installs llama-cpp-python)
 #   make accuracy MODEL=...   build MODEL (default: the default model) at s8, s4, calibrated s4, fp8 and an auto mix,
 #                             then one accuracy report (KL divergence, top-1, perplexity vs fp32); NUMERICS=fast
+#   make zoo ZOO=zoo.yaml     build a zoo file's models x chips x weight types as Ray tasks (local Ray, or the
+#                             cluster at RAY_ADDRESS=...), resumable; index in out/zoo/index.md and index.html
 # Flags (Pulsar2 llm_build names): CHIP WEIGHT_TYPE HIDDEN_STATE_TYPE PREFILL_LEN KV_CACHE_LEN
 #   LAST_KV_CACHE_LEN="128 256" POST_TOPK POST_WEIGHT_TYPE VISION_WEIGHT_TYPE CHECK_LEVEL PROMPT INPUT OUTPUT SYNTHETIC=1 IMAGE_SIZE
 #   OVERRIDE="layers.0.*=s8 lm_head=s8" (per-weight types)  WEIGHT_TYPE=auto KLD_BUDGET=0.05 (per-layer s4/s8 mix)
@@ -70,6 +72,12 @@ accuracy: $(STAMP)
 bench-peers: $(STAMP)
 	$(PY) -c 'import llama_cpp' 2>/dev/null || $(PY) -m pip install --quiet llama-cpp-python==0.3.36
 	$(PY) -m generator accuracy --model $(call q,$(MODEL)) --chip $(call q,$(CHIP)) --reuse --peers Q8_0 Q4_0 Q4_K_M
+
+ZOO ?= generator/zoo/example.yaml
+zoo: $(STAMP)
+	$(PY) -m generator zoo $(call q,$(ZOO))
+
+.PHONY: zoo
 
 list: $(STAMP)
 	$(PY) -m generator list

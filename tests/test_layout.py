@@ -13,6 +13,7 @@ export, read by every stage; it imports only the utilities itself):
     verify    anything but cli
     quantize  recipe, resolve, inputs, export
     accuracy  anything but cli                        (the accuracy report: runs bundles and references)
+    zoo       anything but cli                        (the model zoo: builds as Ray tasks, their index)
     cli, pipeline, bench, predict, __main__: anything
 
 Every import counts, those inside functions too; only `if TYPE_CHECKING:` blocks (annotations, never
@@ -29,7 +30,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "generator"
 UTILITIES = {"errors", "names", "limits", "progress", "interrupt", "paths"}
-STAGES = {"recipe", "resolve", "inputs", "export", "runtime", "serve", "verify", "accuracy", "quantize", "cli"}
+STAGES = {"recipe", "resolve", "inputs", "export", "runtime", "serve", "verify", "accuracy", "quantize", "cli", "zoo"}
 TOP = {"pipeline", "bench", "__main__", "predict"}
 ANY = STAGES | {"contract", "top"}
 ALLOWED = {
@@ -43,6 +44,7 @@ ALLOWED = {
     "serve": {"runtime"},
     "verify": ANY - {"cli"},
     "accuracy": ANY - {"cli"},
+    "zoo": ANY - {"cli"},
     "quantize": {"recipe", "resolve", "inputs", "export"},
     "cli": ANY,
     "top": ANY,

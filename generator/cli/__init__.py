@@ -231,6 +231,12 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_zoo(args) -> int:
+    from ..zoo import zoo
+
+    return zoo(args)
+
+
 def cmd_bench(args) -> int:
     from ..bench import bench
 
@@ -289,6 +295,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the prediction as JSON (default: one line)")
     add_accuracy_args(sub.add_parser("accuracy", help="KL divergence, top-1 agreement and perplexity vs the fp32 "
                                                       "reference over a fixed text"))
+    from ..zoo import add_zoo_args
+
+    add_zoo_args(sub.add_parser("zoo", help="build a matrix of variants x chips x weight types as Ray tasks "
+                                            "(local Ray, or the cluster at $RAY_ADDRESS) and index it"))
     return parser
 
 
@@ -296,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     handler = {"build": cmd_build, "list": cmd_list, "run": cmd_run, "verify": cmd_verify, "serve": cmd_serve,
+               "zoo": cmd_zoo,
                "new-recipe": cmd_new_recipe, "bench": cmd_bench, "accuracy": cmd_accuracy, "quantize": cmd_quantize,
                "show-recipe": cmd_show_recipe, "predict": cmd_predict}[args.command]
     try:
