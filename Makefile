@@ -10,6 +10,7 @@
 #                             cluster at RAY_ADDRESS=...), resumable; index in out/zoo/index.md and index.html
 # Flags (Pulsar2 llm_build names): CHIP WEIGHT_TYPE HIDDEN_STATE_TYPE PREFILL_LEN KV_CACHE_LEN
 #   LAST_KV_CACHE_LEN="128 256" POST_TOPK POST_WEIGHT_TYPE VISION_WEIGHT_TYPE CHECK_LEVEL PROMPT INPUT OUTPUT SYNTHETIC=1 IMAGE_SIZE
+#   PARALLEL=N (worker processes for the decoder layers and the post graph; same bundle bytes as 1)
 #   OVERRIDE="layers.0.*=s8 lm_head=s8" (per-weight types)  WEIGHT_TYPE=auto KLD_BUDGET=0.05 (per-layer s4/s8 mix)
 #   QUANT=rtn|gptq|awq|awq+gptq (how s4/s8 weights are found; default gptq for s4) CALIB=file.txt (calibration text)
 
@@ -39,6 +40,7 @@ BUILD_FLAGS = --chip $(call q,$(CHIP)) -c $(call q,$(CHECK_LEVEL)) \
 	$(if $(QUANT),--quant_method $(call q,$(QUANT))) \
 	$(if $(CALIB),--calib_data $(call q,$(CALIB))) \
 	$(if $(IMAGE_SIZE),--image_size $(call q,$(IMAGE_SIZE))) \
+	$(if $(PARALLEL),--parallel $(call q,$(PARALLEL))) \
 	$(if $(PROMPT),--prompt $(call q,$(PROMPT))) \
 	$(if $(INPUT),--input_path $(call q,$(INPUT))) \
 	$(if $(OUTPUT),--output_path $(call q,$(OUTPUT))) \

@@ -297,6 +297,7 @@ class Manifest(Record):
     system_prompt: str
     non_standard_ops: list[str]
     build_seconds: float
+    peak_rss_mib: float | None = None  # peak resident memory of the build and its checks (older bundles: absent)
     synthetic: bool = False  # built from generated weights (verify regenerates them)
     checks_skipped: str | None = None  # why verification did not run
     weight_type_auto: dict[str, Any] | None = None  # -w auto: the KLD budget, the measured KLD, the per-layer mix

@@ -163,7 +163,7 @@ def verification(r: Resolved, check_level: int, console: Console) -> tuple[int, 
 
 
 def build(*, check_level: int = 0, prompt: str | None = None, console: Console | None = None,
-          progress: bool = True, image_size: int | None = None, **request: Any) -> dict[str, Any]:
+          progress: bool = True, image_size: int | None = None, parallel: int = 1, **request: Any) -> dict[str, Any]:
     """resolve -> export -> verify -> publish; returns the manifest (plus out_dir and total_seconds).
     `request`: resolve's arguments (model, input_path, output_path, chip, synthetic, recipe_name, flags)."""
     console = console or Console(stderr=True)
@@ -200,13 +200,16 @@ def build(*, check_level: int = 0, prompt: str | None = None, console: Console |
     bar = Progress(console, enabled=progress)
     with staged(r.out_dir, r.ckpt.dir) as tmp:
         manifest = write_bundle(r, tmp, bar, {"synthetic": r.ckpt.kind == "synthetic", **skipped, **auto_note, **quant_note},
-                                image_size=image_size)
+                                image_size=image_size, parallel=parallel)
         checks = None
         if level > 0:
             from .verify.checks import run_checks
 
             checks = run_checks(tmp, reference_checkpoint(r.ckpt), r.recipe, level, prompt, bar, console,
                                 config=r.config)
+        from .export.parallel import peak_rss_mib
+
+        manifest["peak_rss_mib"] = peak_rss_mib()  # the build and its checks (export/parallel.py)
         from .predict import write_prediction
 
         predicted = write_prediction(tmp, r.spec, r.opts, r.chip.label)  # report/predicted.json (predict.py)

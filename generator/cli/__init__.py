@@ -57,8 +57,8 @@ def add_build_args(p: argparse.ArgumentParser):
     p.add_argument("-c", "--check_level", type=int, default=0, choices=[0, 1, 2],
                    help="0: build only, 1: layer check, 2: + run the check prompt (default: %(default)s; make: 2)")
     p.add_argument("--prompt", help="prompt for check level 2 (default: the recipe's, 1+1=)")
-    p.add_argument("--parallel", type=int_at_least(1), default=1, help="accepted for Pulsar2 compatibility, unused "
-                   "(default: %(default)s)")
+    p.add_argument("--parallel", type=int_at_least(1), default=1, help="worker processes building the decoder "
+                   "layers and the post graph; the bundle is byte-identical to a serial build (default: %(default)s)")
     p.add_argument("--recipe", help="force a recipe (default: from the model name or the checkpoint's architectures)")
     p.add_argument("--synthetic", action="store_true", help="random weights with the variant's exact config "
                    "(default: off)")
@@ -78,18 +78,19 @@ def cmd_build(args) -> int:
     flags["flag_overrides"] = parse_overrides(args.override)
     m = build(model=args.model, input_path=args.input_path, output_path=args.output_path, chip=args.chip,
               synthetic=args.synthetic, recipe_name=args.recipe, check_level=args.check_level, prompt=args.prompt,
-              console=console, progress=not args.no_progress, image_size=args.image_size, **flags)
+              console=console, progress=not args.no_progress, image_size=args.image_size, parallel=args.parallel,
+              **flags)
     files = m["files"]
     size = sum(f["bytes"] for f in files.values())
     out = Console()
     out.print(f"[bold green]bundle[/] {m['out_dir']}: {len(files)} files, {size / 2**20:.1f} MiB, "
               f"built in {m['build_seconds']:.1f} s ({m['total_seconds']:.1f} s "
-              f"{'with checks' if m.get('checks') else 'in total'})")
+              f"{'with checks' if m.get('checks') else 'in total'}), peak RSS {m['peak_rss_mib']:.0f} MiB")
     if m.get("checks_skipped"):
         out.print(f"[bold yellow]checks skipped:[/] {m['checks_skipped']}")
     checks = m.get("checks")
     summary = {"out_dir": m["out_dir"], "files": len(files), "bytes": size, "build_seconds": m["build_seconds"],
-               "total_seconds": m["total_seconds"], "checks": checks}
+               "total_seconds": m["total_seconds"], "peak_rss_mib": m["peak_rss_mib"], "checks": checks}
     if checks:
         if "layer" in checks:
             l = checks["layer"]

@@ -44,6 +44,7 @@ from ..resolve.resolved import Resolved
 from ..inputs.gptq import provenance
 from .graphs import layer_graph, post_graph, store_layer, store_post
 from .onnx_graph import WeightsFile
+from .parallel import Workers
 from .quant import to_bf16_bits
 from .vision import vision_entry, write_vision
 from .weights import WeightSource
@@ -90,30 +91,69 @@ def recipe_sha256(recipe) -> str:
     return hashlib.sha256(json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def write_graphs(ctx: Resolved, tmp: Path, progress: Progress) -> dict[str, Any]:
+_JOB: tuple | None = None  # (spec, opts, source, groups, tmp) of the running write_graphs, for forked workers
+
+
+def build_layer(i: int):
+    """Layer i: its weights file and one graph per shape group, into the build folder (in-process or
+    in a worker forked by write_graphs, which inherits _JOB)."""
+    spec, opts, src, groups, tmp = _JOB
+    mt, P = spec.model_type, opts.prefill_len  # file names: generator/contract.py
+    wf = WeightsFile(dest(tmp, layer_data_name(mt, P, i)))
+    try:
+        inits, refs = store_layer(wf, spec, opts, i, src.layer(i))
+    finally:
+        wf.close()
+    for group in groups:
+        onnx.save_model(layer_graph(spec, opts, i, group, refs, inits), dest(tmp, layer_graph_name(mt, P, i, group.index)))
+    return i
+
+
+def write_embed(embed: np.ndarray, scale: float, path: Path, rows: int = 8192):
+    """The board's embedding table (bf16 bits) in row blocks, so no second table-sized temporary; the board
+    reads rows of it, and embedding scales (Gemma, MiniCPM) are applied here."""
+    with open(path, "wb") as f:
+        for r in range(0, embed.shape[0], rows):
+            block = embed[r:r + rows]
+            to_bf16_bits(block if scale == 1.0 else block * np.float32(scale)).tofile(f)
+
+
+def build_post(_: int = 0):
+    """The post graph (final norm + lm_head) and the board's embedding table (in-process or in a worker)."""
+    spec, opts, src, _groups, tmp = _JOB
+    mt = spec.model_type
+    embed = src.embed_tokens()
+    write_embed(embed, spec.embedding_scale, dest(tmp, EMBED_FILE))
+    head = src.lm_head(embed)
+    del embed  # an untied head's build then holds one vocab-sized table, not two
+    wf = WeightsFile(dest(tmp, f"{post_stem(mt)}.data"))
+    try:
+        inits, refs = store_post(wf, spec, opts, src.final_norm(), head)
+    finally:
+        wf.close()
+    del head
+    onnx.save_model(post_graph(spec, opts, refs, inits), dest(tmp, f"{post_stem(mt)}.onnx"))
+
+
+def write_graphs(ctx: Resolved, tmp: Path, progress: Progress, parallel: int = 1) -> dict[str, Any]:
+    """The decoder layers, then the post graph and the embedding table; with `parallel` > 1 all of them by
+    forked worker processes (export/parallel.py), the post graph, the longest piece, queued first."""
+    global _JOB
     spec, opts = ctx.spec, ctx.opts
     src = WeightSource(ctx.ckpt, ctx.recipe, spec)
     groups = opts.groups()
     mt, P = spec.model_type, opts.prefill_len  # file names: generator/contract.py
-    with progress.task("building llm decode layers", spec.num_hidden_layers) as step:
-        for i in range(spec.num_hidden_layers):
-            wf = WeightsFile(dest(tmp, layer_data_name(mt, P, i)))
-            inits, refs = store_layer(wf, spec, opts, i, src.layer(i))
-            wf.close()
-            for group in groups:
-                onnx.save_model(layer_graph(spec, opts, i, group, refs, inits),
-                                dest(tmp, layer_graph_name(mt, P, i, group.index)))
-            step()
-    with progress.task("building llm post layer", 1) as step:
-        embed = src.embed_tokens()
-        wf = WeightsFile(dest(tmp, f"{post_stem(mt)}.data"))
-        inits, refs = store_post(wf, spec, opts, src.final_norm(), src.lm_head(embed))
-        wf.close()
-        onnx.save_model(post_graph(spec, opts, refs, inits), dest(tmp, f"{post_stem(mt)}.onnx"))
-        # the board reads rows of this table; embedding scales (Gemma, MiniCPM) are applied here
-        table = embed if spec.embedding_scale == 1.0 else embed * np.float32(spec.embedding_scale)
-        to_bf16_bits(table).tofile(dest(tmp, EMBED_FILE))
-        step()
+    _JOB = (spec, opts, src, groups, tmp)
+    try:
+        with Workers(parallel, "the decoder layers and the post graph") as workers:
+            post = [workers.submit(build_post, 0)] if parallel > 1 else []
+            layers = [workers.submit(build_layer, i) for i in range(spec.num_hidden_layers)]
+            with progress.task("building llm decode layers", spec.num_hidden_layers) as step:
+                workers.wait(layers, step)
+            with progress.task("building llm post layer", 1) as step:
+                workers.wait(post or [workers.submit(build_post, 0)], step)
+    finally:
+        _JOB = None
     return {  # the templates as data for other tools (the board's axmodel template is printf's %d)
         "layer_template": layer_graph_name(mt, P, "%d", "{group}"),
         "layer_data_template": layer_data_name(mt, P, "%d"),
@@ -304,11 +344,11 @@ def write_manifest(tmp: Path, manifest: dict[str, Any]):
 
 
 def write_bundle(ctx: Resolved, tmp: Path, progress: Progress, extra: dict[str, Any],
-                 image_size: int | None = None) -> dict[str, Any]:
+                 image_size: int | None = None, parallel: int = 1) -> dict[str, Any]:
     """Everything into `tmp`, the manifest last (without the file listing: `finish` adds it once the
     verification report is written too). `extra`: manifest entries of the pipeline (synthetic, ...)."""
     started = time.time()
-    files = write_graphs(ctx, tmp, progress)
+    files = write_graphs(ctx, tmp, progress, parallel)
     write_text(dest(tmp, POST_CONFIG), json.dumps(ctx.recipe.sampling.model_dump(), indent=4) + "\n")
     vision = write_vision(ctx, tmp, progress, image_size)  # None for text-only models
     tok = write_tokenizer(ctx, tmp, vision)

@@ -22,7 +22,7 @@ from ..errors import GeneratorError
 from ..resolve.options import BuildOptions
 from ..resolve.spec import ArchSpec, NormSpec
 from .onnx_graph import DTYPES, Graph, WeightsFile
-from .quant import pack_int4, quantize, quantize_fp8, to_bf16_bits
+from .quant import fp8_scale, fp8_codes, pack_int4, quantize, to_bf16_bits
 from ..inputs.gptq import Grid
 from ..recipe.tensors import NORMS
 
@@ -63,30 +63,70 @@ def fused_grid(w: dict, keys: tuple[str, ...], factors: list[float] | None = Non
     return (bad or "only some parts are GPTQ-packed") if bad is not None or None in grids else Grid.concat(grids, factors)
 
 
+BLOCK_BYTES = 64 << 20  # fp32 bytes of one block of W's rows that store_linear converts at a time
+
+
+def row_blocks(w_out_in: np.ndarray, group: int):
+    """(k0, W[k0:k1] as contiguous fp32 [k1-k0, N]) of W = w_out_in.T, in blocks of about BLOCK_BYTES whose
+    row counts are multiples of `group`, so every quantization group lies inside one block: quantizing
+    block by block gives the whole-tensor result byte for byte, without whole-tensor temporaries
+    (a 150k-vocab head otherwise needs several times its fp32 size)."""
+    n, k = w_out_in.shape
+    rows = max(1, BLOCK_BYTES // (4 * max(n, 1)))
+    if group:
+        rows = max(group, rows // group * group)
+    for k0 in range(0, k, rows):
+        yield k0, np.ascontiguousarray(w_out_in[:, k0:k0 + rows].T, dtype=np.float32)
+
+
+def packed_int4(q: np.ndarray) -> np.ndarray:
+    """pack_int4 of q [K, N] in row blocks: the same bytes, without its int16 whole-tensor temporaries."""
+    k, n = q.shape
+    rows = max(2, (BLOCK_BYTES // max(n, 1)) // 2 * 2)  # even, so every block but the last packs whole bytes
+    return np.concatenate([np.frombuffer(pack_int4(q[r:r + rows]), np.uint8) for r in range(0, k, rows)])
+
+
 def store_linear(wf: WeightsFile, inits: list, name: str, w_out_in: np.ndarray, bias: np.ndarray | None,
                  wtype: str, group: int, grid: Grid | str | None = None) -> Linear:
     """grid: the source's GPTQ codes and scales, stored as they are when they fit wtype and group (a
-    GPTQ input keeps its grid bit-exact); otherwise the float weight is quantized here (logged)."""
-    w = np.ascontiguousarray(w_out_in.T, dtype=np.float32)  # [K, N], one copy
-    k, n = w.shape
+    GPTQ input keeps its grid bit-exact); otherwise the float weight is quantized here (logged), in
+    row blocks (row_blocks) into the stored type's array."""
+    n, k = w_out_in.shape  # stored as W = w_out_in.T [K, N]
     if is_quantized(wtype):
         kept = grid.for_build(wtype, group) if isinstance(grid, Grid) else grid
         if isinstance(kept, str):
             LOG.warning("%s: GPTQ codes re-quantized from the dequantized weights (%s)", name, kept)
-        q, scale = kept if isinstance(kept, tuple) else quantize(w, wtype, group)
-        raw = q.tobytes() if wtype == "s8" else pack_int4(q)
+        if isinstance(kept, tuple):
+            q, scale = kept
+        else:
+            q, scales = np.empty((k, n), np.int8), []
+            for k0, blk in row_blocks(w_out_in, group):
+                qb, sb = quantize(blk, wtype, group)
+                q[k0:k0 + len(qb)] = qb
+                scales.append(sb)
+            scale = np.concatenate(scales)
+        raw = q if wtype == "s8" else packed_int4(q)
         inits.append(wf.tensor(f"{name}.qweight", raw, TensorProto.INT8 if wtype == "s8" else TensorProto.INT4, [k, n]))
         inits.append(wf.tensor(f"{name}.scales", scale.tobytes(), TensorProto.FLOAT, list(scale.shape)))
     elif is_fp8(wtype):  # fp8 codes + one fp32 scale per output channel (export/quant.py quantize_fp8)
-        q, scale = quantize_fp8(w, wtype)
-        inits.append(wf.tensor(f"{name}.weight", q.view(np.uint8).tobytes(), FP8_ONNX[wtype], [k, n]))
+        amax = np.zeros(n, np.float32)
+        for _, blk in row_blocks(w_out_in, 0):
+            np.maximum(amax, np.abs(blk).max(axis=0), out=amax)
+        scale = fp8_scale(amax, wtype)
+        q = np.empty((k, n), np.uint8)
+        for k0, blk in row_blocks(w_out_in, 0):
+            q[k0:k0 + len(blk)] = fp8_codes(blk, scale, wtype).view(np.uint8)
+        inits.append(wf.tensor(f"{name}.weight", q, FP8_ONNX[wtype], [k, n]))
         inits.append(wf.tensor(f"{name}.scales", scale.tobytes(), TensorProto.FLOAT, [n]))
-    elif wtype == "bf16":
-        inits.append(wf.tensor(f"{name}.weight", to_bf16_bits(w).tobytes(), TensorProto.BFLOAT16, [k, n]))
-    elif wtype == "fp16":
-        inits.append(wf.tensor(f"{name}.weight", w.astype(np.float16).tobytes(), TensorProto.FLOAT16, [k, n]))
+    elif wtype in ("bf16", "fp16"):
+        out = np.empty((k, n), np.uint16 if wtype == "bf16" else np.float16)
+        for k0, blk in row_blocks(w_out_in, 0):
+            out[k0:k0 + len(blk)] = to_bf16_bits(blk) if wtype == "bf16" else blk.astype(np.float16)
+        inits.append(wf.tensor(f"{name}.weight", out, TensorProto.BFLOAT16 if wtype == "bf16" else TensorProto.FLOAT16,
+                               [k, n]))
     else:
-        inits.append(wf.tensor(f"{name}.weight", w.tobytes(), TensorProto.FLOAT, [k, n]))
+        inits.append(wf.tensor(f"{name}.weight", np.ascontiguousarray(w_out_in.T, dtype=np.float32), TensorProto.FLOAT,
+                               [k, n]))
     b = None
     if bias is not None:
         b = f"{name}.bias"

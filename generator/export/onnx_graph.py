@@ -25,7 +25,10 @@ class WeightsFile:
         self._f = open(self.path, "wb")
         self.offset = 0
 
-    def tensor(self, name: str, raw: bytes, data_type: int, dims: list[int]) -> TensorProto:
+    def tensor(self, name: str, raw: bytes | np.ndarray, data_type: int, dims: list[int]) -> TensorProto:
+        """raw: the bytes, or a C-contiguous array written as its bytes (no copy of a big tensor)."""
+        if isinstance(raw, np.ndarray):
+            raw = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
         pad = (-self.offset) % ALIGN
         if pad:
             self._f.write(b"\0" * pad)

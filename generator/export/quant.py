@@ -57,14 +57,23 @@ def pack_int4(q: np.ndarray) -> bytes:
 FP8_DTYPE = {"fp8_e4m3": ml_dtypes.float8_e4m3fn, "fp8_e5m2": ml_dtypes.float8_e5m2}
 
 
+def fp8_scale(amax: np.ndarray, wtype: str) -> np.ndarray:
+    """Per output channel scales float32 [N] from each column's largest magnitude."""
+    scale = (amax / np.float32(float(ml_dtypes.finfo(FP8_DTYPE[wtype]).max))).astype(np.float32)
+    return np.where(scale == 0, np.float32(1.0), scale).astype(np.float32)
+
+
+def fp8_codes(w: np.ndarray, scale: np.ndarray, wtype: str) -> np.ndarray:
+    """W [K, N] (or a block of its rows) / scale, rounded into the fp8 type."""
+    dtype = FP8_DTYPE[wtype]
+    top = float(ml_dtypes.finfo(dtype).max)
+    return np.ascontiguousarray(np.clip(w / scale, -top, top).astype(dtype))
+
+
 def quantize_fp8(w: np.ndarray, wtype: str) -> tuple[np.ndarray, np.ndarray]:
     """Return (q [K, N] in the ml_dtypes fp8 type, scales float32 [N]), one scale per output channel."""
-    dtype = FP8_DTYPE[wtype]
-    amax = np.abs(np.asarray(w, np.float32)).max(axis=0)
-    scale = (amax / np.float32(float(ml_dtypes.finfo(dtype).max))).astype(np.float32)
-    scale = np.where(scale == 0, np.float32(1.0), scale).astype(np.float32)
-    top = float(ml_dtypes.finfo(dtype).max)
-    return np.ascontiguousarray(np.clip(w / scale, -top, top).astype(dtype)), scale
+    scale = fp8_scale(np.abs(np.asarray(w, np.float32)).max(axis=0), wtype)
+    return fp8_codes(w, scale, wtype), scale
 
 
 def dequantize_fp8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
