@@ -59,7 +59,9 @@ def start(num_cpus: int | None = None) -> str:
                 why = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise GeneratorError(f"RAY_ADDRESS={address}: cannot connect to a Ray cluster there ({why}). Unset "
                              f"RAY_ADDRESS to build on a local Ray instance, or start the cluster's head "
-                             f"(`ray start --head`) and give its address.")
+                             f"(`ray start --head`) and give its address; a cluster with token authentication "
+                             f"(Ray's default) also needs RAY_AUTH_MODE=token and its token (~/.ray/auth_token "
+                             f"or RAY_AUTH_TOKEN).")
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, object_store_memory=OBJECT_STORE_BYTES,
              include_dashboard=False, runtime_env=runtime_env, log_to_driver=False, configure_logging=False)
     return f"a local Ray instance ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
