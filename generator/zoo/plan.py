@@ -159,7 +159,8 @@ def plan(jobs: list[Job], state: State, log) -> tuple[list[tuple[Job, Any, dict,
             done[job.label] = {"status": "skipped", "error": None, "seconds": 0.0}
             log(f"{job.label}: up to date, skipped")
             continue
-        log(f"{job.label}: to build ({why})")
-        todo.append((job, r, key, build_memory(r, job.check_level)))
+        memory = build_memory(r, job.check_level)
+        log(f"{job.label}: to build ({why}; declares {memory / GIB:.1f} GiB of memory to Ray)")
+        todo.append((job, r, key, memory))
     state.save()
     return todo, done
