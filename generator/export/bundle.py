@@ -124,8 +124,11 @@ def build_post(_: int = 0):
     mt = spec.model_type
     embed = src.embed_tokens()
     write_embed(embed, spec.embedding_scale, dest(tmp, EMBED_FILE))
+    if not spec.tie_word_embeddings:  # an untied head is read with the embedding table freed
+        del embed
+        embed = None
     head = src.lm_head(embed)
-    del embed  # an untied head's build then holds one vocab-sized table, not two
+    del embed
     wf = WeightsFile(dest(tmp, f"{post_stem(mt)}.data"))
     try:
         inits, refs = store_post(wf, spec, opts, src.final_norm(), head)

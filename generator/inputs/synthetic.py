@@ -143,8 +143,9 @@ class SyntheticCheckpoint(TensorSource):
             x *= np.float32(0.05)
         elif kind == "embed":
             x *= np.float32(p)
-        elif kind == "head":
-            x = self.tensor(self._embed_name) + np.float32(0.5 * p) * x
+        elif kind == "head":  # embed + noise, in place: two vocab-sized tables at a time, not four
+            x *= np.float32(0.5 * p)
+            x += self.tensor(self._embed_name)
         return x
 
     def torch_tensor(self, name: str):
