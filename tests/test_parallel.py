@@ -134,3 +134,21 @@ def test_row_block_storage_is_whole_tensor_storage(tmp_path, monkeypatch, wtype)
     stored = b"".join(data[int(dict((e.key, e.value) for e in t.external_data)["offset"]):][
                       :int(dict((e.key, e.value) for e in t.external_data)["length"])] for t in inits)
     assert stored == expected
+
+
+def test_a_bf16_checkpoint_after_torch_ran_threads_builds_in_workers(tiny_llama, tmp_path):
+    """Workers forked after the parent ran multi-threaded torch read a bf16 checkpoint (torch converts)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "bf16"
+    shutil.copytree(tiny_llama, src)
+    for f in src.glob("*.safetensors"):
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(f).items()}, str(f), metadata={"format": "pt"})
+    torch.set_num_threads(2)
+    (torch.ones(512, 512) @ torch.ones(512, 512)).sum()  # the parent's intra-op pool is up
+    build(src, tmp_path / "p1", 1)
+    build(src, tmp_path / "p2", 2)
+    assert listing(tmp_path / "p1") == listing(tmp_path / "p2")

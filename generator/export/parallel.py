@@ -9,11 +9,20 @@ progress step each). N = 1 runs everything in this process, with no pool.
 from __future__ import annotations
 
 import multiprocessing
+import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
 from ..errors import GeneratorError
+
+
+def one_thread():
+    """A worker's torch runs single-threaded: N workers are the parallelism, and a forked child must not
+    enter the OpenMP pool its parent may have started."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
 
 
 class Workers:
@@ -25,7 +34,7 @@ class Workers:
             raise GeneratorError(f"--parallel (make PARALLEL=) must be at least 1, got {parallel}.")
         self.parallel, self.what = parallel, what
         self.pool = None if parallel == 1 else ProcessPoolExecutor(
-            max_workers=parallel, mp_context=multiprocessing.get_context("fork"))
+            max_workers=parallel, mp_context=multiprocessing.get_context("fork"), initializer=one_thread)
 
     def __enter__(self):
         return self
@@ -73,7 +82,6 @@ def peak_rss_mib() -> float:
     workers; they share the pages they were forked with, which this counts twice, and of N workers
     running at once it counts the largest only): the figure the summary and the manifest report."""
     import resource
-    import sys
 
     unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
