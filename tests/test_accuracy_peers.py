@@ -29,7 +29,7 @@ def test_peers_without_llama_cpp_is_a_clear_error(monkeypatch, tmp_path, capsys)
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is an optional extra")
 def test_llama_cpp_q8_0_is_scored_against_the_same_reference_and_beats_q4_0(smollm2_bundle, tmp_path):
     refs: dict = {}
-    q8, q4 = peers.evaluate_peers(smollm2_bundle, ["Q8_0", "q4_0"], text=read_text(None), max_tokens=128,
+    q8, q4 = peers.evaluate_peers(smollm2_bundle[0], ["Q8_0", "q4_0"], text=read_text(None), max_tokens=128,
                                   threads=2, refs=refs, root=tmp_path, log=lambda s: None)
     assert (q8.weight_type, q4.weight_type) == ("Q8_0", "Q4_0") and len(refs) == 1
     assert q8.metrics["n_tokens"] == q4.metrics["n_tokens"] == 128

@@ -12,6 +12,7 @@ same reference logits as the bundles. The quantized files go under the report's 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,11 +92,14 @@ def evaluate_peers(bundle_dir: str | Path, types: list[str], *, text: str, max_t
     results = []
     for qtype in types:
         path = quantized_gguf(source, qtype, root, threads)
+        started = time.perf_counter()
         logits = peer_logits(path, ids, spans, threads)
+        seconds = time.perf_counter() - started
         if logits.shape != ref.shape:
             raise GeneratorError(f"llama.cpp {qtype} gave logits {logits.shape} for the reference's {ref.shape}.")
         metrics, kld = token_metrics(ref, logits, targets), kl_divergence(ref, logits)
         results.append(Result(f"llama.cpp {qtype}", str(path), qtype, "llama.cpp", metrics, kld,
-                              {"peer": True, "quant_method": "llama.cpp", "bytes": path.stat().st_size}))
+                              {"peer": True, "quant_method": "llama.cpp", "bytes": path.stat().st_size,
+                               "bundle_seconds": round(seconds, 2)}))
         log(f"llama.cpp {qtype}: {metrics['n_tokens']} tokens")
     return results
