@@ -152,3 +152,15 @@ def test_a_bf16_checkpoint_after_torch_ran_threads_builds_in_workers(tiny_llama,
     build(src, tmp_path / "p1", 1)
     build(src, tmp_path / "p2", 2)
     assert listing(tmp_path / "p1") == listing(tmp_path / "p2")
+
+
+@pytest.mark.parametrize("case,wtype", [("int4", "s4"), ("int8", "s8")])
+def test_a_gptq_checkpoint_builds_the_same_bundle_in_workers(tiny_llama, tmp_path, case, wtype):
+    """A GPTQ input (its codes kept bit-exact, read per module) through --parallel 2 and 1."""
+    from test_gptq import make_gptq
+
+    src = tmp_path / "gptq"
+    make_gptq(tiny_llama, src, case)
+    build(src, tmp_path / "p1", 1, weight_type=wtype, group_size=16)
+    build(src, tmp_path / "p2", 2, weight_type=wtype, group_size=16)
+    assert listing(tmp_path / "p1") == listing(tmp_path / "p2")
