@@ -35,6 +35,8 @@ BUILD_FLAGS = --chip $(call q,$(CHIP)) -c $(call q,$(CHECK_LEVEL)) \
 	$(if $(POST_WEIGHT_TYPE),--post_weight_type $(call q,$(POST_WEIGHT_TYPE))) \
 	$(if $(VISION_WEIGHT_TYPE),--vision_weight_type $(call q,$(VISION_WEIGHT_TYPE))) \
 	$(if $(GROUP_SIZE),--group_size $(call q,$(GROUP_SIZE))) \
+	$(if $(EXTEND_METHOD),--extend_method $(call q,$(EXTEND_METHOD))) \
+	$(if $(SCALING_FACTOR),--scaling_factor $(call q,$(SCALING_FACTOR))) \
 	$(foreach o,$(OVERRIDE),--override $(call q,$(o))) \
 	$(if $(KLD_BUDGET),--kld_budget $(call q,$(KLD_BUDGET))) \
 	$(if $(QUANT),--quant_method $(call q,$(QUANT))) \

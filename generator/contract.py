@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import ml_dtypes
 import numpy as np
 from onnx import TensorProto
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError, Field
 
 from .errors import GeneratorError
 from .limits import Ranged, shown, validation_text
@@ -209,6 +209,9 @@ class Options(Record):
     post_weight_type: WeightType
     group_size: int
     overrides: dict[str, WeightType] = {}
+    # context extension (--extend_method / --scaling_factor, resolve/rope.py extend_rope), recorded when used
+    extend_method: Literal["none", "PI", "NTK"] = Field("none", exclude_if=lambda v: v == "none")
+    scaling_factor: float | None = Field(None, exclude_if=lambda v: v is None)
 
     @property
     def quantized(self) -> bool:

@@ -113,7 +113,8 @@ def resolve(*, model: str | None = None, input_path: str | None = None, output_p
         name = bundle_name(variant, input_path)
         config = read_config(recipe, raw, f"recipe variant {variant}")
         spec = resolve_spec(recipe, raw, model_name=name, max_positions=opts.kv_cache_len,
-                            where=f"recipe variant {variant}", config=config)
+                            where=f"recipe variant {variant}", config=config,
+                            extend_method=opts.extend_method, scaling_factor=opts.scaling_factor)
         ckpt = synthetic_checkpoint(recipe, variant, config=raw, spec=spec)
     else:
         ckpt = open_weights(recipe, variant, input_path) if recipe else open_input(input_path)
@@ -126,7 +127,8 @@ def resolve(*, model: str | None = None, input_path: str | None = None, output_p
         check_variant_config(recipe, variant, ckpt, config)
         name = bundle_name(variant, input_path)
         spec = resolve_spec(recipe, ckpt.config, model_name=name, max_positions=opts.kv_cache_len,
-                            where=ckpt.config_where, config=config)
+                            where=ckpt.config_where, config=config,
+                            extend_method=opts.extend_method, scaling_factor=opts.scaling_factor)
     check_fit(opts, chip_p, spec)
     v = recipe.variants.get(variant) if variant else None
     return Resolved(model=name, recipe=recipe, recipe_path=reg.paths[recipe.name], variant=variant, ckpt=ckpt,

@@ -48,6 +48,11 @@ def add_build_args(p: argparse.ArgumentParser):
                    "models only (default: from the recipe/variant; else the layer weight type where the chip takes it "
                    "for the vision part, else s8)")
     p.add_argument("--group_size", type=int, help=f"quantization group size along the input dim {recipe(d.group_size)}")
+    p.add_argument("--extend_method", choices=("none", "PI", "NTK"), help="context extension as in the seed: PI "
+                   "divides positions by --scaling_factor, NTK multiplies the rope base by it; kv_cache_len may then "
+                   "reach max_position_embeddings x scaling_factor (default: none)")
+    p.add_argument("--scaling_factor", type=float, help="context extension factor (> 1) for --extend_method "
+                   "(default: none)")
     p.add_argument("--quant_method", help="how s4/s8 weights are found: rtn (round to nearest), gptq, awq, awq+gptq "
                    "(calibrated on --calib_data, written as a cached GPTQ checkpoint the build reads) (default: "
                    "generator/data/quantize.yaml, gptq for s4 and rtn otherwise; rtn where calibration does not apply)")
@@ -72,7 +77,8 @@ def cmd_build(args) -> int:
     console = Console(stderr=True)
     flags = {k: getattr(args, k) for k in ("weight_type", "hidden_state_type", "prefill_len", "kv_cache_len",
                                             "last_kv_cache_len", "post_topk", "post_weight_type", "group_size",
-                                            "vision_weight_type", "kld_budget", "quant_method", "calib_data")}
+                                            "vision_weight_type", "kld_budget", "quant_method", "calib_data",
+                                            "extend_method", "scaling_factor")}
     from ..resolve.options import parse_overrides
 
     flags["flag_overrides"] = parse_overrides(args.override)

@@ -248,6 +248,9 @@ class BuildDefaults(Strict):
     # Tensors kept in a wider type than weight_type: first matching rule wins (fnmatch on
     # "layers.<i>.<canonical>"), e.g. {"layers.0.down_proj": s8} for an s4 build.
     overrides: dict[str, WeightType] = {}
+    # context extension as in the seed (resolve/rope.py extend_rope): none, PI or NTK, by scaling_factor
+    extend_method: Literal["none", "PI", "NTK"] = "none"
+    scaling_factor: float | None = None
 
 
 class Embedded(Strict):

@@ -67,6 +67,7 @@ def refuse(chip: Chip, problems: list[str]):
 def check_flags(opts: BuildOptions, chip: Chip):
     """Every reason the chip cannot take these options, whatever the model: checked before the checkpoint
     is opened where the recipe is known, so a bad flag fails before any work."""
+    check_extension(opts)
     problems = []
     if opts.weight_type not in chip.weight_types:
         problems.append(f"weight type '{opts.weight_type}' (--weight_type / make WEIGHT_TYPE=) is not supported on {chip.name}; "
@@ -101,6 +102,27 @@ def check_flags(opts: BuildOptions, chip: Chip):
     if opts.post_topk < 0:
         problems.append(f"--post_topk {opts.post_topk} must be between 0 and the vocabulary size")
     refuse(chip, problems)
+
+
+def check_extension(opts: BuildOptions):
+    """--extend_method and --scaling_factor go together, the factor above 1 (the extended context is
+    max_position_embeddings x scaling_factor)."""
+    method, factor = opts.extend_method, opts.scaling_factor
+    if method == "none" and factor is not None:
+        raise GeneratorError(f"--scaling_factor {factor:g} (make SCALING_FACTOR=) needs --extend_method PI or NTK "
+                             f"(make EXTEND_METHOD=).")
+    if method != "none" and factor is None:
+        raise GeneratorError(f"--extend_method {method} (make EXTEND_METHOD=) needs --scaling_factor X > 1 "
+                             f"(make SCALING_FACTOR=), e.g. 2 for twice the trained context.")
+    if factor is not None and not factor > 1:
+        raise GeneratorError(f"--scaling_factor {factor:g} (make SCALING_FACTOR=) must be greater than 1.")
+
+
+def max_context(opts: Options, spec: ArchSpec) -> int:
+    """The positions a build may use: max_position_embeddings, times scaling_factor when extended."""
+    if opts.extend_method == "none" or not opts.scaling_factor:
+        return spec.max_position_embeddings
+    return int(spec.max_position_embeddings * opts.scaling_factor)
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, str]:
@@ -144,9 +166,11 @@ def check_fit(opts: BuildOptions, chip: Chip, spec: ArchSpec):
         problems.append(f"the model needs about {need:,.0f} MiB on the NPU at weight type {opts.weight_type} "
                         f"(weights + KV cache for {opts.kv_cache_len} tokens), more than the {chip.memory_mb:,} MiB "
                         f"of the largest {chip.name} board; try --weight_type s4 or a smaller --kv_cache_len")
-    if spec.max_position_embeddings and opts.kv_cache_len > spec.max_position_embeddings:
+    if spec.max_position_embeddings and opts.kv_cache_len > max_context(opts, spec):
+        extended = (f" x --scaling_factor {opts.scaling_factor:g} = {max_context(opts, spec)}"
+                    if opts.extend_method != "none" else " (--extend_method PI/NTK with --scaling_factor extends it)")
         problems.append(f"--kv_cache_len {opts.kv_cache_len} exceeds the model's max_position_embeddings "
-                        f"{spec.max_position_embeddings}")
+                        f"{spec.max_position_embeddings}{extended}")
     refuse(chip, problems)
 
 

@@ -192,6 +192,30 @@ def resolve_rope(
                      long_inv_freq=long_inv, long_from=long_from, mrope_section=mrope)
 
 
+EXTEND_METHODS = ("none", "PI", "NTK")
+
+
+def extend_rope(params: dict | None, theta: float, method: str, factor: float | None,
+                where: str) -> tuple[dict | None, float]:
+    """The seed's context extension (--extend_method / --scaling_factor) applied to the config's rope:
+    PI (position interpolation) divides positions by `factor`, i.e. rope_scaling {rope_type: linear,
+    factor}; NTK multiplies the base theta by `factor` once, the seed's static NTK (not transformers'
+    dynamic NTK, which re-derives the base from the sequence length). Returns (params, theta).
+    A config that already scales its rope keeps precedence: the extension is refused, as on mRoPE."""
+    if method == "none":
+        return params, theta
+    kind = (params or {}).get("rope_type") or (params or {}).get("type") or "default"
+    if isinstance(params, dict) and (params.get("mrope_section") is not None or kind == "mrope"):
+        raise GeneratorError(f"--extend_method {method}: {where} uses multimodal RoPE (mrope_section), "
+                             f"which the extension does not cover; build without --extend_method.")
+    if kind != "default":
+        raise GeneratorError(f"--extend_method {method} conflicts with {where} (rope_type '{kind}'): the "
+                             f"config's rope scaling keeps precedence; build without --extend_method/--scaling_factor.")
+    if method == "PI":
+        return {"rope_type": "linear", "factor": float(factor)}, theta
+    return None, theta * float(factor)
+
+
 def _mrope_section(params: dict, kind: str, head_dim: int, partial_rotary_factor: float, interleaved: bool,
                    where: str) -> list[int] | None:
     """The checked mRoPE split (None without one): positive ints, one section per position row

@@ -16,7 +16,7 @@ from ..names import safe_name
 from ..recipe import Expr, Norm, Recipe
 from ..recipe.schema import QkNorm
 from ..recipe.expr import ExprError, evaluate
-from .rope import RopeTable, resolve_rope
+from .rope import RopeTable, extend_rope, resolve_rope
 
 ACTIVATIONS = {
     "silu": "silu", "swish": "silu",
@@ -248,8 +248,10 @@ def _token_ids(cfg: dict, key: str, vocab: int, where: str) -> list[int]:
 
 
 def resolve_spec(recipe: Recipe, raw_config: dict[str, Any], *, model_name: str, max_positions: int,
-                 where: str = "config.json", config: dict[str, Any] | None = None) -> ArchSpec:
-    """`config`: read_config(recipe, raw_config, where), when the caller has read it already (a build does)."""
+                 where: str = "config.json", config: dict[str, Any] | None = None,
+                 extend_method: str = "none", scaling_factor: float | None = None) -> ArchSpec:
+    """`config`: read_config(recipe, raw_config, where), when the caller has read it already (a build does).
+    `extend_method`/`scaling_factor`: the build's context extension (rope.extend_rope), on full attention."""
     cfg = read_config(recipe, raw_config, where) if config is None else config
     for k, refusal in enumerate(recipe.config.refuse):
         if _value(refusal.when, cfg, f"config.refuse[{k}].when", recipe):
@@ -303,7 +305,9 @@ def resolve_spec(recipe: Recipe, raw_config: dict[str, Any], *, model_name: str,
     rope_common = dict(head_dim=dims["head_dim"], interleaved=b.rope.interleaved, max_position_embeddings=max_pos,
                        max_positions_used=max_positions, where=f"{where} rope_scaling",
                        partial_rotary_factor=field(b.rope, "partial_rotary_factor", "block.rope.partial_rotary_factor"))
-    rope = {"full_attention": resolve_rope(val(b.rope.scaling, "block.rope.scaling"), theta=float(theta), **rope_common)}
+    scaling, ext_theta = extend_rope(val(b.rope.scaling, "block.rope.scaling"), float(theta), extend_method,
+                                     scaling_factor, f"{where} rope_scaling")
+    rope = {"full_attention": resolve_rope(scaling, theta=ext_theta, **rope_common)}
     if "sliding_attention" in types:
         local = field(b.rope, "local_theta", "block.rope.local_theta")
         rope["sliding_attention"] = (resolve_rope(None, theta=float(local), **rope_common) if local is not None

@@ -294,7 +294,7 @@ def run_checks(bundle_dir: Path, ckpt, recipe, level: int, prompt: str | None, p
     Each graph is held to the limits of the weight types it was built with (a wider post graph or
     per-tensor overrides get their own); the end-to-end checks to those of the least precise graph."""
     from ..accuracy.check import check_accuracy, check_reference
-    from .reference import capture, load_reference
+    from .reference import capture, extend_reference, load_reference
 
     bundle = Bundle(bundle_dir)
     opts = bundle.opts
@@ -311,6 +311,7 @@ def run_checks(bundle_dir: Path, ckpt, recipe, level: int, prompt: str | None, p
     # what the checks compare is kept (peak memory: the larger of one fp32 reference and the runner).
     release_memory()  # what the build freed, before the reference's weights
     model = load_reference(ckpt, recipe, config)
+    extend_reference(model, opts)  # the build's --extend_method, as transformers writes it
     cap = gen_ref = None
     if level >= 1:
         length = max(opts.last_kv_cache_len or [0]) + opts.prefill_len

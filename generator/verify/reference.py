@@ -39,6 +39,28 @@ def load_reference(ckpt: TensorSource, recipe: Recipe, config: dict | None = Non
     return model.eval()
 
 
+def extend_reference(model, opts) -> None:
+    """Give the reference the build's context extension (contract.Options extend_method / scaling_factor),
+    as transformers writes it: PI = rope_parameters {rope_type: linear, factor}; NTK = rope_theta x factor."""
+    if getattr(opts, "extend_method", "none") == "none":
+        return
+    import copy
+
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    rp = dict(getattr(model.config, "rope_parameters", None) or {})
+    if rotary is None or "rope_theta" not in rp:
+        raise GeneratorError(f"--extend_method {opts.extend_method}: the reference {type(model).__name__} has no single "
+                             f"rotary embedding with rope_parameters to extend; verify this build with -c 0.")
+    if opts.extend_method == "PI":
+        rp.update(rope_type="linear", factor=float(opts.scaling_factor))
+    else:
+        rp["rope_theta"] = rp["rope_theta"] * float(opts.scaling_factor)
+    config = copy.deepcopy(model.config)
+    config.rope_parameters = rp
+    model.config = config
+    model.model.rotary_emb = type(rotary)(config=config).to(next(model.parameters()).device)
+
+
 def decoder_layers(model):
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
