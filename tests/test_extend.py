@@ -103,3 +103,15 @@ def test_mrope_is_refused():
     with pytest.raises(GeneratorError, match=r"--extend_method PI: .*multimodal RoPE"):
         extend_rope({"rope_type": "default", "mrope_section": [16, 24, 24]}, 1e6, "PI", 2.0, "config.json rope_scaling")
     assert extend_rope(None, 1e4, "none", None, "x") == (None, 1e4)
+
+
+def test_the_accuracy_report_compares_with_the_extended_reference(extended, tmp_path):
+    """An fp32 extended bundle is the extended model: the report's reference gets the extension too, so its
+    KL divergence is round-off (the bf16 embedding table given to the reference too; against the plain model it
+    would be the extension's whole effect)."""
+    from generator.accuracy.run import evaluate
+
+    text = " ".join(f"word{i} and more text" for i in range(60))
+    for method, (_, bundle) in extended.items():
+        r = evaluate([bundle.dir], text=text, max_tokens=90, bf16_embedding=True, log=lambda s: None)["results"][0]
+        assert r.metrics["kld_mean"] < 1e-6 and r.metrics["top1_agreement"] == 1.0, (method, r.metrics)

@@ -158,12 +158,15 @@ def open_reference(bundle: Bundle, override: str | None = None):
 
 
 def reference_logits(ckpt, recipe, ids: list[int], spans: list[tuple[int, int]],
-                     bf16_embedding: bool = False) -> np.ndarray:
-    """transformers fp32 logits at every position of every window [T, V] (each window from no context)."""
+                     bf16_embedding: bool = False, opts=None) -> np.ndarray:
+    """transformers fp32 logits at every position of every window [T, V] (each window from no context);
+    `opts`: the bundle's options, whose --extend_method the reference gets too."""
     from ..verify.checks import release_memory
-    from ..verify.reference import load_reference
+    from ..verify.reference import extend_reference, load_reference
 
     model = load_reference(ckpt, recipe)
+    if opts is not None:
+        extend_reference(model, opts)
     out = model_logits(model, ids, spans, bf16_embedding)
     del model
     release_memory()
@@ -195,11 +198,12 @@ def reference_run(bundle: Bundle, text: str, max_tokens: int | None, reference: 
     spans = windows(len(ids), window_for(bundle))
     targets = np.concatenate([ids[s + 1:e + 1] for s, e in spans])
     key = (reference_path(bundle, reference), bundle.manifest.synthetic and not reference, tuple(ids),
-           tuple(spans), bf16_embedding)
+           tuple(spans), bf16_embedding, getattr(bundle.opts, "extend_method", "none"),
+           getattr(bundle.opts, "scaling_factor", None))
     if key not in refs:
         t = time.perf_counter()
         ckpt, recipe = open_reference(bundle, reference)
-        refs[key] = (reference_logits(ckpt, recipe, ids, spans, bf16_embedding), time.perf_counter() - t)
+        refs[key] = (reference_logits(ckpt, recipe, ids, spans, bf16_embedding, bundle.opts), time.perf_counter() - t)
     return ids, spans, targets, key, refs[key]
 
 
