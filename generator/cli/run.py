@@ -40,6 +40,15 @@ def numerics_note(numerics: str) -> str:
     return " (numerics fast: int8 activations, not the board's)" if numerics == "fast" else ""
 
 
+def add_backend_args(p: argparse.ArgumentParser):
+    """`--backend NAME` and `--config boost.yaml` (run, serve; runtime/backends.py, runtime/boost_config.py)."""
+    p.add_argument("--backend", default=None, help="what runs the bundle: onnxruntime (default, the bundle's "
+                   "graphs), transformers (the source checkpoint in fp32, for side-by-side answers), or one "
+                   "installed under the entry-point group axgen.backends")
+    p.add_argument("--config", default=None, help="boost.yaml in the seed's shape (llm_backend, top_k, top_p, "
+                   "do_sample, repetition_penalty, max_decode_length, ...); flags override it")
+
+
 def add_run_args(p: argparse.ArgumentParser):
     p.add_argument("bundle", nargs="?", help="bundle directory (default: derived from --template_filename_axmodel)")
     p.add_argument("--prompt", help="answer this one prompt and exit (else interactive: 'q' exits, 'reset' resets)")
@@ -50,6 +59,7 @@ def add_run_args(p: argparse.ArgumentParser):
     p.add_argument("--history", choices=["used", "board"], default="used",
                    help="decode with only the cache rows in use (default, same results) or the full static shapes")
     add_numerics_arg(p)
+    add_backend_args(p)
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("-i", "--image", help="image file for the first turn, vision-language bundles only; resized "
                    "to the vision part's input size as the board does (default: none)")
@@ -198,15 +208,22 @@ def make_tokenizer(args):
 def run(args) -> int:
     from ..contract import Bundle
     from ..runtime.chat import Chat
-    from ..runtime.engine import Engine  # onnxruntime: only for the command that runs a bundle
+    from ..runtime.backends import open_engine  # onnxruntime etc.: only for the command that runs a bundle
+    from ..runtime.boost_config import load_config, sampling_settings
     from ..runtime.vision import load_image
 
     bundle = Bundle(bundle_dir(args))
     check_board_flags(args, bundle)
     tokenizer = make_tokenizer(args)
-    engine = Engine(bundle, threads=args.threads, history=args.history, mmap_embed=bool(args.use_mmap_load_embed),
-                    shared_pool=True, numerics=args.numerics)  # this process exists to run the bundle
-    chat = Chat(bundle, engine, tokenizer, system_prompt=args.system_prompt, seed=args.seed)
+    cfg = load_config(args.config) if getattr(args, "config", None) else None
+    engine, _ = open_engine(bundle, getattr(args, "backend", None), cfg, args.config, args.kvcache_path,
+                            threads=args.threads,
+                            history=args.history, mmap_embed=bool(args.use_mmap_load_embed),
+                            shared_pool=True, numerics=args.numerics)  # this process exists to run the bundle
+    chat = Chat(bundle, engine, tokenizer, system_prompt=args.system_prompt, seed=args.seed,
+                sampling=sampling_settings(cfg) if cfg else None)
+    if cfg is not None and args.max_new_tokens is None:
+        args.max_new_tokens = cfg.max_decode_length
 
     from ..runtime.kvcache import start_over as start_over_with
 

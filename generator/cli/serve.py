@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..serve.service import DEFAULT_PORT
-from .run import add_numerics_arg
+from .run import add_backend_args, add_numerics_arg
 from .types import int_at_least, positive_seconds
 
 
@@ -25,5 +25,6 @@ def add_serve_args(p: argparse.ArgumentParser):
     p.add_argument("--threads", type=int_at_least(1), default=2, help="intra-op threads (default 2)")
     p.add_argument("--history", choices=["used", "board"], default="used", help="as for `run`")
     add_numerics_arg(p)
+    add_backend_args(p)
     p.add_argument("--seed", type=int, default=None, help="sampling seed for requests without one")
     p.add_argument("--log_requests", action="store_true", help="log every request to stderr")

@@ -40,9 +40,10 @@ class Chat:
     """A conversation as the board holds it: a tokenizer session + the engine's cache."""
 
     def __init__(self, bundle: Bundle, engine: Engine, tokenizer=None, *, system_prompt: str | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, sampling: dict | None = None):
         """`tokenizer`: an HttpTokenizer (the board's tokenizer server); None tokenizes in-process with
-        the bundle's tokenizer server module."""
+        the bundle's tokenizer server module. `sampling`: post_config.json settings replacing the
+        bundle's (a --config file's top_k, top_p, ...)."""
         self.b, self.engine = bundle, engine
         self.tok_module = None  # the bundle's tokenizer server module, when tokenizing in-process
         if tokenizer is None:
@@ -52,7 +53,8 @@ class Chat:
         else:
             eos = tokenizer.eos_ids
         self.tok = tokenizer
-        self.gen = Generator(engine, list(eos) or bundle.spec.eos_token_ids, Sampler(bundle.sampling, seed))
+        self.gen = Generator(engine, list(eos) or bundle.spec.eos_token_ids, Sampler(Sampling(**{**bundle.sampling.model_dump(), **(sampling or {})}) if sampling
+                                                              else bundle.sampling, seed))
         self.system_prompt = bundle.system_prompt if system_prompt is None else system_prompt
         self.last_reply: str | None = None
         self.system_ids: list[int] = []

@@ -108,14 +108,21 @@ class ChatService:
     def __init__(self, bundle_path: str | Path, *, system_prompt: str | None = None, kvcache_path: str | None = None,
                  model_name: str | None = None, max_tokens: int | None = None, queue_timeout: float = 600.0,
                  threads: int = 2, history: str = "used", seed: int | None = None, log=None,
-                 shared_pool: bool = False, numerics: str = "board"):
+                 shared_pool: bool = False, numerics: str = "board", backend: str | None = None,
+                 config: str | None = None):
         from ..contract import Bundle
         from ..runtime.chat import Chat
-        from ..runtime.engine import Engine
+        from ..runtime.backends import open_engine
+        from ..runtime.boost_config import load_config, sampling_settings
 
         self.bundle = Bundle(bundle_path)
-        self.engine = Engine(self.bundle, threads=threads, history=history, shared_pool=shared_pool, numerics=numerics)
-        self.chat = Chat(self.bundle, self.engine, system_prompt=system_prompt, seed=seed)
+        cfg = load_config(config) if config else None  # --config boost.yaml; flags override it
+        self.engine, self.backend = open_engine(self.bundle, backend, cfg, config, kvcache_path, threads=threads,
+                                                history=history, shared_pool=shared_pool, numerics=numerics)
+        self.chat = Chat(self.bundle, self.engine, system_prompt=system_prompt, seed=seed,
+                         sampling=sampling_settings(cfg) if cfg else None)
+        if cfg is not None and max_tokens is None:
+            max_tokens = cfg.max_decode_length
         self.model_id = model_name or self.bundle.model
         self.aliases = {self.model_id, self.bundle.model, self.bundle.dir.name}
         self.max_tokens = max_tokens
@@ -317,7 +324,8 @@ def serve(args) -> int:
     service = ChatService(args.bundle, system_prompt=args.system_prompt, kvcache_path=args.kvcache_path,
                           model_name=args.model_name, max_tokens=args.max_tokens, queue_timeout=args.queue_timeout,
                           threads=args.threads, history=args.history, seed=args.seed, shared_pool=True,
-                          numerics=getattr(args, "numerics", "board"))
+                          numerics=getattr(args, "numerics", "board"), backend=getattr(args, "backend", None),
+                          config=getattr(args, "config", None))
     from .http import ApiServer  # the HTTP layer loads the tokenizer server's plumbing: only when serving
 
     try:
