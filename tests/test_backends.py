@@ -102,6 +102,7 @@ def test_bad_config_names_the_key_and_file(tmp_path, text, match):
     ("block_size: 16\n", "block_size: backend 'onnxruntime' lacks a paged KV cache"),
     ("extend_method: PI\n", "extend_method PI: the bundle was built with none"),
     ("boost_model_name: qwen\n", "boost_model_name 'qwen' is not this bundle's model"),
+    ("llm_backend: BuildIn\n", "llm_backend: --backend 'BuildIn' is not a known backend; available: onnxruntime"),
 ])
 def test_unsupported_config_is_refused(fp32, tmp_path, text, match):
     path = write(tmp_path, text)

@@ -94,7 +94,13 @@ def open_engine(bundle, backend: str | None = None, config=None, config_path=Non
     llm_backend, else onnxruntime; `config` (boost_config.BoostConfig) checked against it first."""
     from .boost_config import check_against
 
-    cls = get(backend or (config.llm_backend if config is not None and config.llm_backend else DEFAULT))
+    from_file = not backend and config is not None and config.llm_backend
+    try:
+        cls = get(backend or (config.llm_backend if from_file else DEFAULT))
+    except GeneratorError as exc:
+        if not from_file:
+            raise
+        raise GeneratorError(f"--config {config_path}: llm_backend: {exc}") from None
     if config is not None:
         check_against(config, config_path, bundle, cls)
     if kvcache_path and not cls.capabilities.get("saved_kv_cache"):
