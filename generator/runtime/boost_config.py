@@ -50,6 +50,8 @@ def load_config(path: str | Path) -> BoostConfig:
         raise GeneratorError(f"--config {path}: larger than {MAX_CONFIG_BYTES} bytes; not a boost config.")
     try:
         data = yaml.safe_load(raw.decode("utf-8")) or {}
+    except RecursionError:  # nesting past Python's stack: not a config of flat keys
+        raise GeneratorError(f"--config {path}: nested too deeply; expected flat keys (llm_backend, top_k, ...).") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise GeneratorError(f"--config {path}: not valid YAML ({exc}).") from None
     if not isinstance(data, dict):
