@@ -89,7 +89,7 @@ def test_valid_config_applies(fp32, tmp_path):
     ("top_p: 1.5\n", "top_p: Input should be less than or equal to 1"),
     ("max_decode_length: many\n", "max_decode_length: Input should be a valid integer"),
     ("- a\n", "must be a mapping"),
-    ("top_k: " + "[" * 20000 + "]" * 20000 + "\n", "nested too deeply"),
+    ("top_k: " + "[" * 20000 + "]" * 20000 + "\n", "nested deeper than"),
     ("a: &a [x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\nc: [*b, *b, *b, *b, *b, *b, *b, *b]\n",
      "a: unknown key"),
 ])

@@ -235,7 +235,7 @@ def test_alias_expansion_is_counted_per_use():
     documents of shared anchors (whatever order the shared nodes are reached in)."""
     import random
 
-    from generator.recipe.registry import _LimitedLoader
+    from generator.limits import _LimitedLoader
 
     def count(x):  # the built object, every alias use expanded
         if isinstance(x, dict):

@@ -15,101 +15,10 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import GeneratorError
-from ..limits import limits, shown
+from ..limits import limits, read_yaml, shown
 from ..names import SAFE_NAME_RULE, is_safe_name
 from ..paths import RECIPES_DIR
 from .schema import Recipe, _format_validation
-
-
-class _LimitedLoader(yaml.SafeLoader):
-    """SafeLoader that refuses documents too deep or too large once aliases are expanded
-    (data/limits.yaml `yaml`) before building any Python object from them."""
-
-    def __init__(self, stream):
-        super().__init__(stream)
-        self.limits, self.depth, self.aliases = limits()["yaml"], 0, 0
-
-    def _refuse(self, what: str, key: str | None = None):
-        limit = f" (yaml.{key} in generator/data/limits.yaml)" if key else ""
-        raise yaml.YAMLError(f"{what}{limit}")
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            self.aliases += 1
-            if self.aliases > self.limits["max_aliases"]:
-                self._refuse(f"more than {self.limits['max_aliases']} aliases", "max_aliases")
-        self.depth += 1
-        if self.depth > self.limits["max_depth"]:
-            self._refuse(f"nested deeper than {self.limits['max_depth']} levels", "max_depth")
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
-
-    def expanded_size(self, root: yaml.Node) -> int:
-        """Nodes of the document with every alias expanded (each shared node counted per use);
-        refuses a recursive alias (a node inside itself)."""
-        size: dict[int, int | None] = {}  # None: being counted (an ancestor of the node at hand)
-        todo = [(root, False)]
-        while todo:  # iterative post-order: children are counted before their parent
-            node, children_done = todo.pop()
-            if children_done:
-                sizes = [size[id(c)] for c in _children(node)]
-                if None in sizes:
-                    self._refuse("a recursive alias (a node that contains itself)")
-                size[id(node)] = min(1 + sum(sizes), 1 << 62)
-            elif id(node) not in size:
-                size[id(node)] = None
-                todo.append((node, True))
-                todo.extend((c, False) for c in _children(node))
-        return size[id(root)]
-
-    def load(self):
-        node = self.get_single_node()
-        if node is None:
-            return None
-        if self.expanded_size(node) > self.limits["max_nodes"]:
-            self._refuse(f"more than {self.limits['max_nodes']} nodes once aliases are expanded", "max_nodes")
-        return self.construct_document(node)
-
-
-def _children(node: yaml.Node) -> list[yaml.Node]:
-    if isinstance(node, yaml.SequenceNode):
-        return list(node.value)
-    if isinstance(node, yaml.MappingNode):
-        return [n for pair in node.value for n in pair]
-    return []
-
-
-def read_yaml(path: Path) -> Any:
-    """A YAML file, bounded in size, nesting and alias expansion; GeneratorError naming the file."""
-    max_bytes = limits()["yaml"]["max_bytes"]
-    try:
-        with path.open("rb") as f:
-            raw = f.read(max_bytes + 1)
-    except OSError as exc:
-        raise GeneratorError(f"Recipe {path}: cannot read: {exc.strerror or exc}.") from None
-    if len(raw) > max_bytes:
-        raise GeneratorError(f"Recipe {path}: larger than {max_bytes} bytes (yaml.max_bytes in generator/data/limits.yaml).")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise GeneratorError(f"Recipe {path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8.") from None
-    loader = None
-    try:
-        loader = _LimitedLoader(text)  # the reader refuses control characters here
-        return loader.load()
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        what = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line
-        raise GeneratorError(f"Recipe {path}: not valid YAML{where}: {what}.") from None
-    except (ValueError, TypeError, OverflowError, AttributeError) as exc:  # a scalar the constructor rejects
-        # (a bad date; pyyaml's !!timestamp constructor fails with AttributeError on a malformed one)
-        raise GeneratorError(f"Recipe {path}: not valid YAML: {exc}.") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
 
 
 def _mapping(path: Path) -> dict:

@@ -1,5 +1,6 @@
 """`--config boost.yaml`: the seed's LlmBoostConfig keys for run and serve, checked (pydantic,
-extra=forbid; a bounded read) and refused where the chosen backend lacks the feature.
+extra=forbid; read by limits.read_yaml, the recipes' bounded YAML reader) and refused where the chosen
+backend lacks the feature.
 
 Keys: llm_backend, boost_model_name (checked against the bundle's model or recipe), batch_size,
 seq_length, block_size, num_blocks, extend_method, scaling_factor, top_k, top_p, do_sample,
@@ -11,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import GeneratorError
+from ..limits import read_yaml
 
 MAX_CONFIG_BYTES = 64 * 1024  # a handful of keys; anything bigger is not a boost config
 
@@ -41,19 +42,7 @@ class BoostConfig(BaseModel):
 def load_config(path: str | Path) -> BoostConfig:
     """Read and check a boost config file; errors name the file and the key."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise GeneratorError(f"--config {path}: cannot read it ({exc.strerror}).") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise GeneratorError(f"--config {path}: larger than {MAX_CONFIG_BYTES} bytes; not a boost config.")
-    try:
-        data = yaml.safe_load(raw.decode("utf-8")) or {}
-    except RecursionError:  # nesting past Python's stack: not a config of flat keys
-        raise GeneratorError(f"--config {path}: nested too deeply; expected flat keys (llm_backend, top_k, ...).") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise GeneratorError(f"--config {path}: not valid YAML ({exc}).") from None
+    data = read_yaml(path, "--config", MAX_CONFIG_BYTES) or {}
     if not isinstance(data, dict):
         raise GeneratorError(f"--config {path}: must be a mapping of keys (llm_backend, top_k, ...).")
     try:

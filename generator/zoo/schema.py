@@ -116,15 +116,12 @@ class Job(BaseModel):
 
 def read_zoo(path: str | Path) -> ZooFile:
     """The zoo file, bounded and validated; GeneratorError naming the file (and the field)."""
-    from ..recipe.registry import read_yaml
+    from ..limits import read_yaml
 
     path = Path(path)
     if not path.is_file():
         raise GeneratorError(f"Zoo file {path}: no such file (make zoo ZOO=... / python -m generator zoo FILE).")
-    try:
-        data: Any = read_yaml(path)
-    except GeneratorError as exc:  # the reader names recipes; this one is a zoo file
-        raise GeneratorError(str(exc).replace(f"Recipe {path}", f"Zoo file {path}", 1)) from None
+    data: Any = read_yaml(path, "Zoo file")
     if not isinstance(data, dict):
         raise GeneratorError(f"Zoo file {path}: expected a mapping with `models:` at the top level, "
                              f"got {type(data).__name__}.")
