@@ -8,7 +8,8 @@ export, read by every stage; it imports only the utilities itself):
     resolve   recipe
     inputs    recipe, resolve
     export    recipe, resolve, inputs                 (never runtime, verify, serve)
-    runtime   nothing else                            (its tokenizer server module is inside it)
+    runtime   export, resolve                         (the fused runtime graph, runtime/fused.py, reuses
+                                                      export/graphs.py; the tokenizer server module is inside it)
     serve     runtime
     verify    anything but cli
     quantize  recipe, resolve, inputs, export
@@ -40,7 +41,7 @@ ALLOWED = {
     "inputs": {"recipe", "resolve"},
     "export": {"recipe", "resolve", "inputs"},
     "contract": set(),
-    "runtime": set(),
+    "runtime": {"export", "resolve"},
     "serve": {"runtime"},
     "verify": ANY - {"cli"},
     "accuracy": ANY - {"cli"},

@@ -1,0 +1,290 @@
+"""The fused runtime graph: every layer of a bundle, the final norm and the lm_head in one onnxruntime
+session, batch-aware, with the KV cache read from a paged block pool (runtime/paged.py). Built in memory
+from the bundle's own graphs' weights (nothing written; never shipped to the board: the board keeps
+the per-layer contract graphs); the runner is runtime/fused_engine.py.
+
+Tokens are flattened: `hidden` [1, N, H] (N = B*S: B sequences of S new tokens each, storage dtype) and
+`positions` [1, N]. Everything per token is export/graphs.py's own helpers, unchanged (norms,
+activations, RoPE tables, the q scale folded into q_proj as stored, qk norms, biases, parallel residual,
+post norms, softcaps); only attention is batch-aware: per layer the past K/V rows come from the pool
+(`k_pool.{i}` / `v_pool.{i}` [R, kv] gathered at `slots` [B, T]), concatenated with the chunk's own new
+K/V, under the additive `mask` [B, S, T+S] the runtime builds (`mask_window` too for sliding-window
+layers). GQA groups the query heads of each KV head as graphs.py does (no repeated K/V). Outputs:
+`k_new.{i}` / `v_new.{i}` [B, S, kv] in the storage dtype (the runtime stores them in the pool) and
+`logits` [B, vocab] fp32 of each sequence's last token. The board's rounding points are kept: the
+hidden state is rounded to hidden_state_type between layers, K/V are stored rounded and the logits
+are rounded as the post graph's output is, so board numerics make this a faithful emulator.
+
+Linears, by numerics:
+- "board": the stored codes x scales as fp32 weights (ort.py dequantize: DequantizeLinear's own
+  arithmetic), fp32 activations: the board's numbers. fp8 / bf16 / fp16 / fp32 weights: fp32 MatMul.
+- "fast": s8 / s4 weights as com.microsoft MatMulNBits built from the bundle's own codes, re-blocked
+  exactly to block_size 32 (a group-128 scale repeated over four blocks of 32; codes + 2^(bits-1) as
+  unsigned, no zero_points input) at accuracy_level 4: onnxruntime quantizes the activations to int8
+  per block of 32 (like llama.cpp's Q8_0). Other weight types run as in board numerics.
+Big weights reach onnxruntime as OrtValues over numpy arrays (SessionOptions.add_initializer: no
+protobuf over 2 GB); the graph declares them as external initializers it never reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..contract import MASK_VALUE, Bundle
+from ..errors import GeneratorError
+from ..export.graphs import FP8_ONNX, Linear, activation, apply_rope, from_f32, norm, rope_tables, to_f32
+from ..export.onnx_graph import DTYPES, Graph
+from ..resolve.spec import ArchSpec
+from .ort import dequantize
+
+NBITS_BLOCK = 32  # MatMulNBits block length of "fast" numerics (= the int8 activation block)
+BITS = {TensorProto.INT8: 8, TensorProto.INT4: 4}
+NORM_NAMES = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+              "post_feedforward_layernorm", "q_norm", "k_norm")
+LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "up_proj", "down_proj")
+
+
+def arch_spec(bundle: Bundle) -> ArchSpec:
+    """The bundle's recorded spec as the graphs' ArchSpec; text only (mRoPE bundles refused)."""
+    spec = ArchSpec.model_validate(bundle.spec.model_dump())
+    if bundle.spec.position_rows != 1 or bundle.manifest.vision is not None:
+        raise GeneratorError(f"backend 'onnxruntime-fused' runs text bundles only; {bundle.dir} has images / "
+                             f"mRoPE positions: use --backend onnxruntime.")
+    return spec
+
+
+def read_initializers(path: Path) -> dict[str, np.ndarray | tuple[int, np.ndarray]]:
+    """A bundle graph's external initializers: name -> array (INT4 / INT8 codes as int8, fp8 codes as
+    (ONNX type, uint8 bits), bf16 as fp32 values)."""
+    if not path.is_file():
+        raise GeneratorError(f"Bundle file {path} is missing; rebuild the bundle.")
+    model = onnx.load(str(path), load_external_data=False)
+    out: dict = {}
+    for t in model.graph.initializer:
+        if not t.external_data:
+            continue
+        if t.data_type in FP8_ONNX.values():
+            u = onnx.TensorProto()
+            u.CopyFrom(t)
+            u.data_type = TensorProto.UINT8
+            out[t.name] = (t.data_type, numpy_helper.to_array(u, base_dir=str(path.parent)))
+            continue
+        a = numpy_helper.to_array(t, base_dir=str(path.parent))
+        if t.data_type in BITS:
+            a = a.astype(np.int8)
+        elif a.dtype != np.float32:
+            a = a.astype(np.float32)  # bf16 / fp16 values, exactly
+        out[t.name] = a
+    return out
+
+
+@dataclass
+class Weights:
+    """What the fused graph reads: name -> array, handed to onnxruntime without copies."""
+
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def add(self, name: str, a: np.ndarray) -> str:
+        self.arrays[name] = np.ascontiguousarray(a)
+        return name
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+def nbits_weight(codes: np.ndarray, scales: np.ndarray, bits: int, group: int, block: int = NBITS_BLOCK):
+    """MatMulNBits B [N, K/block, block*bits/8] (uint8) and scales [N, K/block] from stored int codes
+    [K, N] with scales [K/group, N]: the same codes, each group's scale repeated over its blocks (exact
+    when block divides the group). K is padded to whole blocks with the zero point's code."""
+    k, n = codes.shape
+    if group % block and k > block:
+        raise GeneratorError(f"group size {group} is not a multiple of the MatMulNBits block {block}.")
+    nb = -(-k // block)
+    u = np.full((n, nb * block), 1 << (bits - 1), np.uint8)
+    u[:, :k] = (codes.T.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    if bits == 4:
+        u = u[:, 0::2] | (u[:, 1::2] << 4)  # element 2j in the low nibble
+    rows = np.minimum(np.arange(nb) * block // group, scales.shape[0] - 1)
+    s = np.ascontiguousarray(scales[rows].T, np.float32)  # [N, nb]
+    return np.ascontiguousarray(u.reshape(n, nb, block * bits // 8)), s
+
+
+class FusedBuilder:
+    """Builds the fused graph and its weights; `numerics` "board" or "fast"."""
+
+    def __init__(self, bundle: Bundle, numerics: str):
+        self.b, self.numerics = bundle, numerics
+        self.spec, self.opts = arch_spec(bundle), bundle.opts
+        self.dt = DTYPES[self.opts.hidden_state_type]
+        self.g = Graph(f"{self.spec.model_type}_fused")
+        self.w = Weights()
+
+    # -- weights ---------------------------------------------------------------------------------
+    def linear(self, x: str, tensors: dict, prefix: str, name: str) -> str:
+        g, w = self.g, self.w
+        full = f"{prefix}{name}"
+        bias = tensors.get(f"{name}.bias")
+        if f"{name}.qweight" in tensors:
+            codes, scales = tensors[f"{name}.qweight"], tensors[f"{name}.scales"]
+            k, n = codes.shape
+            bits, group = BITS[self._types[f"{name}.qweight"]], self.opts.group_size
+            if scales.shape[0] != -(-k // group):
+                raise GeneratorError(f"{prefix}{name}: {scales.shape[0]} scale rows for K={k} and group_size {group}.")
+            if self.numerics == "fast":
+                qb, sc = nbits_weight(codes, scales, bits, group)
+                y = g.op("MatMulNBits", x, w.add(f"{full}.nbits", qb), w.add(f"{full}.nscales", sc), domain="com.microsoft",
+                         K=k, N=n, bits=bits, block_size=NBITS_BLOCK, accuracy_level=4)
+            else:
+                y = g.op("MatMul", x, w.add(f"{full}.weight", dequantize(codes, scales, 0, group)))
+        elif f"{name}.scales" in tensors:  # fp8 codes + per-output-channel scales
+            dtype, bits8 = tensors[f"{name}.weight"]
+            import ml_dtypes
+
+            f8 = bits8.view(ml_dtypes.float8_e4m3fn if dtype == TensorProto.FLOAT8E4M3FN else ml_dtypes.float8_e5m2)
+            y = g.op("MatMul", x, w.add(f"{full}.weight", dequantize(f8, tensors[f"{name}.scales"], 1, 0)))
+        else:
+            y = g.op("MatMul", x, w.add(f"{full}.weight", tensors[f"{name}.weight"]))
+        return g.op("Add", y, w.add(f"{full}.bias", bias)) if bias is not None else y
+
+    def _read(self, path: Path) -> dict:
+        model = onnx.load(str(path), load_external_data=False)
+        self._types = {t.name: t.data_type for t in model.graph.initializer}
+        return read_initializers(path)
+
+    def norms(self, tensors: dict, prefix: str) -> dict:
+        out = {}
+        for n in NORM_NAMES:
+            if f"{n}.weight" in tensors:
+                out[n] = (self.w.add(f"{prefix}{n}.weight", tensors[f"{n}.weight"]),
+                          self.w.add(f"{prefix}{n}.bias", tensors[f"{n}.bias"]) if f"{n}.bias" in tensors else None)
+        return out
+
+    # -- the graph -------------------------------------------------------------------------------
+    def build(self) -> tuple[onnx.ModelProto, Weights]:
+        g, s, dt = self.g, self.spec, self.dt
+        hid, kv = s.hidden_size, s.kv_dim
+        x_in = g.input("hidden", dt, [1, "N", hid])
+        positions = g.input("positions", TensorProto.INT64, [1, "N"])
+        mask = g.input("mask", TensorProto.FLOAT, ["B", "S", "TS"])
+        slots = g.input("slots", TensorProto.INT64, ["B", "T"])
+        window = g.input("mask_window", TensorProto.FLOAT, ["B", "S", "TS"]) if "sliding_attention" in s.layer_types else None
+        shape = g.op("Shape", mask)
+        self.bs = g.op("Slice", shape, g.ints(0), g.ints(2))  # [B, S]
+        self.ts = g.op("Slice", shape, g.ints(2), g.ints(3))  # [T + S]
+        masks = {"full_attention": g.op("Unsqueeze", mask, g.ints(1, 2))}
+        if window:
+            masks["sliding_attention"] = g.op("Unsqueeze", window, g.ints(1, 2))
+        tables: dict[str, tuple[str, str]] = {}
+        x = to_f32(g, x_in, dt)
+        for i in range(s.num_hidden_layers):
+            lt = s.layer_types[i]
+            if lt not in tables:
+                tables[lt] = rope_tables(g, s, lt, positions)
+            x = self.layer(i, x, slots, masks[lt], tables[lt])
+        self.post(x)
+        model = g.model([], f"{s.model_name}: all layers, batch-aware, paged KV ({self.numerics} numerics)")
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        return model, self.w
+
+    def round(self, x: str) -> str:
+        """The board's rounding point: x through the storage type and back (none for fp32)."""
+        return to_f32(self.g, from_f32(self.g, x, self.dt), self.dt)
+
+    def layer(self, i: int, x: str, slots: str, mask: str, rope: tuple[str, str]) -> str:
+        g, s, dt = self.g, self.spec, self.dt
+        t = self._read(self.b.layer_file(i, 0))
+        p = f"l{i}."
+        refs = self.norms(t, p)
+        kv, d, n_h, n_kv = s.kv_dim, s.head_dim, s.num_attention_heads, s.num_key_value_heads
+        grp = n_h // n_kv
+        table = s.rope[s.layer_types[i]]
+        cos, sin = rope
+        h = norm(g, x, s.norm, refs["input_layernorm"])
+        qkv = self.linear(h, t, p, "qkv_proj")
+        rot = lambda v, heads: apply_rope(g, v, cos, sin, table.rotary_dim, d, table.interleaved, heads)  # noqa: E731
+        if s.qk_norm is not None:
+            q, k, v = g.op("Split", qkv, g.ints(s.q_dim, kv, kv), axis=-1, n_out=3)
+            q4 = norm(g, g.op("Reshape", q, g.ints(1, -1, n_h, d)), s.qk_norm, refs["q_norm"])
+            k4 = norm(g, g.op("Reshape", k, g.ints(1, -1, n_kv, d)), s.qk_norm, refs["k_norm"])
+            q4, k4 = rot(q4, n_h), rot(k4, n_kv)
+        else:
+            qk, v = g.op("Split", qkv, g.ints(s.q_dim + kv, kv), axis=-1, n_out=2)
+            qk4 = rot(g.op("Reshape", qk, g.ints(1, -1, n_h + n_kv, d)), n_h + n_kv)
+            q4, k4 = g.op("Split", qk4, g.ints(n_h, n_kv), axis=2, n_out=2)
+        bs_kv = g.op("Concat", self.bs, g.ints(kv), axis=0)
+        k_chunk = g.op("Reshape", k4, bs_kv)  # [B, S, kv]
+        v_chunk = g.op("Reshape", v, bs_kv)
+        g.output(from_f32(g, k_chunk, dt), f"k_new.{i}", dt, ["B", "S", kv])
+        g.output(from_f32(g, v_chunk, dt), f"v_new.{i}", dt, ["B", "S", kv])
+        k_pool = g.input(f"k_pool.{i}", dt, ["R", kv])
+        v_pool = g.input(f"v_pool.{i}", dt, ["R", kv])
+        k_all = g.op("Concat", to_f32(g, g.op("Gather", k_pool, slots, axis=0), dt), k_chunk, axis=1)  # [B, T+S, kv]
+        v_all = g.op("Concat", to_f32(g, g.op("Gather", v_pool, slots, axis=0), dt), v_chunk, axis=1)
+        k_t = g.op("Transpose", g.op("Reshape", k_all, g.ints(0, 0, n_kv, d)), perm=[0, 2, 3, 1])  # [B, n_kv, d, T+S]
+        v_t = g.op("Transpose", g.op("Reshape", v_all, g.ints(0, 0, n_kv, d)), perm=[0, 2, 1, 3])  # [B, n_kv, T+S, d]
+        qg = g.op("Reshape", q4, g.op("Concat", self.bs, g.ints(n_kv, grp, d), axis=0))  # [B, S, n_kv, grp, d]
+        qg = g.op("Reshape", g.op("Transpose", qg, perm=[0, 2, 3, 1, 4]), g.ints(0, 0, -1, d))  # [B, n_kv, grp*S, d]
+        scores = g.op("MatMul", qg, k_t)
+        if s.attn_logit_softcap:
+            cap = g.const(s.attn_logit_softcap)
+            scores = g.op("Mul", g.op("Tanh", g.op("Div", scores, cap)), cap)
+        scores = g.op("Reshape", scores, g.op("Concat", g.ints(0, 0, grp, -1), self.ts, axis=0))  # [B, n_kv, grp, S, T+S]
+        probs = g.op("Softmax", g.op("Add", scores, mask), axis=-1)
+        probs = g.op("Reshape", probs, g.op("Concat", g.ints(0, 0, -1), self.ts, axis=0))
+        ctx = g.op("Reshape", g.op("MatMul", probs, v_t), g.ints(0, 0, grp, -1, d))  # [B, n_kv, grp, S, d]
+        ctx = g.op("Reshape", g.op("Transpose", ctx, perm=[0, 3, 1, 2, 4]), g.ints(1, -1, s.q_dim))
+        attn = self.linear(ctx, t, p, "o_proj")
+        if s.post_attention_norm:
+            attn = norm(g, attn, s.norm, refs["post_attention_layernorm"])
+        if s.parallel_residual:
+            mlp_in, resid = h, g.op("Add", x, attn)
+        else:
+            resid = g.op("Add", x, attn)
+            mlp_in = norm(g, resid, s.norm, refs["pre_feedforward_layernorm"])
+        if s.mlp_gated:
+            gate, up = g.op("Split", self.linear(mlp_in, t, p, "gate_up_proj"),
+                            g.ints(s.intermediate_size, s.intermediate_size), axis=-1, n_out=2)
+            act = g.op("Mul", activation(g, gate, s.hidden_act), up)
+        else:
+            act = activation(g, self.linear(mlp_in, t, p, "up_proj"), s.hidden_act)
+        mlp = self.linear(act, t, p, "down_proj")
+        if s.post_feedforward_norm:
+            mlp = norm(g, mlp, s.norm, refs["post_feedforward_layernorm"])
+        return self.round(g.op("Add", resid, mlp))
+
+    def post(self, x: str):
+        """Each sequence's last token: final norm, lm_head, softcap, rounded as the post graph's output."""
+        g, s = self.g, self.spec
+        t = self._read(self.b.post_file)
+        last = g.op("Slice", g.op("Reshape", x, g.op("Concat", self.bs, g.ints(s.hidden_size), axis=0)),
+                    g.ints(-1), g.ints(np.iinfo(np.int64).max), g.ints(1))  # [B, 1, H]
+        refs = {"norm": (self.w.add("post.norm.weight", t["norm.weight"]),
+                         self.w.add("post.norm.bias", t["norm.bias"]) if "norm.bias" in t else None)}
+        logits = self.linear(norm(g, last, s.final_norm, refs["norm"]), t, "post.", "lm_head")
+        if s.final_logit_softcap:
+            cap = g.const(s.final_logit_softcap)
+            logits = g.op("Mul", g.op("Tanh", g.op("Div", logits, cap)), cap)
+        logits = g.op("Reshape", self.round(logits), g.ints(-1, s.vocab_size))
+        g.output(logits, "logits", TensorProto.FLOAT, ["B", s.vocab_size])
+
+
+def declare_external(model: onnx.ModelProto, weights: Weights, location: str) -> onnx.ModelProto:
+    """Declare every weight as an external initializer (type and shape only) whose data the session gets
+    from SessionOptions.add_initializer; `location`: an existing file of the bundle, never read."""
+    for name, a in weights.arrays.items():
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(a.dtype), dims=a.shape,
+                        data_location=TensorProto.EXTERNAL)
+        t.external_data.add(key="location", value=location)
+        model.graph.initializer.append(t)
+    return model
+
+
+def mask_value(hidden: str) -> float:
+    """The blocked value added to attention scores (the board mask's, as fp32)."""
+    return float(MASK_VALUE[hidden])
