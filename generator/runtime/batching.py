@@ -27,6 +27,9 @@ A request that alone needs more blocks than the pool can give fails with a clear
 block_size and num_blocks; the others go on. An exception in the engine fails the requests of that
 step only: a failed decode step is retried per sequence (rewound first) to find the one at fault,
 and the thread keeps serving. ``close()`` stops the thread and fails what is queued or running.
+
+Over 400 lines: the scheduler and its Request are one state machine owned by one thread; split, the
+invariants (who frees a sequence, when a stream ends) would live in two modules.
 """
 
 from __future__ import annotations
@@ -77,10 +80,6 @@ class Request:
         self._wake = wake
         self._ended = False
 
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
-
     def cancel(self) -> None:
         """Stop generating (the stream ends without an error); a no-op once finished."""
         self._cancelled = True
@@ -116,11 +115,10 @@ class Request:
         self._queue.put(tok)
 
     def _end(self, error: str | None = None, reason: str | None = None) -> None:
-        if self.done.is_set():
-            return
-        self.error, self.reason = error, reason
-        self.done.set()
-        self._queue.put(_END)
+        if not self.done.is_set():
+            self.error, self.reason = error, reason
+            self.done.set()
+            self._queue.put(_END)
 
 
 class Batcher:
@@ -147,13 +145,8 @@ class Batcher:
         self._thread.start()
 
     # -- the public side (any thread) ------------------------------------------------------------------
-    @property
-    def running(self) -> int:
-        return len(self._running)
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
+    running = property(lambda self: len(self._running), doc="requests in the running batch")
+    waiting = property(lambda self: len(self._waiting), doc="requests queued")
 
     def check_fits(self, ids: list[int]) -> None:
         """Raise RequestFailed (too_big) if a prompt of `ids` can never run: over kv_cache_len, or more
@@ -176,7 +169,7 @@ class Batcher:
         budget = self.C - len(ids) + 1
         if max_new_tokens is not None:
             budget = min(budget, int(max_new_tokens))
-        req = Request(ids, sampler, max(budget, 0), self._notify, self.numerics)
+        req = Request(ids, sampler, max(budget, 0), self._wake, self.numerics)
         try:
             self.check_fits(ids)
         except RequestFailed as exc:
@@ -247,10 +240,6 @@ class Batcher:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
-    def _notify(self) -> None:
-        with self._cv:
-            self._cv.notify()
-
     # -- the scheduler thread -----------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
@@ -275,6 +264,10 @@ class Batcher:
                     self._fail(req, f"internal error in the batch scheduler: {type(exc).__name__}: {exc}", "engine")
         self._shutdown()
 
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
     def _shutdown(self) -> None:
         with self._cv:
             pending = list(self._running) + list(self._waiting)
@@ -294,13 +287,13 @@ class Batcher:
         with self._cv:
             waiting = list(self._waiting)
         for req in waiting:
-            if req.cancelled:
+            if req._cancelled:
                 self._finish(req)
             elif self.queue_timeout is not None and not req._admitted and now - req.submitted > self.queue_timeout:
                 self._fail(req, f"the request waited {self.queue_timeout:g} s for a place in the batch "
                                 f"(batch_size {self.batch_size}, {self.running} running)", "queue_timeout")
         for req in list(self._running):
-            if req.cancelled:
+            if req._cancelled:
                 self._finish(req)
         self._admit()
         if self._running:
@@ -413,26 +406,23 @@ class Batcher:
 
     def _preempt(self, req: Request) -> None:
         self.log(f"batcher: KV pool full, request of {len(req.prompt)}+{len(req.out)} tokens back to the queue")
-        self._release(req)
-        req.preempted += 1
         with self._cv:
+            self._running.remove(req)
             self._waiting.appendleft(req)
+        self.pool.free(req.seq)
+        req.seq = None
+        req.preempted += 1
 
-    def _release(self, req: Request) -> None:
+    def _finish(self, req: Request, message: str | None = None, reason: str | None = None) -> None:
         with self._cv:
-            if req in self._running:
-                self._running.remove(req)
-            if req in self._waiting:
-                self._waiting.remove(req)
+            for where in (self._running, self._waiting):
+                if req in where:
+                    where.remove(req)
         if req.seq is not None:
             self.pool.free(req.seq)
             req.seq = None
-
-    def _finish(self, req: Request) -> None:
-        self._release(req)
-        req._end()
-
-    def _fail(self, req: Request, message: str, reason: str) -> None:
-        self._release(req)
-        self.log(f"batcher: request failed ({reason}): {message}")
+        if message is not None:
+            self.log(f"batcher: request failed ({reason}): {message}")
         req._end(message, reason)
+
+    _fail = _finish
