@@ -74,10 +74,13 @@ class FakeEngine:
 
 
 def alone(engine, prompt: list[int], max_new: int, eos=EOS) -> list[int]:
-    """The reference: one prompt on its own (its own sequence, nothing else in the pool)."""
+    """The reference: one prompt on its own, as a server would run it with nothing else running: the
+    cached blocks of its prefix shared (the system prompt kept by the caller), the rest prefilled in one
+    step. (Rows prefilled from another start differ in their last bits, enough to flip a tie of logits.)"""
     pool = engine.pool
     seq = pool.new_sequence()
-    logits = engine.step([seq], [prompt])
+    reused = pool.attach_prefix(seq, prompt)
+    logits = engine.step([seq], [prompt[reused:]])
     out = []
     while True:
         tok = int(np.argmax(logits[0]))
@@ -116,7 +119,9 @@ def test_joining_and_leaving_mid_decode_gives_the_alone_tokens(batcher_of):
     system = prompts(1, [9])[0]
     ps = [system + p for p in prompts(2, [3, 11, 1, 6, 17, 4])]
     limits = [20, 7, 25, 3, 12, 30]
-    want = [alone(FakeEngine(), p, n, eos=-1) for p, n in zip(ps, limits)]  # no EOS: budgets decide
+    ref = FakeEngine()
+    ref.step([ref.pool.new_sequence()], [system])
+    want = [alone(ref, p, n, eos=-1) for p, n in zip(ps, limits)]  # no EOS: budgets decide
     ticks = threading.Semaphore(6)  # the system prompt, the first prompt and 4 decode steps
     engine = FakeEngine(ticks=ticks)
     b = batcher_of(engine, batch_size=3, eos_ids=[])
@@ -269,5 +274,68 @@ def test_bad_arguments():
             b.submit([], greedy())
         too_long = b.submit(list(range(1, 66)), greedy())
         assert too_long.reason == "too_big" and "kv_cache_len" in too_long.error
+    finally:
+        b.close()
+
+
+# -- the real fused backend (runtime/fused_engine.py) on a tiny bundle ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def fused_bundle(tiny_llama, tmp_path_factory):
+    from generator.contract import Bundle
+    from models import SMALL_GROUPS, quiet_build
+
+    out = tmp_path_factory.mktemp("batching") / "b"
+    quiet_build(input_path=str(tiny_llama), output_path=str(out), weight_type="s8", hidden_state_type="bf16",
+                post_weight_type="s8", **dict(SMALL_GROUPS, group_size=32))  # MatMulNBits takes groups of 32
+    return Bundle(out)
+
+
+class Ticked:
+    """An engine whose steps each wait for a permit (so the test decides when requests join)."""
+
+    def __init__(self, engine, ticks: threading.Semaphore):
+        self.engine, self.ticks = engine, ticks
+        self.pool, self.C, self.numerics = engine.pool, engine.C, engine.numerics
+        self.batches: list[int] = []
+
+    def step(self, seqs, tokens):
+        assert self.ticks.acquire(timeout=WAIT)
+        self.batches.append(len(seqs))
+        return self.engine.step(seqs, tokens)
+
+
+@pytest.mark.parametrize("numerics", ["board", "fast"])
+def test_fused_engine_batched_equals_alone(fused_bundle, numerics):
+    from generator.runtime.fused_engine import FusedEngine
+    from models import threads
+
+    vocab = fused_bundle.spec.vocab_size
+    system = prompts(12, [11], vocab)[0]
+    ps = [system + p for p in prompts(13, [5, 20, 9, 1, 14], vocab)] + prompts(14, [30], vocab)
+    limits = [30, 12, 40, 25, 8, 20]
+    ref = FusedEngine(fused_bundle, threads=threads(), numerics=numerics, block_size=4)
+    ref.step([ref.pool.new_sequence()], [system])  # kept, as set_prefix keeps it
+    want = [alone(ref, p, n, eos=-1) for p, n in zip(ps, limits)]
+    ticks = threading.Semaphore(6)  # the system prompt, the first prompt and 4 decode steps
+    engine = Ticked(FusedEngine(fused_bundle, threads=threads(), numerics=numerics, block_size=4, num_blocks=24,
+                                batch_size=4), ticks)  # 96 token rows: too few for all at once
+    b = Batcher(engine, batch_size=4, eos_ids=[])
+    try:
+        b.set_prefix(system, timeout=WAIT)
+        first = b.submit(ps[0], greedy(), limits[0])
+        stream = first.tokens(timeout=WAIT)
+        got0 = [next(stream) for _ in range(4)]
+        reqs = [first] + [b.submit(p, greedy(), n) for p, n in zip(ps[1:], limits[1:])]
+        big = b.submit(prompts(15, [90], vocab)[0], greedy(), 4)  # 23 blocks: over what the prefix leaves
+        ticks.release(10000)
+        got = [got0 + list(stream)] + [collect(r) for r in reqs[1:]]
+        assert got == want
+        assert max(engine.batches) == 4 and sum(r.preempted for r in reqs) > 0
+        assert [r.stats.prefilled for r in reqs[:5]] == [len(p) - 8 for p in ps[:5]]  # 2 shared blocks of 4
+        with pytest.raises(RequestFailed, match="block_size 4.*num_blocks 24"):
+            collect(big)
+        assert engine.pool.used_blocks == 3  # only the kept system prompt's blocks remain
     finally:
         b.close()

@@ -20,9 +20,12 @@ Each iteration of the scheduler thread:
    ``max_new_tokens``, when its sequence holds ``kv_cache_len`` (engine.C) tokens, or when cancelled;
    its blocks are freed. So sequences join and leave between decode steps.
 
-Pool exhaustion before a decode step preempts the most recently admitted running request: its blocks
-are freed and it goes back to the front of the queue with prompt + tokens so far as its prompt (its
-full blocks usually stay in the prefix cache); greedy answers are unchanged, its client only waits.
+Pool exhaustion before a decode step preempts the most recently admitted running request: its K/V rows
+are copied out (host memory, as vLLM's swap), its blocks freed, and it goes back to the front of the
+queue with prompt + tokens so far. Readmitted, its rows are written back, not recomputed (a prefill
+would give rows that differ in the last bits, enough to flip a near-tie of bf16 logits later): its
+answer is exactly the one it would have given, its client only waits. Blocks still in the prefix cache
+with the very same rows are shared again.
 A request that alone needs more blocks than the pool can give fails with a clear error naming
 block_size and num_blocks; the others go on. An exception in the engine fails the requests of that
 step only: a failed decode step is retried per sequence (rewound first) to find the one at fault,
@@ -70,6 +73,7 @@ class Request:
         self.error: str | None = None
         self.reason: str | None = None
         self.preempted = 0  # times it was put back in the queue to free blocks
+        self._saved = None  # (cached ids, K rows, V rows) while preempted
         self.seq = None  # its pool Sequence while running
         self.submitted = time.perf_counter()
         self.done = threading.Event()
@@ -306,9 +310,14 @@ class Batcher:
                 if not self._waiting:
                     return
                 req = self._waiting[0]
-            ids = req.prompt + req.out  # after a preemption: the tokens so far, the last one not yet fed
+            ids = req.prompt if req._saved is None else req._saved[0]  # preempted: its cached tokens
             seq = pool.new_sequence()
             reused = pool.attach_prefix(seq, ids)
+            if req._saved is not None and reused:  # share only blocks holding its very rows
+                k, v, at = req._saved[1], req._saved[2], pool.slots(seq)
+                if not (np.array_equal(pool.k[:, at], k[:, :reused]) and np.array_equal(pool.v[:, at], v[:, :reused])):
+                    pool.rewind(seq, 0)
+                    reused = 0
             need = pool.blocks_needed(seq, len(ids) - reused)
             if need + len(self._running) > pool.free_blocks:  # a block of headroom per running sequence
                 pool.free(seq)
@@ -318,6 +327,14 @@ class Batcher:
                 continue
             with self._cv:
                 self._waiting.popleft()
+            if req._saved is not None:  # write its rows back; its next token is out[-1], already sampled
+                slots = pool.reserve(seq, len(ids) - reused)
+                pool.k[:, slots], pool.v[:, slots] = req._saved[1][:, reused:], req._saved[2][:, reused:]
+                pool.commit(seq, ids[reused:])
+                req._saved, req.seq = None, seq
+                with self._cv:
+                    self._running.append(req)
+                continue
             try:
                 logits = self.engine.step([seq], [ids[reused:]])
             except PoolExhausted as exc:
@@ -406,6 +423,8 @@ class Batcher:
 
     def _preempt(self, req: Request) -> None:
         self.log(f"batcher: KV pool full, request of {len(req.prompt)}+{len(req.out)} tokens back to the queue")
+        at = self.pool.slots(req.seq)
+        req._saved = (list(req.seq.ids), self.pool.k[:, at], self.pool.v[:, at])  # fancy indexing: copies
         with self._cv:
             self._running.remove(req)
             self._waiting.appendleft(req)
