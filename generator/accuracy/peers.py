@@ -103,3 +103,114 @@ def evaluate_peers(bundle_dir: str | Path, types: list[str], *, text: str, max_t
                                "bundle_seconds": round(seconds, 2)}))
         log(f"llama.cpp {qtype}: {metrics['n_tokens']} tokens")
     return results
+
+
+# -- speed, for `make bench-peers` (generator/bench/) -----------------------------------------------
+
+def llama_speed(path: Path, ids: list[int], tokens: int, runs: int, threads: int) -> dict:
+    """llama.cpp on the prompt ids: TTFT (prompt evaluated, first token picked) and greedy decode tok/s over
+    `tokens` tokens (EOS ignored), the median of `runs` after a warm-up; the greedy answer too."""
+    import statistics
+
+    lib = llama_cpp()
+    llm = lib.Llama(model_path=str(path), n_ctx=len(ids) + tokens + 8, n_batch=512, n_threads=threads,
+                    n_threads_batch=threads, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def pick() -> int:  # the last evaluated token's logits (only it is an output without logits_all)
+        return int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,)).argmax())
+
+    def run(prompt: list[int], n: int) -> tuple[float, float, list[int]]:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        answer = [pick()]
+        t1 = time.perf_counter()
+        for _ in range(n - 1):
+            llm.eval([answer[-1]])
+            answer.append(pick())
+        t2 = time.perf_counter()
+        return (t1 - t0) * 1000, (n - 1) / max(t2 - t1, 1e-9), answer
+
+    run(ids[:8], 4)
+    timed = [run(ids, tokens) for _ in range(runs)]
+    return {"ttft_ms": statistics.median(t for t, _, _ in timed),
+            "decode_tok_s": statistics.median(d for _, d, _ in timed), "answer": timed[-1][2]}
+
+
+def genai_build(hf_dir: Path, precision: str, root: Path, env: dict, log=print) -> Path:
+    """onnxruntime-genai's model builder on a Hugging Face checkpoint folder (int8 / int4, CPU), into
+    root/genai-<precision> (made once; a temp name until complete). `env`: where onnxruntime_genai is."""
+    import shutil
+    import subprocess
+    import sys
+
+    out = root / f"genai-{precision}"
+    if (out / "genai_config.json").is_file():
+        return out
+    tmp = root / f".genai-{precision}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(tmp),
+           "-p", precision, "-e", "cpu", "-c", str(tmp / "cache_dir")]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0 or not (tmp / "genai_config.json").is_file():
+        tail = " / ".join((res.stderr or res.stdout).strip().splitlines()[-3:])
+        raise GeneratorError(f"onnxruntime-genai's builder failed on {hf_dir} ({precision}): {tail}")
+    shutil.rmtree(tmp / "cache_dir", ignore_errors=True)
+    tmp.rename(out)
+    log(f"onnxruntime-genai {precision}: built {out}")
+    return out
+
+
+def genai_model(path: Path, threads: int):
+    import json
+
+    import onnxruntime_genai as og
+
+    cfg = og.Config(str(path))
+    cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads,
+                                                                      "inter_op_num_threads": 1}}}}))
+    return og, og.Model(cfg)
+
+
+def genai_speed(path: Path, ids: list[int], tokens: int, runs: int, threads: int) -> dict:
+    """onnxruntime-genai on the prompt ids, greedy, `tokens` tokens (min_length = max_length: EOS ignored)."""
+    import statistics
+
+    og, model = genai_model(path, threads)
+
+    def run(prompt: list[int], n: int) -> tuple[float, float, list[int]]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n, do_sample=False)
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(prompt)
+        gen.generate_next_token()
+        answer = [int(gen.get_next_tokens()[0])]
+        t1 = time.perf_counter()
+        while not gen.is_done() and len(answer) < n:
+            gen.generate_next_token()
+            answer.append(int(gen.get_next_tokens()[0]))
+        t2 = time.perf_counter()
+        return (t1 - t0) * 1000, (len(answer) - 1) / max(t2 - t1, 1e-9), answer
+
+    run(ids[:8], 4)
+    timed = [run(ids, tokens) for _ in range(runs)]
+    return {"ttft_ms": statistics.median(t for t, _, _ in timed),
+            "decode_tok_s": statistics.median(d for _, d, _ in timed), "answer": timed[-1][2]}
+
+
+def genai_logits(path: Path, ids: list[int], spans, threads: int) -> np.ndarray:
+    """onnxruntime-genai's logits at every position of every window [T, V] (token by token, each window
+    from an empty context)."""
+    og, model = genai_model(path, threads)
+    out = []
+    for s, e in spans:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=e - s + 1, do_sample=False)
+        gen = og.Generator(model, params)
+        for t in ids[s:e]:
+            gen.append_tokens([t])
+            out.append(np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1))
+    return np.stack(out)
