@@ -106,6 +106,10 @@ def open_engine(bundle, backend: str | None = None, config=None, config_path=Non
     if kvcache_path and not cls.capabilities.get("saved_kv_cache"):
         raise GeneratorError(f"backend {cls.name!r} lacks a saved KV cache (--kvcache_path); leave it out.")
     options["numerics"] = cls.check_numerics(options.get("numerics", "board"))
+    if config is not None and (cls.capabilities.get("batching") or cls.capabilities.get("paged_kv")):
+        for key in ("batch_size", "block_size", "num_blocks"):  # the paged / batching keys, where declared
+            if getattr(config, key, None) is not None:
+                options.setdefault(key, getattr(config, key))
     return cls.open(bundle, **options), cls
 
 
@@ -120,6 +124,22 @@ class OnnxRuntimeBackend(Backend):
         from .engine import Engine
 
         return Engine(bundle, **options)
+
+
+@register("onnxruntime-fused")
+class OnnxRuntimeFusedBackend(Backend):
+    """All layers in one onnxruntime session over a paged KV block pool, B sequences per step
+    (runtime/fused.py, runtime/fused_engine.py). Board numerics by default (fp32 weights from the codes:
+    the board's numbers, 4-8x the bundle's weight memory); --numerics fast runs MatMulNBits on the
+    bundle's own codes with int8 activations in blocks of 32 (the bundle's size in memory)."""
+    capabilities = {"numerics": ("board", "fast"), "batching": True, "paged_kv": True, "sampling": True,
+                    "extend_method": True, "saved_kv_cache": False, "images": False}
+
+    @classmethod
+    def open(cls, bundle, **options):
+        from .fused_engine import FusedEngine
+
+        return FusedEngine(bundle, **options)
 
 
 @register("transformers")

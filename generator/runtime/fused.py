@@ -98,11 +98,12 @@ class Weights:
         return sum(a.nbytes for a in self.arrays.values())
 
 
-def nbits_weight(codes: np.ndarray, scales: np.ndarray, bits: int, group: int, block: int = NBITS_BLOCK):
+def nbits_weight(codes: np.ndarray, scales: np.ndarray, bits: int, group: int, block: int | None = None):
     """MatMulNBits B [N, K/block, block*bits/8] (uint8) and scales [N, K/block] from stored int codes
     [K, N] with scales [K/group, N]: the same codes, each group's scale repeated over its blocks (exact
     when block divides the group). K is padded to whole blocks with the zero point's code."""
     k, n = codes.shape
+    block = block or NBITS_BLOCK
     if group % block and k > block:
         raise GeneratorError(f"group size {group} is not a multiple of the MatMulNBits block {block}.")
     nb = -(-k // block)

@@ -46,6 +46,8 @@ class FusedEngine:
         self.P = int(prefill_chunk or self.opts.prefill_len)
         self.window = s.sliding_window if "sliding_attention" in s.layer_types else None
         self.longrope = any(t.long_inv_freq is not None for t in s.rope.values())
+        if self.numerics == "board":
+            self._check_memory(s)
         model, weights = builder.build()
         declare_external(model, weights, bundle.embed_file.name)
         so = session_options(threads, False, self.shared_pool)
@@ -73,6 +75,18 @@ class FusedEngine:
         self._shape = None  # (B, S) the outputs are bound for
         self.seq = self.pool.new_sequence()
         self.image_rows: dict[int, np.ndarray] = {}
+
+    def _check_memory(self, s):
+        """Board numerics hold every weight as fp32: refuse up front what this machine cannot hold."""
+        need = 4 * (s.num_hidden_layers * s.layer_params + 2 * s.vocab_size * s.hidden_size)
+        try:
+            avail = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
+        except (OSError, StopIteration):
+            return
+        if need > 0.9 * avail:
+            raise GeneratorError(f"backend 'onnxruntime-fused' in board numerics needs ~{need / 2**30:.1f} GiB of fp32 "
+                                 f"weights and {avail / 2**30:.1f} GiB are available; use --numerics fast (the bundle's "
+                                 f"codes, int8 activations) or --backend onnxruntime.")
 
     # -- binding -----------------------------------------------------------------------------------
     def _bind_in(self, name: str, arr: np.ndarray, shape=None, elem: int | None = None):
