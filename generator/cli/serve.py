@@ -26,5 +26,8 @@ def add_serve_args(p: argparse.ArgumentParser):
     p.add_argument("--history", choices=["used", "board"], default="used", help="as for `run`")
     add_numerics_arg(p)
     add_backend_args(p)
+    p.add_argument("--batch_size", type=int_at_least(1), default=None,
+                   help="conversations decoded together on a batching backend (onnxruntime-fused; default: the "
+                        "config's batch_size, else 8); others wait in a queue")
     p.add_argument("--seed", type=int, default=None, help="sampling seed for requests without one")
     p.add_argument("--log_requests", action="store_true", help="log every request to stderr")

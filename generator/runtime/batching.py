@@ -139,6 +139,7 @@ class Batcher:
         self.C = int(engine.C)
         self.numerics = getattr(engine, "numerics", "board")
         self.steps = 0  # decode steps run
+        self.peak = 0  # the most requests decoded in one step
         self._cv = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # in admission order
@@ -384,6 +385,7 @@ class Batcher:
         except Exception as exc:
             logits = self._isolate(batch, lengths, exc)
         self.steps += 1
+        self.peak = max(self.peak, len(batch))
         for req, row in zip(batch, logits):
             if row is not None:
                 self._emit(req, row)

@@ -77,8 +77,7 @@ class ApiHandler(JsonRequestHandler):
 
     # -- handlers --------------------------------------------------------------------------------
     def health(self, body: dict):
-        svc = self.server.service
-        self.send_json(200, {"status": "ok", "model": svc.model_id, "busy": svc.busy})
+        self.send_json(200, self.server.service.health())
 
     def models(self, body: dict):
         self.send_json(200, {"object": "list", "data": [self.server.service.model_card()]})

@@ -33,8 +33,11 @@ Routes
     ``{"status": "ok", "model", "busy"}``.
 
 One engine serves all requests, one at a time (a request waits up to ``--queue_timeout`` seconds
-for the one before it, then gets 503). Errors are JSON, OpenAI style: ``{"error": {"message",
-"type", "param", "code"}}`` with 400 (bad JSON or field, named in ``param``), 404, 405, 411, 413 or 503.
+for the one before it, then gets 503). On a batching backend (``onnxruntime-fused``, by ``--backend`` or
+``--config``'s llm_backend) up to ``--batch_size`` requests run at once with continuous batching and the
+rest queue (generator/serve/batched.py); ``/health`` then adds ``running``, ``waiting``, ``batch_size``.
+Errors are JSON, OpenAI style: ``{"error": {"message", "type", "param", "code"}}`` with 400 (bad JSON or
+field, named in ``param``), 404, 405, 411, 413 or 503.
 
 The routes and the HTTP plumbing are in generator/serve/http.py; this module holds the request
 parsing and the service on the runner.
@@ -109,16 +112,18 @@ class ChatService:
                  model_name: str | None = None, max_tokens: int | None = None, queue_timeout: float = 600.0,
                  threads: int = 2, history: str = "used", seed: int | None = None, log=None,
                  shared_pool: bool = False, numerics: str = "board", backend: str | None = None,
-                 config: str | None = None):
+                 config: str | None = None, batch_size: int | None = None):
         from ..contract import Bundle
         from ..runtime.chat import Chat
         from ..runtime.backends import open_engine
         from ..runtime.boost_config import load_config, sampling_settings
+        from .batched import engine_options
 
         self.bundle = Bundle(bundle_path)
         cfg = load_config(config) if config else None  # --config boost.yaml; flags override it
         self.engine, self.backend = open_engine(self.bundle, backend, cfg, config, kvcache_path, threads=threads,
-                                                history=history, shared_pool=shared_pool, numerics=numerics)
+                                                history=history, shared_pool=shared_pool, numerics=numerics,
+                                                **engine_options(backend, cfg, batch_size))
         self.chat = Chat(self.bundle, self.engine, system_prompt=system_prompt, seed=seed,
                          sampling=sampling_settings(cfg) if cfg else None)
         if cfg is not None and max_tokens is None:
@@ -132,13 +137,29 @@ class ChatService:
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
         self.created = int(time.time())
+        self.batched = None  # a batching backend: many requests at once (batched.py)
+        if self.backend.capabilities.get("batching"):
+            from .batched import BatchedService
+
+            self.batched = BatchedService(self.chat, self.engine, self.backend.name, queue_timeout=queue_timeout,
+                                          log=self.log)
+            self.precompute_len = self.batched.start_over()
+            return
         with self.lock:
             self.precompute_len = self._start_over()
 
     # -- state ----------------------------------------------------------------------------------
     @property
     def busy(self) -> bool:
-        return self.lock.locked()
+        return self.batched.busy if self.batched else self.lock.locked()
+
+    def health(self) -> dict:
+        load = self.batched.load() if self.batched else {}  # running, waiting, batch_size
+        return {"status": "ok", "model": self.model_id, "busy": self.busy, **load}
+
+    def close(self) -> None:
+        if self.batched:
+            self.batched.close()
 
     def _start_over(self) -> int:
         from ..runtime.kvcache import start_over
@@ -151,6 +172,11 @@ class ChatService:
                            code="busy", kind="server_error")
 
     def reset(self, system_prompt: str | None = None) -> dict:
+        if self.batched:  # waits for nothing: requests from now on get the new prefix
+            if system_prompt is not None:
+                self.chat.system_prompt = system_prompt
+            self.precompute_len = self.batched.start_over()
+            return {"status": "ok", "precompute_len": self.precompute_len, "system_prompt": self.chat.system_prompt}
         self._acquire()
         try:
             if system_prompt is not None:
@@ -161,6 +187,8 @@ class ChatService:
             self.lock.release()
 
     def stop(self) -> dict:
+        if self.batched:
+            return {"status": "ok", "was_running": self.batched.stop() > 0}
         self.stop_event.set()
         return {"status": "ok", "was_running": self.busy}
 
@@ -218,6 +246,8 @@ class ChatService:
             raise ApiError(400, f"the conversation is {len(ids)} tokens; this bundle's KV cache holds "
                                 f"{self.engine.C} (--kv_cache_len) including the answer", "messages",
                            "context_length_exceeded")
+        if self.batched:
+            self.batched.check(ids, images)
         return {"ids": ids, "stream": stream, "include_usage": bool(opts.get("include_usage")), "limit": limit,
                 "stops": stops, "sampler": sampler, "images": images}
 
@@ -280,7 +310,11 @@ class ChatService:
 
     def generate(self, req: dict) -> Iterator[str]:
         """Text pieces of the answer; afterwards `req` holds finish_reason and usage. Holds the engine
-        lock while it runs (close the iterator to release it early)."""
+        lock while it runs (close the iterator to release it early); on a batching backend, runs it with the
+        others (batched.py)."""
+        if self.batched:
+            yield from self.batched.generate(req)
+            return
         self._acquire()
         try:
             self.stop_event.clear()
@@ -325,7 +359,7 @@ def serve(args) -> int:
                           model_name=args.model_name, max_tokens=args.max_tokens, queue_timeout=args.queue_timeout,
                           threads=args.threads, history=args.history, seed=args.seed, shared_pool=True,
                           numerics=getattr(args, "numerics", "board"), backend=getattr(args, "backend", None),
-                          config=getattr(args, "config", None))
+                          config=getattr(args, "config", None), batch_size=getattr(args, "batch_size", None))
     from .http import ApiServer  # the HTTP layer loads the tokenizer server's plumbing: only when serving
 
     try:
@@ -335,5 +369,10 @@ def serve(args) -> int:
     note = ", numerics fast (int8 activations, not the board's)" if service.engine.numerics == "fast" else ""
     print(f"[I] model {service.model_id}: precompute_len {service.precompute_len}, kv_cache_len {service.engine.C}"
           f"{note}", file=sys.stderr, flush=True)
-    server.serve_until_interrupted()
+    if service.batched:
+        print(f"[I] {service.batched.describe()}", file=sys.stderr, flush=True)
+    try:
+        server.serve_until_interrupted()
+    finally:
+        service.close()
     return 0
