@@ -116,7 +116,7 @@ def test_unsupported_config_is_refused(fp32, tmp_path, text, match):
 def test_cli_backend_and_config(fp32, tmp_path, capsys):
     assert main(["run", str(fp32.dir), "--backend", "nope", "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
-    assert "'nope' is not a known backend" in err and "onnxruntime, transformers" in err
+    assert "'nope' is not a known backend" in err and "onnxruntime, onnxruntime-fused, transformers" in err
     path = write(tmp_path, "batch_size: 2\n")
     assert main(["run", str(fp32.dir), "--config", str(path), "--prompt", "hi"]) == 2
     assert "lacks batching" in capsys.readouterr().err

@@ -98,14 +98,22 @@ class Weights:
         return sum(a.nbytes for a in self.arrays.values())
 
 
+def nbits_block(group: int) -> int:
+    """The MatMulNBits block for a scale group: NBITS_BLOCK, or the group itself when smaller (>= 16, a
+    power of two: onnxruntime's limits); the group must be a whole number of blocks."""
+    block = min(NBITS_BLOCK, group)
+    if block < 16 or block & (block - 1) or group % block:
+        raise GeneratorError(f"fast numerics need group_size a multiple of {NBITS_BLOCK} (or a power of two >= 16); "
+                             f"this bundle has {group}: use --numerics board.")
+    return block
+
+
 def nbits_weight(codes: np.ndarray, scales: np.ndarray, bits: int, group: int, block: int | None = None):
     """MatMulNBits B [N, K/block, block*bits/8] (uint8) and scales [N, K/block] from stored int codes
     [K, N] with scales [K/group, N]: the same codes, each group's scale repeated over its blocks (exact
     when block divides the group). K is padded to whole blocks with the zero point's code."""
     k, n = codes.shape
-    block = block or NBITS_BLOCK
-    if group % block and k > block:
-        raise GeneratorError(f"group size {group} is not a multiple of the MatMulNBits block {block}.")
+    block = block or nbits_block(group)
     nb = -(-k // block)
     u = np.full((n, nb * block), 1 << (bits - 1), np.uint8)
     u[:, :k] = (codes.T.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
@@ -140,7 +148,7 @@ class FusedBuilder:
             if self.numerics == "fast":
                 qb, sc = nbits_weight(codes, scales, bits, group)
                 y = g.op("MatMulNBits", x, w.add(f"{full}.nbits", qb), w.add(f"{full}.nscales", sc), domain="com.microsoft",
-                         K=k, N=n, bits=bits, block_size=NBITS_BLOCK, accuracy_level=4)
+                         K=k, N=n, bits=bits, block_size=nbits_block(group), accuracy_level=4)
             else:
                 y = g.op("MatMul", x, w.add(f"{full}.weight", dequantize(codes, scales, 0, group)))
         elif f"{name}.scales" in tensors:  # fp8 codes + per-output-channel scales
@@ -221,8 +229,6 @@ class FusedBuilder:
         bs_kv = g.op("Concat", self.bs, g.ints(kv), axis=0)
         k_chunk = g.op("Reshape", k4, bs_kv)  # [B, S, kv]
         v_chunk = g.op("Reshape", v, bs_kv)
-        g.output(from_f32(g, k_chunk, dt), f"k_new.{i}", dt, ["B", "S", kv])
-        g.output(from_f32(g, v_chunk, dt), f"v_new.{i}", dt, ["B", "S", kv])
         k_pool = g.input(f"k_pool.{i}", dt, ["R", kv])
         v_pool = g.input(f"v_pool.{i}", dt, ["R", kv])
         k_all = g.op("Concat", to_f32(g, g.op("Gather", k_pool, slots, axis=0), dt), k_chunk, axis=1)  # [B, T+S, kv]
@@ -257,7 +263,11 @@ class FusedBuilder:
         mlp = self.linear(act, t, p, "down_proj")
         if s.post_feedforward_norm:
             mlp = norm(g, mlp, s.norm, refs["post_feedforward_layernorm"])
-        return self.round(g.op("Add", resid, mlp))
+        out = self.round(g.op("Add", resid, mlp))
+        # outputs last: Graph.output renames the producer's value in the nodes that exist so far
+        g.output(from_f32(g, k_chunk, dt), f"k_new.{i}", dt, ["B", "S", kv])
+        g.output(from_f32(g, v_chunk, dt), f"v_new.{i}", dt, ["B", "S", kv])
+        return out
 
     def post(self, x: str):
         """Each sequence's last token: final norm, lm_head, softcap, rounded as the post graph's output."""
