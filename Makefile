@@ -2,8 +2,8 @@
 #   make                      build + verify the embedded default model (SmolLM2-135M-Instruct) for AX650
 #   make <model> CHIP=AX650   build + verify a model variant (see `make list`)
 #   make test                 run the test suite
-#   make bench                runner speed vs transformers on this machine
-#   make bench-peers          make accuracy's report with llama.cpp Q8_0/Q4_0/Q4_K_M beside it (installs llama-cpp-python)
+#   make bench                every backend x numerics side by side: speed, KLD, peak RSS, 8 users at once
+#   make bench-peers          make bench with llama.cpp and onnxruntime-genai in the table (installs them into .cache/peers)
 #   make accuracy MODEL=...   build MODEL (default: the default model) at s8, s4, calibrated s4, fp8 and an auto mix,
 #                             then one accuracy report (KL divergence, top-1, perplexity vs fp32); NUMERICS=fast
 #   make zoo ZOO=zoo.yaml     build a zoo file's models x chips x weight types as Ray tasks (local Ray, or the
@@ -63,8 +63,15 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
+# make bench [MODEL=qwen2-7b SYNTHETIC=1 WEIGHT_TYPE=s4 BACKENDS="onnxruntime onnxruntime-fused" NUMERICS=fast REUSE=1]
+BENCH_FLAGS = --model $(call q,$(MODEL)) $(if $(filter 1 yes true,$(SYNTHETIC)),--synthetic) \
+	$(if $(WEIGHT_TYPE),--weight_types $(foreach w,$(WEIGHT_TYPE),$(call q,$(w)))) \
+	$(if $(BACKENDS),--backends $(foreach b,$(BACKENDS),$(call q,$(b)))) \
+	$(if $(NUMERICS),--numerics $(foreach n,$(NUMERICS),$(call q,$(n)))) \
+	$(if $(TOKENS),--tokens $(call q,$(TOKENS))) $(if $(RUNS),--runs $(call q,$(RUNS))) \
+	$(if $(filter 1 yes true,$(REUSE)),--reuse)
 bench: $(STAMP)
-	$(PY) -m generator bench
+	$(PY) -m generator bench $(BENCH_FLAGS)
 
 MODEL ?= $(DEFAULT_MODEL)
 accuracy: $(STAMP)
@@ -72,10 +79,18 @@ accuracy: $(STAMP)
 		$(if $(NUMERICS),--numerics $(call q,$(NUMERICS))) $(if $(MAX_TOKENS),--max_tokens $(call q,$(MAX_TOKENS))) \
 		$(if $(filter 1 yes true,$(REUSE)),--reuse)
 
-# llama.cpp side by side (optional: llama-cpp-python, built from source; never needed by `make test`)
+# The peers side by side in make bench's table (optional, never needed by `make test`): llama-cpp-python (built
+# from source once, ~15 min; PEER_WHEELS=dir of a built wheel) and onnxruntime-genai, installed into their own
+# folder, not the venv. ACCURACY=1: also make accuracy's report with llama.cpp Q8_0/Q4_0/Q4_K_M beside it.
+PEERS_SITE := .cache/peers/site
+PEERS ?= Q8_0 Q4_0 Q4_1 Q4_K_M int8 int4
 bench-peers: $(STAMP)
-	$(PY) -c 'import llama_cpp' 2>/dev/null || $(PY) -m pip install --quiet llama-cpp-python==0.3.36
-	$(PY) -m generator accuracy --model $(call q,$(MODEL)) --chip $(call q,$(CHIP)) --reuse --peers Q8_0 Q4_0 Q4_K_M
+	PYTHONPATH=$(PEERS_SITE) $(PY) -c 'import llama_cpp, onnxruntime_genai, onnx_ir' 2>/dev/null || \
+		$(PY) -m pip install --quiet --no-deps --target $(PEERS_SITE) $(if $(PEER_WHEELS),--find-links $(call q,$(PEER_WHEELS))) \
+		llama-cpp-python==0.3.36 diskcache==5.6.3 onnxruntime-genai==0.18.0 onnx-ir==1.1.0
+	$(PY) -m generator bench $(BENCH_FLAGS) --peers $(PEERS)
+	$(if $(filter 1 yes true,$(ACCURACY)),PYTHONPATH=$(PEERS_SITE) $(PY) -m generator accuracy --model $(call q,$(MODEL)) \
+		--chip $(call q,$(CHIP)) --reuse --peers Q8_0 Q4_0 Q4_K_M)
 
 ZOO ?= generator/zoo/example.yaml
 zoo: $(STAMP)

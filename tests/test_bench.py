@@ -49,9 +49,10 @@ def test_bench_table_on_a_tiny_bundle(tiny_s8, tmp_path, monkeypatch, capsys):
     assert "re-quantizes the reference GGUF" in notes["llama.cpp Q8_0"]
     assert "onnxruntime-genai not installed: `make bench-peers`" in notes["onnxruntime-genai int8"]
     if "onnxruntime-fused" in names:
-        u = res["users"]
-        assert "error" not in u, u
-        assert u["sessions"] == 2 and u["generated"] == [2, 2] and all(u["identical"])
+        assert {u["numerics"] for u in res["users"]} == set(modes)
+        for u in res["users"]:
+            assert "error" not in u, u
+            assert u["sessions"] == 2 and u["generated"] == [2, 2] and all(u["identical"]) and not u["errors"]
     printed = capsys.readouterr().out
     assert "onnxruntime fast s8" in printed and "onnxruntime-genai int8" in printed
     assert not list(out.glob(".bench/*")), "children's spec/result/logits files are removed"

@@ -195,13 +195,13 @@ def contenders(args, bundles: dict[str, Path]) -> list[dict]:
 
 def too_big_for_fp32(path: Path, backend: str, numerics: str) -> str | None:
     """Why a contender that holds the weights in fp32 cannot run here, or None: transformers fp32, and
-    onnxruntime board numerics (onnxruntime dequantizes int weights to fp32 at load: a 7B s4 layer file of
-    124 MB takes ~930 MB resident)."""
+    onnxruntime and onnxruntime-fused in board numerics (int weights become fp32 at load: a 7B s4 layer file
+    of 124 MB takes ~930 MB resident)."""
     import psutil
 
     from ..contract import Bundle
 
-    if not (backend == "transformers" or (backend == DEFAULT_BACKEND and numerics == "board")):
+    if not (backend == "transformers" or (backend.startswith(DEFAULT_BACKEND) and numerics == "board")):
         return None
     b = Bundle(path)
     bits = {"s4": 4, "s8": 8}.get(b.opts.weight_type, 16)
@@ -268,6 +268,8 @@ def bench(args) -> int:
         results["contenders"].append({**row, **res})
     if args.users:
         results["users"] = many_users(args, bundles, chat, work, console)
+    else:
+        results["users"] = []
     if args.peers:
         results["peers"] = peer_rows.run_peers(args, bundles, first, ids, acc, work, root / "peers", console)
     table.finish(results, console)
@@ -276,20 +278,27 @@ def bench(args) -> int:
     return 0
 
 
-def many_users(args, bundles: dict[str, Path], chat, work: Path, console: Console) -> dict:
-    """--users sessions through the continuous Batcher on the fused backend, s8 bundle (the issue's target)."""
+def many_users(args, bundles: dict[str, Path], chat, work: Path, console: Console) -> list[dict]:
+    """--users sessions through the continuous Batcher on the fused backend, s8 bundle (the issue's target),
+    in each of its numerics that --numerics asks for."""
     from ..runtime import backends
 
     name = "onnxruntime-fused"
     if name not in backends.available() or (args.backends and name not in args.backends):
-        return {"note": f"backend {name} {'not registered' if name not in backends.available() else 'not in --backends'}"}
-    cls = backends.get(name)
-    modes = list(cls.capabilities.get("numerics", ()))
-    mode = next((m for m in modes if m in args.numerics), modes[0] if modes else "fast")
+        return [{"note": f"backend {name} {'not registered' if name not in backends.available() else 'not in --backends'}"}]
+    modes = list(backends.get(name).capabilities.get("numerics", ()))
     wt = "s8" if "s8" in bundles else next(iter(bundles))
     prompts = [chat.encode_messages([{"role": "user", "content": p}], add_generation_prompt=True)
                for p in (USER_PROMPTS * (args.users // len(USER_PROMPTS) + 1))[:args.users]]
-    console.print(f"many users: {args.users} sessions on {name} {mode} {wt} ...")
-    spec = {"kind": "batch", "backend": name, "numerics": mode, "bundle": str(bundles[wt]), "threads": args.threads,
-            "prompts": prompts, "tokens": args.tokens, "batch_size": args.users}
-    return {"backend": name, "numerics": mode, "weight_type": wt, **run_child(spec, work, "users")}
+    rows = []
+    for mode in [m for m in modes if m in args.numerics] or modes[:1]:
+        row = {"backend": name, "numerics": mode, "weight_type": wt}
+        skip = too_big_for_fp32(bundles[wt], name, mode)
+        if skip:
+            rows.append(dict(row, note=skip))
+            continue
+        console.print(f"many users: {args.users} sessions on {name} {mode} {wt} ...")
+        spec = {"kind": "batch", "backend": name, "numerics": mode, "bundle": str(bundles[wt]),
+                "threads": args.threads, "prompts": prompts, "tokens": args.tokens, "batch_size": args.users}
+        rows.append({**row, **run_child(spec, work, f"users_{mode}")})
+    return rows
