@@ -10,7 +10,8 @@ Kinds:
              .npy for the parent to score against the fp32 reference. `transformers`: the fp32 reference
              checkpoint in transformers' own KV-cache loop (run_transformers).
   batch      many users: the prompts one after another on a batch-1 engine (single-stream aggregate tok/s
-             and answers), then all at once through the continuous Batcher (runtime/batching.py).
+             and answers), then all at once through the continuous Batcher (runtime/batching.py), then each
+             alone through that Batcher (answers compared with both).
   llama.cpp  a llama.cpp GGUF (llama-cpp-python): the same prompt ids, timing and logits
              (llama.cpp-quantize: the GGUF made first, in a process of its own).
   genai      an onnxruntime-genai model folder: the same.
@@ -210,13 +211,31 @@ def run_batch(spec: dict) -> dict:
         for t in threads:
             t.join()
         batch_s = time.perf_counter() - t0
+        rss = peak_rss_mib()
+        solo = []  # each prompt alone through the same Batcher (its prefix cache warm, as S's tests compare)
+        for ids in prompts:
+            try:
+                solo.append(list(batcher.submit(ids, greedy_sampler(), tokens).tokens()))
+            except Exception as exc:
+                errors.append(f"alone: {exc}")
+                solo.append([])
     finally:
         batcher.close()
     n_single, n_batch = sum(map(len, single)), sum(map(len, answers))
     return {"sessions": len(prompts), "tokens": tokens, "single_tok_s": n_single / single_s,
             "batch_tok_s": n_batch / batch_s, "speedup": (n_batch / batch_s) / (n_single / single_s),
-            "identical": [a == s for a, s in zip(answers, single)], "errors": errors,
-            "generated": [len(a) for a in answers], "rss_mib": peak_rss_mib()}
+            "identical": [a == s for a, s in zip(answers, single)],
+            "identical_alone": [a == s for a, s in zip(answers, solo)],
+            "first_difference": [first_difference(a, s) for a, s in zip(answers, single)],
+            "first_difference_alone": [first_difference(a, s) for a, s in zip(answers, solo)],
+            "errors": errors, "generated": [len(a) for a in answers], "rss_mib": rss}
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first token index where two answers differ (None: equal)."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 # -- peers -----------------------------------------------------------------------------------------

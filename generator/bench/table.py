@@ -72,12 +72,14 @@ def targets(results: dict) -> list[dict]:
     for u in results.get("users") or []:
         if u.get("speedup") is None:
             continue
-        same = sum(u["identical"])
+        same, alone = sum(u["identical"]), sum(u.get("identical_alone", []))
         out.append({"name": f"{u['sessions']} users on {u['backend']} {u['numerics']} vs one by one", "value": u["speedup"],
                     "target": f">= {TARGETS['users_speedup']}x", "met": u["speedup"] >= TARGETS["users_speedup"]
                     and same == u["sessions"] and not u.get("errors"),
                     "detail": f"{u['backend']} {u['numerics']} {u['weight_type']}: {u['batch_tok_s']:.1f} tok/s "
-                              f"aggregate vs {u['single_tok_s']:.1f} one by one; answers identical {same}/{u['sessions']}"
+                              f"aggregate vs {u['single_tok_s']:.1f} one by one; answers identical {same}/{u['sessions']} "
+                              f"to the batch-1 engine's, {alone}/{u['sessions']} to each alone through the Batcher"
+                              + (f" (first differing token: {u['first_difference']})" if same < u["sessions"] else "")
                               + (f"; errors: {'; '.join(u['errors'])}" if u.get("errors") else "")})
     for r in ours:
         if r["backend"] == "onnxruntime-fused" and r.get("rss_vs_bundle_kv") is not None:
@@ -139,7 +141,8 @@ def render(results: dict) -> tuple[Table, list[str]]:
                       f"{u['batch_tok_s']:.1f}", f"{u['speedup']:.2f}x vs 1 by 1", "-", "-", "-", "-",
                       fmt(u.get("rss_mib"), ".0f"), "-",
                       mark(f"aggregate of {u['sessions']} x {u['tokens']} tokens; single-stream {u['single_tok_s']:.1f} "
-                           f"tok/s; answers identical {same}/{u['sessions']}"))
+                           f"tok/s; answers identical {same}/{u['sessions']} (batch-1 engine), "
+                           f"{sum(u.get('identical_alone', []))}/{u['sessions']} (alone through the Batcher)"))
     return table, notes
 
 
