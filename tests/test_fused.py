@@ -179,12 +179,18 @@ def test_pool_exhaustion_is_a_clear_error_that_leaves_the_engine_usable(bundles)
     np.testing.assert_array_equal(engine.prefill(ids), fresh.prefill(ids))
 
 
-def test_a_sequence_past_kv_cache_len_is_refused(engines, bundles):
+def test_a_sequence_past_kv_cache_len_and_images_are_refused(engines, bundles):
     _, fused = engines["llama"]
     fused.reset()
     with pytest.raises(GeneratorError, match="exceed --kv_cache_len 96"):
         fused.prefill(token_ids(97, bundles["llama"].spec.vocab_size, 1))
     assert len(fused.seq) == 0
+    fused.image_rows = {0: np.zeros((1, 64), np.uint16)}
+    with pytest.raises(GeneratorError, match="lacks images"):
+        fused.prefill([1, 2])
+    fused.image_rows = {}
+    with pytest.raises(GeneratorError, match="text positions only"):
+        fused.prefill([1, 2], positions=np.zeros((3, 2)))
 
 
 def test_fast_numerics_stay_close_to_board(bundles, engines):
@@ -219,3 +225,21 @@ def test_backend_registered_and_the_transformers_reference_agrees_greedily(tiny_
         answers[name] = list(chat.gen.stream(ids, 12))
     assert len(answers["transformers"]) == 12  # no early EOS: twelve tokens compared
     assert answers["onnxruntime-fused"] == answers["transformers"]
+
+
+def test_the_config_sizes_the_pool_and_other_backends_are_unchanged(bundles, tmp_path):
+    from generator.runtime.boost_config import load_config
+
+    path = tmp_path / "boost.yaml"
+    path.write_text("llm_backend: onnxruntime-fused\nbatch_size: 3\nblock_size: 8\nnum_blocks: 20\n", encoding="utf-8")
+    cfg = load_config(path)
+    engine, cls = backends.open_engine(bundles["llama"], None, cfg, path, threads=threads())
+    assert cls.name == "onnxruntime-fused" and engine.numerics == "board"  # the CLI's default numerics
+    assert (engine.batch_size, engine.pool.block_size, engine.pool.num_blocks) == (3, 8, 20)
+    assert engine.pool.k.shape == (2, 160, bundles["llama"].spec.kv_dim) and engine.pool.k.dtype == np.uint16
+    path.write_text("llm_backend: onnxruntime-fused\nbatch_size: 2\n", encoding="utf-8")
+    engine, _ = backends.open_engine(bundles["llama"], None, load_config(path), path, threads=threads())
+    assert engine.pool.num_blocks == 2 * 96 // 16  # default: batch_size sequences of kv_cache_len tokens
+    path.write_text("llm_backend: onnxruntime\n", encoding="utf-8")
+    engine, cls = backends.open_engine(bundles["llama"], None, load_config(path), path, threads=threads())
+    assert cls.name == "onnxruntime" and not hasattr(engine, "pool")
