@@ -61,6 +61,10 @@ def bundles(tiny_llama, tiny_tok, tmp_path_factory):
         dst = tmp_path_factory.mktemp("fused") / name
         quiet_build(input_path=str(src), output_path=str(dst), weight_type="s8", hidden_state_type="bf16", **SMALL_GROUPS)
         out[name] = Bundle(dst)
+    dst = tmp_path_factory.mktemp("fused") / "llama_s4"  # board numerics run s4 as MatMulNBits, fp32 activations
+    quiet_build(input_path=str(tiny_llama), output_path=str(dst), weight_type="s4", hidden_state_type="bf16",
+                **SMALL_GROUPS)
+    out["llama_s4"] = Bundle(dst)
     return out
 
 
@@ -72,7 +76,7 @@ def engines(bundles):
             for name, b in bundles.items()}
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", [*FAMILIES, "llama_s4"])
 def test_fused_matches_the_per_layer_graphs_for_every_prefill_group_and_decode(engines, bundles, family):
     ref, fused = engines[family]
     vocab = bundles[family].spec.vocab_size
@@ -86,6 +90,8 @@ def test_fused_matches_the_per_layer_graphs_for_every_prefill_group_and_decode(e
             worst = max(worst, rel_err(fused.decode(tok), ref.logits(ref.decode(tok))[0]))
         assert len(fused.cached_ids) == n + 6 and fused.cached_ids == ref.cached_ids
     assert groups == {g.index for g in bundles[family].groups if g.index > 0}
+    # s4: MatMulNBits with fp32 activations (its scales stay ours: level 1 reads them); s8: fp32 weights
+    assert any(n.endswith(".nscales") for n in fused._weights.arrays) == family.endswith("_s4")
     print(f"{family}: fused vs per-layer worst rel err {worst:.2e}")
     assert worst <= TOL["board_vs_layers"]["max_rel_err"], (family, worst)
 

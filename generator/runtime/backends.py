@@ -129,9 +129,9 @@ class OnnxRuntimeBackend(Backend):
 @register("onnxruntime-fused")
 class OnnxRuntimeFusedBackend(Backend):
     """All layers in one onnxruntime session over a paged KV block pool, B sequences per step
-    (runtime/fused.py, runtime/fused_engine.py). Board numerics by default (fp32 weights from the codes:
-    the board's numbers, 4-8x the bundle's weight memory); --numerics fast runs MatMulNBits on the
-    bundle's own codes with int8 activations in blocks of 32 (the bundle's size in memory)."""
+    (runtime/fused.py, runtime/fused_engine.py). Board numerics by default (the board's numbers: s4 codes
+    as MatMulNBits with fp32 activations, s8 as fp32 weights: 4x their memory); --numerics fast runs
+    MatMulNBits on the bundle's own codes with int8 activations (the bundle's size in memory)."""
     capabilities = {"numerics": ("board", "fast"), "batching": True, "paged_kv": True, "sampling": True,
                     "extend_method": True, "saved_kv_cache": False, "images": False}
 

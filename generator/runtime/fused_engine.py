@@ -75,36 +75,42 @@ class FusedEngine:
         self._shape = None  # (B, S) the outputs are bound for
         self.seq = self.pool.new_sequence()
         self.image_rows: dict[int, np.ndarray] = {}
-        if self.numerics == "fast":
-            self._drop_packed()
+        self._drop_packed()
 
     def _drop_packed(self):
-        """MatMulNBits prepacks its codes and scales into onnxruntime's own buffers, so ours are a second copy
-        of the weights. Checked, not assumed: a one-token run, the same run with our copies zeroed; equal
-        logits mean onnxruntime never reads them, and they are freed (the bundle's size in memory, not 2x)."""
-        packed = [n for n in self._weights.arrays if n.endswith((".nbits", ".nscales"))]
-        if not packed:
-            return
-        probe = self.pool.new_sequence()
-        try:
-            before = self.step([probe], [[0]])
-            self.pool.rewind(probe, 0)
-            for name in packed:
-                a = self._weights.arrays[name]
-                a.setflags(write=True)
-                a[...] = 0
-            after = self.step([probe], [[0]])
-        finally:
-            self.pool.free(probe)
-        if not np.array_equal(before, after):
-            raise GeneratorError("onnxruntime read the MatMulNBits weights after prepacking them on this CPU; "
-                                 "use --numerics board.")
-        for name in packed:
-            del self._values[name], self._weights.arrays[name]
+        """MatMulNBits prepacks its codes and scales into onnxruntime's own buffers (accuracy level 4), so ours are
+        a second copy of the weights. Checked, not assumed, per kind (codes, scales): a one-token run, the same
+        run with our copies zeroed; equal logits mean onnxruntime never reads them and they are freed (the
+        bundle's size in memory, not 2x), else they are restored (level 1 reads them)."""
+        for suffix in (".nbits", ".nscales"):
+            names = [n for n in self._weights.arrays if n.endswith(suffix)]
+            if not names:
+                continue
+            probe = self.pool.new_sequence()
+            try:
+                before = self.step([probe], [[0]])
+                self.pool.rewind(probe, 0)
+                saved = {n: self._weights.arrays[n].copy() for n in names}
+                for n in names:
+                    self._weights.arrays[n].setflags(write=True)
+                    self._weights.arrays[n][...] = 0
+                after = self.step([probe], [[0]])
+            finally:
+                self.pool.free(probe)
+            if np.array_equal(before, after):
+                for n in names:
+                    del self._values[n], self._weights.arrays[n]
+            else:
+                for n in names:
+                    self._weights.arrays[n][...] = saved[n]
+            del saved
 
     def _check_memory(self, s):
-        """Board numerics hold every weight as fp32: refuse up front what this machine cannot hold."""
-        need = 4 * (s.num_hidden_layers * s.layer_params + 2 * s.vocab_size * s.hidden_size)
+        """Board numerics hold s8 / fp8 / 16-bit weights as fp32 (s4 as their codes): refuse up front what this
+        machine cannot hold."""
+        per = lambda wtype: 0.6 if wtype == "s4" else 4.0  # noqa: E731  bytes per weight
+        need = (per(self.opts.weight_type) * s.num_hidden_layers * s.layer_params
+                + per(self.opts.post_weight_type) * s.vocab_size * s.hidden_size)
         try:
             avail = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
         except (OSError, StopIteration):
