@@ -54,17 +54,18 @@ def add_bench_args(p):
                         "(int8 activations) (default: both)")
     p.add_argument("--backends", nargs="+", default=None, help="backends to time (default: every registered one)")
     p.add_argument("--synthetic", action="store_true", help="build the model from synthetic weights (no download; "
-                   "KLD is then n/a)")
-    p.add_argument("--reuse", action="store_true", help="time a bundle already built in --out instead of rebuilding it")
+                   "KLD is then n/a) (default: real weights)")
+    p.add_argument("--reuse", action="store_true", help="time a bundle already built in --out instead of "
+                   "rebuilding it (default: rebuild)")
     p.add_argument("--bundles", nargs="+", default=None, help="time these built bundles (no build; --model and "
-                   "--weight_types are then ignored)")
+                   "--weight_types are then ignored) (default: build --model)")
     p.add_argument("--users", type=int_at_least(0), default=8, help="concurrent sessions of the many-users row on "
                    "the fused backend, 0 to skip (default: %(default)s)")
     p.add_argument("--accuracy_tokens", type=int_at_least(0), default=None, help="tokens of the evaluation text "
                    "each contender's KLD is measured on, 0 to skip (default: bench_tokens of data/accuracy.yaml)")
     p.add_argument("--peers", nargs="*", default=[], help="peers in the same table (`make bench-peers`): llama.cpp "
                    "types (Q8_0 Q4_0 Q4_1 Q4_K_M) and onnxruntime-genai precisions (int8 int4); a missing peer "
-                   "is a note, not a failure")
+                   "is a note, not a failure (default: none)")
 
 
 def child_env(peers: bool = False) -> dict:

@@ -116,7 +116,9 @@ def render(results: dict) -> tuple[Table, list[str]]:
 
     table = Table(title_justify="left", title=f"{results['model']}: {results['prompt_tokens']}-token prompt, "
                   f"{results['tokens']} greedy tokens, {results['threads']} threads (median of {results['runs']}); "
-                  f"ratios vs {DEFAULT} board on the same bundle; KLD vs fp32 over {results['accuracy_tokens']} tokens")
+                  f"ratios vs {DEFAULT} board on the same bundle; " + (
+                      f"KLD vs fp32 over {results['accuracy_tokens']} tokens" if results["accuracy_tokens"] and not all(
+                          b["synthetic"] for b in results["bundles"].values()) else "KLD not measured"))
     cols = ("contender", "TTFT ms", "decode tok/s", "decode vs default", "TTFT vs default", "KLD mean", "top-1",
             "KLD vs board", "peak RSS MiB", "RSS / (bundle+KV)", "note")
     for col in cols:
