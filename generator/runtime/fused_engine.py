@@ -106,9 +106,10 @@ class FusedEngine:
             del saved
 
     def _check_memory(self, s):
-        """Board numerics hold s8 / fp8 / 16-bit weights as fp32 (s4 as their codes): refuse up front what this
-        machine cannot hold."""
-        per = lambda wtype: 0.6 if wtype == "s4" else 4.0  # noqa: E731  bytes per weight
+        """Board numerics hold s8 / fp8 / 16-bit weights as fp32, s4 as onnxruntime's level-1 packing of their codes
+        (~1.75 bytes a weight measured, plus our codes while it packs): refuse up front what cannot fit (a 7B s4
+        load peaked at ~14 GB)."""
+        per = lambda wtype: 2.3 if wtype == "s4" else 4.0  # noqa: E731  peak bytes per weight
         need = (per(self.opts.weight_type) * s.num_hidden_layers * s.layer_params
                 + per(self.opts.post_weight_type) * s.vocab_size * s.hidden_size)
         try:
