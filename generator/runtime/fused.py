@@ -7,8 +7,8 @@ Tokens are flattened: `hidden` [1, N, H] (N = B*S: B sequences of S new tokens e
 `positions` [1, N]. Everything per token is export/graphs.py's own helpers, unchanged (norms,
 activations, RoPE tables, the q scale folded into q_proj as stored, qk norms, biases, parallel residual,
 post norms, softcaps); only attention is batch-aware: per layer the past K/V rows come from the pool
-(`k_pool.{i}` / `v_pool.{i}` [R, kv] gathered at `slots` [B, T]), concatenated with the chunk's own new
-K/V, under the additive `mask` [B, S, T+S] the runtime builds (`mask_window` too for sliding-window
+(`k_pool.{i}` / `v_pool.{i}` [R, kv] gathered at `slots` [B, T]) after the chunk's own new K/V (keys
+[chunk; past]), under the additive `mask` [B, S, S+T] the runtime builds (`mask_window` too for sliding-window
 layers). GQA groups the query heads of each KV head as graphs.py does (no repeated K/V). Outputs:
 `k_new.{i}` / `v_new.{i}` [B, S, kv] in the storage dtype (the runtime stores them in the pool) and
 `logits` [B, vocab] fp32 of each sequence's last token. The board's rounding points are kept: the
@@ -21,7 +21,7 @@ Linears, by numerics:
   accuracy_level 1 on the bundle's codes (each code x scale in fp32, then fp32 products: the same numbers,
   the bundle's memory, ~2x faster than the per-layer graphs); bf16 / fp16 / fp32: fp32 MatMul.
 - "fast": s8 / s4 weights as com.microsoft MatMulNBits built from the bundle's own codes, re-blocked
-  exactly (s8: block 32, a group-128 scale repeated over four blocks; s4: the bundle's group; codes +
+  exactly to block 32 (a group-128 scale repeated over four blocks; codes +
   2^(bits-1) as unsigned, no zero_points input) at accuracy_level 4: onnxruntime quantizes the
   activations to int8 per block (like llama.cpp's Q8_0). Other weight types run as in board numerics.
 Big weights reach onnxruntime as OrtValues over numpy arrays (SessionOptions.add_initializer: no
@@ -48,9 +48,11 @@ from .ort import dequantize
 # group. Measured on SmolLM2-135M (512 tokens, KLD vs fp32; board numerics s8 0.00262, s4 0.1441):
 #   s8: block 16 0.00454 (1.7x), 32 0.00613 (2.3x), 64 0.00847, 128 0.01258 (4.8x, today's per-layer fast)
 #   s4: block 32 0.1477 (1.025x), 64 0.1492, 128 0.1518 (1.054x)
-# s8 takes 32 (16 is slower); s4 keeps the bundle's own group (no repeated scales: the bundle's size in memory,
-# the fastest; its weight error dominates).
-NBITS_BLOCK = {8: 32, 4: 128}
+# Blocks of 16 and 32 also give each row the same result whatever the number of rows (onnxruntime 1.32; 64 and
+# 128 do not: M=8 vs M=1 differ by ~5e-7), which keeps a batched sequence's logits bit for bit those of the same
+# sequence alone. Both take 32 (16 is slower); s4 at 32 holds ~1.37x the bundle's bytes (scales per 32, a 7B
+# measured) where its own group 128 would hold ~1.05x.
+NBITS_BLOCK = {8: 32, 4: 32}
 # board numerics of s4 weights: MatMulNBits at accuracy_level 1 (fp32 activations; each weight code * scale,
 # one fp32 multiplication, as DequantizeLinear): the board's numbers with the bundle's memory, ~4x faster
 # than an fp32 MatMul here. s8 keeps fp32 weights (onnxruntime's 8-bit kernel has no fp32-activation path:
@@ -246,8 +248,10 @@ class FusedBuilder:
         v_chunk = g.op("Reshape", v, bs_kv)
         k_pool = g.input(f"k_pool.{i}", dt, ["R", kv])
         v_pool = g.input(f"v_pool.{i}", dt, ["R", kv])
-        k_all = g.op("Concat", to_f32(g, g.op("Gather", k_pool, slots, axis=0), dt), k_chunk, axis=1)  # [B, T+S, kv]
-        v_all = g.op("Concat", to_f32(g, g.op("Gather", v_pool, slots, axis=0), dt), v_chunk, axis=1)
+        # keys [chunk; past]: a sequence's keys sit in the same columns whether or not its batch pads the past
+        # (padding only trails), so reductions over keys sum in the same order batched or alone
+        k_all = g.op("Concat", k_chunk, to_f32(g, g.op("Gather", k_pool, slots, axis=0), dt), axis=1)  # [B, S+T, kv]
+        v_all = g.op("Concat", v_chunk, to_f32(g, g.op("Gather", v_pool, slots, axis=0), dt), axis=1)
         k_t = g.op("Transpose", g.op("Reshape", k_all, g.ints(0, 0, n_kv, d)), perm=[0, 2, 3, 1])  # [B, n_kv, d, T+S]
         v_t = g.op("Transpose", g.op("Reshape", v_all, g.ints(0, 0, n_kv, d)), perm=[0, 2, 1, 3])  # [B, n_kv, T+S, d]
         qg = g.op("Reshape", q4, g.op("Concat", self.bs, g.ints(n_kv, grp, d), axis=0))  # [B, S, n_kv, grp, d]

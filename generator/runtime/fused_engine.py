@@ -143,18 +143,19 @@ class FusedEngine:
 
     # -- one run -----------------------------------------------------------------------------------
     def masks(self, past: list[int], S: int, T: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """The additive masks [B, S, T + S] of one run: past rows open up to each sequence's length,
-        the chunk causal; with sliding windows also the window mask (keys at q - k >= window blocked)."""
+        """The additive masks [B, S, S + T] of one run (keys: the chunk, then the past): the chunk causal, past
+        rows open up to each sequence's length; with sliding windows also the window mask (keys at
+        q - k >= window blocked)."""
         B = len(past)
         lens = np.asarray(past)[:, None, None]
-        col = np.arange(T + S)[None, None, :]
+        col = np.arange(S + T)[None, None, :]
         row = np.arange(S)[None, :, None]
-        open_ = (col < lens) | ((col >= T) & (col - T <= row))
+        open_ = ((col < S) & (col <= row)) | ((col >= S) & (col - S < lens))
         mask = np.where(open_, np.float32(0), np.float32(mask_value(self.hidden))).astype(np.float32)
-        mask = np.broadcast_to(mask, (B, S, T + S))
+        mask = np.broadcast_to(mask, (B, S, S + T))
         if self.window is None:
             return np.ascontiguousarray(mask), None
-        k_pos = np.where(col < T, col, lens + col - T)
+        k_pos = np.where(col < S, lens + col, col - S)
         outside = (lens + row) - k_pos >= self.window
         return np.ascontiguousarray(mask), np.ascontiguousarray(mask + np.where(outside, np.float32(WINDOW_BLOCK), 0))
 
