@@ -3,14 +3,15 @@ session, batch-aware, with the KV cache read from a paged block pool (runtime/pa
 from the bundle's own graphs' weights (nothing written; never shipped to the board: the board keeps
 the per-layer contract graphs); the runner is runtime/fused_engine.py.
 
-Tokens are flattened: `hidden` [1, N, H] (N = B*S: B sequences of S new tokens each, storage dtype) and
-`positions` [1, N]. Everything per token is export/graphs.py's own helpers, unchanged (norms,
+Tokens are flattened: `hidden` [1, N, H] (N = B*S: B sequences of S new tokens each, storage dtype);
+`positions` [B, S]. Everything per token is export/graphs.py's own helpers, unchanged (norms,
 activations, RoPE tables, the q scale folded into q_proj as stored, qk norms, biases, parallel residual,
 post norms, softcaps); only attention is batch-aware: per layer the past K/V rows come from the pool
-(`k_pool.{i}` / `v_pool.{i}` [R, kv] gathered at `slots` [B, T]) after the chunk's own new K/V (keys
-[chunk; past]), under the additive `mask` [B, S, S+T] the runtime builds (`mask_window` too for sliding-window
-layers). GQA groups the query heads of each KV head as graphs.py does (no repeated K/V). Outputs:
-`k_new.{i}` / `v_new.{i}` [B, S, kv] in the storage dtype (the runtime stores them in the pool) and
+(`k_pool.{i}` / `v_pool.{i}` [R, n_kv, d] gathered at `slots` [B, T]) after the chunk's own new K/V (keys
+[chunk; past]), under the additive `mask` [B, grp*S, S+T] the runtime builds (each query row's mask repeated
+for the grp query heads of a KV head; `mask_window` too for sliding-window layers). GQA groups the query
+heads of each KV head as graphs.py does (no repeated K/V). Outputs:
+`k_new.{i}` / `v_new.{i}` [B, S, n_kv, d] in the storage dtype (the runtime stores them in the pool) and
 `logits` [B, vocab] fp32 of each sequence's last token. The board's rounding points are kept: the
 hidden state is rounded to hidden_state_type between layers, K/V are stored rounded and the logits
 are rounded as the post graph's output is, so board numerics make this a faithful emulator.
@@ -196,16 +197,15 @@ class FusedBuilder:
         g, s, dt = self.g, self.spec, self.dt
         hid, kv = s.hidden_size, s.kv_dim
         x_in = g.input("hidden", dt, [1, "N", hid])
-        positions = g.input("positions", TensorProto.INT64, [1, "N"])
-        mask = g.input("mask", TensorProto.FLOAT, ["B", "S", "TS"])
+        positions = g.input("positions", TensorProto.INT64, ["B", "S"])
+        # masks [B, grp*S, S+T]: each query row's mask, repeated for the grp query heads of a KV head (row g*S + s)
+        mask = g.input("mask", TensorProto.FLOAT, ["B", "GS", "ST"])
         slots = g.input("slots", TensorProto.INT64, ["B", "T"])
-        window = g.input("mask_window", TensorProto.FLOAT, ["B", "S", "TS"]) if "sliding_attention" in s.layer_types else None
-        shape = g.op("Shape", mask)
-        self.bs = g.op("Slice", shape, g.ints(0), g.ints(2))  # [B, S]
-        self.ts = g.op("Slice", shape, g.ints(2), g.ints(3))  # [T + S]
-        masks = {"full_attention": g.op("Unsqueeze", mask, g.ints(1, 2))}
+        window = g.input("mask_window", TensorProto.FLOAT, ["B", "GS", "ST"]) if "sliding_attention" in s.layer_types else None
+        self.bs = g.op("Shape", positions)  # [B, S]
+        masks = {"full_attention": g.op("Unsqueeze", mask, g.ints(1))}
         if window:
-            masks["sliding_attention"] = g.op("Unsqueeze", window, g.ints(1, 2))
+            masks["sliding_attention"] = g.op("Unsqueeze", window, g.ints(1))
         tables: dict[str, tuple[str, str]] = {}
         x = to_f32(g, x_in, dt)
         for i in range(s.num_hidden_layers):
@@ -243,26 +243,24 @@ class FusedBuilder:
             qk, v = g.op("Split", qkv, g.ints(s.q_dim + kv, kv), axis=-1, n_out=2)
             qk4 = rot(g.op("Reshape", qk, g.ints(1, -1, n_h + n_kv, d)), n_h + n_kv)
             q4, k4 = g.op("Split", qk4, g.ints(n_h, n_kv), axis=2, n_out=2)
-        bs_kv = g.op("Concat", self.bs, g.ints(kv), axis=0)
-        k_chunk = g.op("Reshape", k4, bs_kv)  # [B, S, kv]
-        v_chunk = g.op("Reshape", v, bs_kv)
-        k_pool = g.input(f"k_pool.{i}", dt, ["R", kv])
-        v_pool = g.input(f"v_pool.{i}", dt, ["R", kv])
+        bs_heads = g.op("Concat", self.bs, g.ints(n_kv, d), axis=0)
+        k_chunk = g.op("Reshape", k4, bs_heads)  # [B, S, n_kv, d]
+        v_chunk = g.op("Reshape", v, bs_heads)
+        k_pool = g.input(f"k_pool.{i}", dt, ["R", n_kv, d])  # the pool's [R, kv] rows, bound as heads
+        v_pool = g.input(f"v_pool.{i}", dt, ["R", n_kv, d])
         # keys [chunk; past]: a sequence's keys sit in the same columns whether or not its batch pads the past
         # (padding only trails), so reductions over keys sum in the same order batched or alone
-        k_all = g.op("Concat", k_chunk, to_f32(g, g.op("Gather", k_pool, slots, axis=0), dt), axis=1)  # [B, S+T, kv]
+        k_all = g.op("Concat", k_chunk, to_f32(g, g.op("Gather", k_pool, slots, axis=0), dt), axis=1)  # [B, S+T, n_kv, d]
         v_all = g.op("Concat", v_chunk, to_f32(g, g.op("Gather", v_pool, slots, axis=0), dt), axis=1)
-        k_t = g.op("Transpose", g.op("Reshape", k_all, g.ints(0, 0, n_kv, d)), perm=[0, 2, 3, 1])  # [B, n_kv, d, T+S]
-        v_t = g.op("Transpose", g.op("Reshape", v_all, g.ints(0, 0, n_kv, d)), perm=[0, 2, 1, 3])  # [B, n_kv, T+S, d]
+        k_t = g.op("Transpose", k_all, perm=[0, 2, 3, 1])  # [B, n_kv, d, S+T]
+        v_t = g.op("Transpose", v_all, perm=[0, 2, 1, 3])  # [B, n_kv, S+T, d]
         qg = g.op("Reshape", q4, g.op("Concat", self.bs, g.ints(n_kv, grp, d), axis=0))  # [B, S, n_kv, grp, d]
         qg = g.op("Reshape", g.op("Transpose", qg, perm=[0, 2, 3, 1, 4]), g.ints(0, 0, -1, d))  # [B, n_kv, grp*S, d]
-        scores = g.op("MatMul", qg, k_t)
+        scores = g.op("MatMul", qg, k_t)  # [B, n_kv, grp*S, S+T]
         if s.attn_logit_softcap:
             cap = g.const(s.attn_logit_softcap)
             scores = g.op("Mul", g.op("Tanh", g.op("Div", scores, cap)), cap)
-        scores = g.op("Reshape", scores, g.op("Concat", g.ints(0, 0, grp, -1), self.ts, axis=0))  # [B, n_kv, grp, S, T+S]
         probs = g.op("Softmax", g.op("Add", scores, mask), axis=-1)
-        probs = g.op("Reshape", probs, g.op("Concat", g.ints(0, 0, -1), self.ts, axis=0))
         ctx = g.op("Reshape", g.op("MatMul", probs, v_t), g.ints(0, 0, grp, -1, d))  # [B, n_kv, grp, S, d]
         ctx = g.op("Reshape", g.op("Transpose", ctx, perm=[0, 3, 1, 2, 4]), g.ints(1, -1, s.q_dim))
         attn = self.linear(ctx, t, p, "o_proj")
@@ -284,8 +282,8 @@ class FusedBuilder:
             mlp = norm(g, mlp, s.norm, refs["post_feedforward_layernorm"])
         out = self.round(g.op("Add", resid, mlp))
         # outputs last: Graph.output renames the producer's value in the nodes that exist so far
-        g.output(from_f32(g, k_chunk, dt), f"k_new.{i}", dt, ["B", "S", kv])
-        g.output(from_f32(g, v_chunk, dt), f"v_new.{i}", dt, ["B", "S", kv])
+        g.output(from_f32(g, k_chunk, dt), f"k_new.{i}", dt, ["B", "S", n_kv, d])
+        g.output(from_f32(g, v_chunk, dt), f"v_new.{i}", dt, ["B", "S", n_kv, d])
         return out
 
     def post(self, x: str):

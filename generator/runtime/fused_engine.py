@@ -68,10 +68,8 @@ class FusedEngine:
         self.embed = np.memmap(bundle.embed_file, dtype=np.uint16, mode="r", shape=(s.vocab_size, s.hidden_size))
         self._io = self.sess.io_binding()._iobinding
         self._run = self.sess._sess.run_with_iobinding
-        rows = self.pool.k.shape[1]
-        for i in range(self.L):
-            self._bind_in(f"k_pool.{i}", self.pool.k[i], (rows, self.kv))
-            self._bind_in(f"v_pool.{i}", self.pool.v[i], (rows, self.kv))
+        self.grp = s.num_attention_heads // s.num_key_value_heads
+        self.bind_pool()
         self._shape = None  # (B, S) the outputs are bound for
         self.seq = self.pool.new_sequence()
         self.image_rows: dict[int, np.ndarray] = {}
@@ -121,13 +119,21 @@ class FusedEngine:
                                  f"weights and {avail / 2**30:.1f} GiB are available; use --numerics fast (the bundle's "
                                  f"codes, int8 activations) or --backend onnxruntime.")
 
+    def bind_pool(self):
+        """Bind the pool's K/V arrays as the graph's k_pool / v_pool inputs (again after replacing the pool)."""
+        rows, heads = self.pool.k.shape[1], (self.spec.num_key_value_heads, self.spec.head_dim)
+        for i in range(self.L):
+            self._bind_in(f"k_pool.{i}", self.pool.k[i], (rows, *heads))
+            self._bind_in(f"v_pool.{i}", self.pool.v[i], (rows, *heads))
+
     # -- binding -----------------------------------------------------------------------------------
     def _bind_in(self, name: str, arr: np.ndarray, shape=None, elem: int | None = None):
         self._io.bind_input(name, DEVICE, self.onnx_type if elem is None else elem,
                             list(arr.shape if shape is None else shape), arr.ctypes.data)
 
-    def _bind_out(self, name: str, arr: np.ndarray, elem: int | None = None):
-        self._io.bind_output(name, DEVICE, self.onnx_type if elem is None else elem, list(arr.shape), arr.ctypes.data)
+    def _bind_out(self, name: str, arr: np.ndarray, elem: int | None = None, shape=None):
+        self._io.bind_output(name, DEVICE, self.onnx_type if elem is None else elem,
+                             list(arr.shape if shape is None else shape), arr.ctypes.data)
 
     def _outputs(self, B: int, S: int):
         if self._shape == (B, S):
@@ -135,15 +141,16 @@ class FusedEngine:
         self._k_new = np.zeros((self.L, B, S, self.kv), self.dtype)
         self._v_new = np.zeros((self.L, B, S, self.kv), self.dtype)
         self._logits = np.zeros((B, self.V), np.float32)
+        heads = (B, S, self.spec.num_key_value_heads, self.spec.head_dim)
         for i in range(self.L):
-            self._bind_out(f"k_new.{i}", self._k_new[i])
-            self._bind_out(f"v_new.{i}", self._v_new[i])
+            self._bind_out(f"k_new.{i}", self._k_new[i], shape=heads)
+            self._bind_out(f"v_new.{i}", self._v_new[i], shape=heads)
         self._bind_out("logits", self._logits, TensorProto.FLOAT)
         self._shape = (B, S)
 
     # -- one run -----------------------------------------------------------------------------------
     def masks(self, past: list[int], S: int, T: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """The additive masks [B, S, S + T] of one run (keys: the chunk, then the past): the chunk causal, past
+        """The additive masks [B, grp*S, S + T] of one run (keys: the chunk, then the past): the chunk causal, past
         rows open up to each sequence's length; with sliding windows also the window mask (keys at
         q - k >= window blocked)."""
         B = len(past)
@@ -153,11 +160,12 @@ class FusedEngine:
         open_ = ((col < S) & (col <= row)) | ((col >= S) & (col - S < lens))
         mask = np.where(open_, np.float32(0), np.float32(mask_value(self.hidden))).astype(np.float32)
         mask = np.broadcast_to(mask, (B, S, S + T))
+        tile = (1, self.grp, 1)  # the graph's rows: g*S + s for the grp query heads of each KV head
         if self.window is None:
-            return np.ascontiguousarray(mask), None
+            return np.tile(mask, tile), None
         k_pos = np.where(col < S, lens + col, col - S)
         outside = (lens + row) - k_pos >= self.window
-        return np.ascontiguousarray(mask), np.ascontiguousarray(mask + np.where(outside, np.float32(WINDOW_BLOCK), 0))
+        return np.tile(mask, tile), np.tile(mask + np.where(outside, np.float32(WINDOW_BLOCK), 0), tile)
 
     def _forward(self, tokens: np.ndarray, past: list[np.ndarray]) -> np.ndarray:
         """One graph run: tokens [B, S] after each sequence's past slots; returns logits [B, V] (its
@@ -169,7 +177,7 @@ class FusedEngine:
             slots[b, :len(p)] = p
         lens = [len(p) for p in past]
         mask, window = self.masks(lens, S, T)
-        positions = (np.asarray(lens, np.int64)[:, None] + np.arange(S)).reshape(1, -1)
+        positions = np.asarray(lens, np.int64)[:, None] + np.arange(S)  # [B, S]
         rows = self.embed[tokens.reshape(-1)]
         hidden = (rows if self.hidden == "bf16" else from_bf16_bits(rows).astype(self.dtype)).reshape(1, B * S, self.H)
         hidden = np.ascontiguousarray(hidden)
