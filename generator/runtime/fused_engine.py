@@ -46,8 +46,7 @@ class FusedEngine:
         self.P = int(prefill_chunk or self.opts.prefill_len)
         self.window = s.sliding_window if "sliding_attention" in s.layer_types else None
         self.longrope = any(t.long_inv_freq is not None for t in s.rope.values())
-        if self.numerics == "board":
-            self._check_memory(s)
+        self._check_memory(s)
         model, weights = builder.build()
         declare_external(model, weights, bundle.embed_file.name)
         so = session_options(threads, False, self.shared_pool)
@@ -103,11 +102,13 @@ class FusedEngine:
                     self._weights.arrays[n][...] = saved[n]
             del saved
 
+    # peak bytes a weight takes while the session loads (our arrays + onnxruntime's packed copy), by numerics and
+    # weight type; measured: SmolLM2 and a 7B s4 (fast ~9.8 GB peak, board ~14 GB)
+    PEAK_BYTES = {"board": {"s4": 2.3}, "fast": {"s8": 2.6, "s4": 1.4}}
+
     def _check_memory(self, s):
-        """Board numerics hold s8 / fp8 / 16-bit weights as fp32, s4 as onnxruntime's level-1 packing of their codes
-        (~1.75 bytes a weight measured, plus our codes while it packs): refuse up front what cannot fit (a 7B s4
-        load peaked at ~14 GB)."""
-        per = lambda wtype: 2.3 if wtype == "s4" else 4.0  # noqa: E731  peak bytes per weight
+        """Refuse up front a load this machine cannot hold (board numerics hold s8 / fp8 / 16-bit weights as fp32)."""
+        per = lambda wtype: self.PEAK_BYTES[self.numerics].get(wtype, 4.0)  # noqa: E731
         need = (per(self.opts.weight_type) * s.num_hidden_layers * s.layer_params
                 + per(self.opts.post_weight_type) * s.vocab_size * s.hidden_size)
         try:
@@ -115,9 +116,10 @@ class FusedEngine:
         except (OSError, StopIteration):
             return
         if need > 0.9 * avail:
-            raise GeneratorError(f"backend 'onnxruntime-fused' in board numerics needs ~{need / 2**30:.1f} GiB of fp32 "
-                                 f"weights and {avail / 2**30:.1f} GiB are available; use --numerics fast (the bundle's "
-                                 f"codes, int8 activations) or --backend onnxruntime.")
+            other = "--numerics fast (the bundle's codes, int8 activations) or " if self.numerics == "board" else ""
+            raise GeneratorError(f"backend 'onnxruntime-fused' in {self.numerics} numerics needs ~{need / 2**30:.1f} GiB "
+                                 f"while loading and {avail / 2**30:.1f} GiB are available; use {other}a machine with "
+                                 f"more memory, or --backend onnxruntime.")
 
     def bind_pool(self):
         """Bind the pool's K/V arrays as the graph's k_pool / v_pool inputs (again after replacing the pool)."""
