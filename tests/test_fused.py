@@ -251,3 +251,18 @@ def test_the_config_sizes_the_pool_and_other_backends_are_unchanged(bundles, tmp
     path.write_text("llm_backend: onnxruntime\n", encoding="utf-8")
     engine, cls = backends.open_engine(bundles["llama"], None, load_config(path), path, threads=threads())
     assert cls.name == "onnxruntime" and not hasattr(engine, "pool")
+
+
+def test_the_attention_op_form_matches_the_per_layer_graphs(engines, bundles, monkeypatch):
+    """fused.ATTENTION_OP (ONNX Attention, opset 23; off by default): softcap before the mask, GQA, windows."""
+    from generator.runtime import fused
+
+    monkeypatch.setattr(fused, "ATTENTION_OP", True)
+    ref, _ = engines["gemma2"]
+    engine = FusedEngine(bundles["gemma2"], threads=threads(), numerics="board")
+    ids = token_ids(40, bundles["gemma2"].spec.vocab_size, 51)
+    ref.reset()
+    worst = rel_err(engine.prefill(ids), ref.logits(ref.prefill(ids))[0])
+    for tok in token_ids(8, bundles["gemma2"].spec.vocab_size, 52):
+        worst = max(worst, rel_err(engine.decode(tok), ref.logits(ref.decode(tok))[0]))
+    assert worst <= TOL["board_vs_layers"]["max_rel_err"], worst

@@ -33,6 +33,7 @@ from onnx import TensorProto
 from ..contract import STORAGE, Bundle, from_bf16_bits
 from ..errors import GeneratorError
 from ..export.graphs import WINDOW_BLOCK
+from . import fused
 from .fused import FusedBuilder, declare_external, mask_value
 from .ort import DEVICE, PROVIDERS, check_numerics, session_options, use_global_pool
 from .paged import BlockPool, PoolExhausted, Sequence
@@ -78,7 +79,8 @@ class FusedEngine:
         self.embed = np.memmap(bundle.embed_file, dtype=np.uint16, mode="r", shape=(s.vocab_size, s.hidden_size))
         self._io = self.sess.io_binding()._iobinding
         self._run = self.sess._sess.run_with_iobinding
-        self.grp = s.num_attention_heads // s.num_key_value_heads
+        self.grp = 1 if fused.ATTENTION_OP else s.num_attention_heads // s.num_key_value_heads  # mask rows per query
+        self.kv_heads = (self.kv,) if fused.ATTENTION_OP else (s.num_key_value_heads, s.head_dim)  # pool / K-V layout
         self.bind_pool()
         self._shape = None  # (B, S) the outputs are bound for
         self.seq = self.pool.new_sequence()
@@ -134,7 +136,7 @@ class FusedEngine:
 
     def bind_pool(self):
         """Bind the pool's K/V arrays as the graph's k_pool / v_pool inputs (again after replacing the pool)."""
-        rows, heads = self.pool.k.shape[1], (self.spec.num_key_value_heads, self.spec.head_dim)
+        rows, heads = self.pool.k.shape[1], self.kv_heads
         for i in range(self.L):
             self._bind_in(f"k_pool.{i}", self.pool.k[i], (rows, *heads))
             self._bind_in(f"v_pool.{i}", self.pool.v[i], (rows, *heads))
@@ -154,7 +156,7 @@ class FusedEngine:
         self._k_new = np.zeros((self.L, B, S, self.kv), self.dtype)
         self._v_new = np.zeros((self.L, B, S, self.kv), self.dtype)
         self._logits = np.zeros((B, self.V), np.float32)
-        heads = (B, S, self.spec.num_key_value_heads, self.spec.head_dim)
+        heads = (B, S, *self.kv_heads)
         for i in range(self.L):
             self._bind_out(f"k_new.{i}", self._k_new[i], shape=heads)
             self._bind_out(f"v_new.{i}", self._v_new[i], shape=heads)
