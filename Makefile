@@ -63,13 +63,13 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
-# make bench [MODEL=qwen2-7b SYNTHETIC=1 WEIGHT_TYPE=s4 BACKENDS="onnxruntime onnxruntime-fused" NUMERICS=fast REUSE=1]
+# make bench [MODEL=qwen2-7b SYNTHETIC=1 WEIGHT_TYPE=s4 BACKENDS="onnxruntime onnxruntime-fused" NUMERICS=fast USERS=0 REUSE=1]
 BENCH_FLAGS = --model $(call q,$(MODEL)) $(if $(filter 1 yes true,$(SYNTHETIC)),--synthetic) \
 	$(if $(WEIGHT_TYPE),--weight_types $(foreach w,$(WEIGHT_TYPE),$(call q,$(w)))) \
 	$(if $(BACKENDS),--backends $(foreach b,$(BACKENDS),$(call q,$(b)))) \
 	$(if $(NUMERICS),--numerics $(foreach n,$(NUMERICS),$(call q,$(n)))) \
 	$(if $(TOKENS),--tokens $(call q,$(TOKENS))) $(if $(RUNS),--runs $(call q,$(RUNS))) \
-	$(if $(filter 1 yes true,$(REUSE)),--reuse)
+	$(if $(USERS),--users $(call q,$(USERS))) $(if $(filter 1 yes true,$(REUSE)),--reuse)
 bench: $(STAMP)
 	$(PY) -m generator bench $(BENCH_FLAGS)
 
