@@ -230,7 +230,8 @@ def bench(args) -> int:
     for name in args.backends or []:
         backends.get(name)  # an unknown name: the registry's error, before any work
     results: dict = {"model": args.model, "prompt": PROMPT, "tokens": args.tokens, "threads": args.threads,
-                     "runs": args.runs, "build_s": {}, "bundles": {}, "contenders": [], "peers": [], "notes": []}
+                     "runs": args.runs, "build_s": {}, "bundles": {}, "contenders": [], "peers": [], "notes": [],
+                     "load_average": [os.getloadavg()[0]]}  # at the start and the end: other work skews the figures
     bundles = get_bundles(args, root, console, results)
     first = Bundle(next(iter(bundles.values())))
     chat = load_tokenizer_module(first).ChatTokenizer(first.tokenizer_dir)
@@ -273,6 +274,7 @@ def bench(args) -> int:
         results["users"] = []
     if args.peers:
         results["peers"] = peer_rows.run_peers(args, bundles, first, ids, acc, work, root / "peers", console)
+    results["load_average"].append(os.getloadavg()[0])
     table.finish(results, console)
     (root / "bench.json").write_text(json.dumps(results, indent=2, default=float))
     console.print(f"Results: {root / 'bench.json'}", highlight=False)

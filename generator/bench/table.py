@@ -156,6 +156,10 @@ def finish(results: dict, console) -> None:
     console.print(table)
     for n, text in enumerate(notes, 1):
         console.print(f"[{n}] {text}", highlight=False, markup=False)
+    load = results.get("load_average") or []
+    if load:
+        console.print(f"load average (1 min) at the start / end: {' / '.join(f'{x:.2f}' for x in load)} "
+                      f"(other processes on these cores skew every figure)", highlight=False)
     for t in results["targets"]:
         if t["target"] is None:
             console.print(f"{t['name']}: decode {t['value']:.2f}x, {t['detail']}", highlight=False)
