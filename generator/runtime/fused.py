@@ -6,11 +6,20 @@ the per-layer contract graphs); the runner is runtime/fused_engine.py.
 Tokens are flattened: `hidden` [1, N, H] (N = B*S: B sequences of S new tokens each, storage dtype);
 `positions` [B, S]. Everything per token is export/graphs.py's own helpers, unchanged (norms,
 activations, RoPE tables, the q scale folded into q_proj as stored, qk norms, biases, parallel residual,
-post norms, softcaps); only attention is batch-aware: per layer the past K/V rows come from the pool
-(`k_pool.{i}` / `v_pool.{i}` [R, n_kv, d] gathered at `slots` [B, T]) after the chunk's own new K/V (keys
-[chunk; past]), under the additive `mask` [B, grp*S, S+T] the runtime builds (each query row's mask repeated
-for the grp query heads of a KV head; `mask_window` too for sliding-window layers). GQA groups the query
-heads of each KV head as graphs.py does (no repeated K/V). Outputs:
+post norms, softcaps); only attention is batch-aware: per layer each sequence's keys are its pool rows
+(`k_pool.{i}` / `v_pool.{i}` [R, n_kv, d] gathered at `slots` [B, T+S]: its past_b slots, then any slot) with
+the chunk's own new K/V, rounded to the storage type, scattered in at positions past_b..past_b+S-1 (`scatter`
+[B, S, 2], built by the runtime once per step): every key in position order, as the pool holds it, padding
+only trailing (POSITION_ORDER). So a sequence's logits are bit for bit the same batched or alone (a key's
+column does not depend on the batch) and whether its prompt ran in one chunk, in several or after a
+prefix-cache hit (a key's value and column do not depend on the chunk it came in). The additive `mask`
+[B, grp*S, S+T] the runtime builds is causal by position (each query row's mask repeated for the grp query
+heads of a KV head; `mask_window` too for sliding-window layers). GQA groups the query heads of each KV head
+as graphs.py does (no repeated K/V).
+Rounding point: the per-layer graphs attend to the chunk's own new K/V unrounded (fp32), the past as
+stored; here the chunk's own K/V are seen rounded too (tiny models: 6e-3 (llama) to 3e-2 (gemma2, logits
+softcapped to 1.5) relative on logits against the per-layer graphs, tolerances.yaml
+`board_vs_layers_stored_kv`; with POSITION_ORDER off, keys [chunk (unrounded); past], it is 4e-5 to 8e-3). Outputs:
 `k_new.{i}` / `v_new.{i}` [B, S, n_kv, d] in the storage dtype (the runtime stores them in the pool) and
 `logits` [B, vocab] fp32 of each sequence's last token. The board's rounding points are kept: the
 hidden state is rounded to hidden_state_type between layers, K/V are stored rounded and the logits
@@ -64,6 +73,9 @@ BOARD_NBITS4 = True
 # an order that depends on the padded key count, so a batched sequence's logits differ from the same sequence
 # alone (up to 1.2 on bf16 logits of ~25); off, to keep batched answers equal to single-stream ones bit for bit
 ATTENTION_OP = False
+# keys in position order, each as stored (see the module docstring): a sequence's logits do not depend on how its
+# prompt was chunked or how much of it came from the prefix cache; False: the older [chunk (fp32); past] order
+POSITION_ORDER = True
 BITS = {TensorProto.INT8: 8, TensorProto.INT4: 4}
 NORM_NAMES = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
               "post_feedforward_layernorm", "q_norm", "k_norm")
@@ -206,6 +218,8 @@ class FusedBuilder:
         # masks [B, grp*S, S+T]: each query row's mask, repeated for the grp query heads of a KV head (row g*S + s)
         mask = g.input("mask", TensorProto.FLOAT, ["B", "GS", "ST"])
         slots = g.input("slots", TensorProto.INT64, ["B", "T"])
+        # POSITION_ORDER: where each sequence's new rows go among its keys: (b, past_b + s) [B, S, 2]
+        self.scatter = g.input("scatter", TensorProto.INT64, ["B", "S", 2]) if POSITION_ORDER else None
         window = g.input("mask_window", TensorProto.FLOAT, ["B", "GS", "ST"]) if "sliding_attention" in s.layer_types else None
         self.bs = g.op("Shape", positions)  # [B, S]
         masks = {"full_attention": g.op("Unsqueeze", mask, g.ints(1))}  # [B, 1, rows, S+T]
@@ -255,12 +269,8 @@ class FusedBuilder:
         bs_heads = g.op("Concat", self.bs, g.ints(n_kv, d), axis=0)
         k_chunk = g.op("Reshape", k4, bs_heads)  # [B, S, n_kv, d]
         v_chunk = g.op("Reshape", v, bs_heads)
-        k_pool = g.input(f"k_pool.{i}", dt, ["R", n_kv, d])  # the pool's [R, kv] rows, bound as heads
-        v_pool = g.input(f"v_pool.{i}", dt, ["R", n_kv, d])
-        # keys [chunk; past]: a sequence's keys sit in the same columns whether or not its batch pads the past
-        # (padding only trails), so reductions over keys sum in the same order batched or alone
-        k_all = g.op("Concat", k_chunk, to_f32(g, g.op("Gather", k_pool, slots, axis=0), dt), axis=1)  # [B, S+T, n_kv, d]
-        v_all = g.op("Concat", v_chunk, to_f32(g, g.op("Gather", v_pool, slots, axis=0), dt), axis=1)
+        k_st, v_st = from_f32(g, k_chunk, dt), from_f32(g, v_chunk, dt)  # as the pool will hold them
+        k_all, v_all = self.keys(i, k_chunk, v_chunk, k_st, v_st, slots, [n_kv, d])  # [B, S+T, n_kv, d] fp32
         k_t = g.op("Transpose", k_all, perm=[0, 2, 3, 1])  # [B, n_kv, d, S+T]
         v_t = g.op("Transpose", v_all, perm=[0, 2, 1, 3])  # [B, n_kv, S+T, d]
         qg = g.op("Reshape", q4, g.op("Concat", self.bs, g.ints(n_kv, grp, d), axis=0))  # [B, S, n_kv, grp, d]
@@ -272,7 +282,21 @@ class FusedBuilder:
         probs = g.op("Softmax", g.op("Add", scores, mask), axis=-1)
         ctx = g.op("Reshape", g.op("MatMul", probs, v_t), g.ints(0, 0, grp, -1, d))  # [B, n_kv, grp, S, d]
         ctx = g.op("Reshape", g.op("Transpose", ctx, perm=[0, 3, 1, 2, 4]), g.ints(1, -1, s.q_dim))
-        return self.rest(i, x, h, t, p, refs, ctx, k_chunk, v_chunk, ["B", "S", n_kv, d])
+        return self.rest(i, x, h, t, p, refs, ctx, k_st, v_st, ["B", "S", n_kv, d])
+
+    def keys(self, i, k_chunk, v_chunk, k_st, v_st, slots, heads) -> tuple[str, str]:
+        """One layer's keys and values [B, S+T, *heads] fp32 (the pool's [R, kv] rows are bound as [R, *heads]).
+        POSITION_ORDER: the pool's rows at `slots` (each sequence's past, then any slot), the chunk's stored
+        rows (k_st / v_st) scattered in at past_b..past_b+S-1: every key in position order, as stored, padding
+        only trailing. Else [chunk (fp32, unrounded); past]: padding trails too, but a key's value and column
+        depend on the chunk it came in."""
+        g, dt = self.g, self.dt
+        k_pool, v_pool = (g.input(f"{n}_pool.{i}", dt, ["R", *heads]) for n in "kv")
+        if POSITION_ORDER:
+            return tuple(to_f32(g, g.op("ScatterND", g.op("Gather", pool, slots, axis=0), self.scatter, new), dt)
+                         for pool, new in ((k_pool, k_st), (v_pool, v_st)))
+        return tuple(g.op("Concat", chunk, to_f32(g, g.op("Gather", pool, slots, axis=0), dt), axis=1)
+                     for pool, chunk in ((k_pool, k_chunk), (v_pool, v_chunk)))
 
     def attention_op(self, i, x, h, t, p, refs, q4, k4, v, slots, mask) -> str:
         """Attention as ONNX's Attention (opset 23: GQA by kv_num_heads, additive mask, softcap before the mask)
@@ -281,17 +305,16 @@ class FusedBuilder:
         kv = s.kv_dim
         bs_kv = g.op("Concat", self.bs, g.ints(kv), axis=0)
         k_chunk, v_chunk = g.op("Reshape", k4, bs_kv), g.op("Reshape", v, bs_kv)  # [B, S, kv]
-        k_pool, v_pool = g.input(f"k_pool.{i}", dt, ["R", kv]), g.input(f"v_pool.{i}", dt, ["R", kv])
-        k_all = g.op("Concat", k_chunk, to_f32(g, g.op("Gather", k_pool, slots, axis=0), dt), axis=1)  # [B, S+T, kv]
-        v_all = g.op("Concat", v_chunk, to_f32(g, g.op("Gather", v_pool, slots, axis=0), dt), axis=1)
+        k_st, v_st = from_f32(g, k_chunk, dt), from_f32(g, v_chunk, dt)
+        k_all, v_all = self.keys(i, k_chunk, v_chunk, k_st, v_st, slots, [kv])  # [B, S+T, kv]
         q3 = g.op("Reshape", q4, g.op("Concat", self.bs, g.ints(s.q_dim), axis=0))
         ctx = g.op("Attention", q3, k_all, v_all, mask, q_num_heads=s.num_attention_heads,
                    kv_num_heads=s.num_key_value_heads, scale=1.0, softcap=float(s.attn_logit_softcap or 0.0))
         ctx = g.op("Reshape", ctx, g.ints(1, -1, s.q_dim))
-        return self.rest(i, x, h, t, p, refs, ctx, k_chunk, v_chunk, ["B", "S", kv])
+        return self.rest(i, x, h, t, p, refs, ctx, k_st, v_st, ["B", "S", kv])
 
-    def rest(self, i, x, h, t, p, refs, ctx, k_chunk, v_chunk, kv_shape) -> str:
-        """o_proj, the residuals and the MLP; the layer's K/V outputs."""
+    def rest(self, i, x, h, t, p, refs, ctx, k_st, v_st, kv_shape) -> str:
+        """o_proj, the residuals and the MLP; the layer's K/V outputs (k_st / v_st: in the storage dtype)."""
         g, s, dt = self.g, self.spec, self.dt
         attn = self.linear(ctx, t, p, "o_proj")
         if s.post_attention_norm:
@@ -312,8 +335,8 @@ class FusedBuilder:
             mlp = norm(g, mlp, s.norm, refs["post_feedforward_layernorm"])
         out = self.round(g.op("Add", resid, mlp))
         # outputs last: Graph.output renames the producer's value in the nodes that exist so far
-        g.output(from_f32(g, k_chunk, dt), f"k_new.{i}", dt, kv_shape)
-        g.output(from_f32(g, v_chunk, dt), f"v_new.{i}", dt, kv_shape)
+        g.output(k_st, f"k_new.{i}", dt, kv_shape)
+        g.output(v_st, f"v_new.{i}", dt, kv_shape)
         return out
 
     def post(self, x: str):
