@@ -278,7 +278,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe name, e.g. gemma3 (`list` shows them)")
     from ..bench import add_bench_args
 
-    add_bench_args(sub.add_parser("bench", help="runner speed vs transformers on this machine"))
+    add_bench_args(sub.add_parser("bench", help="every backend x numerics side by side: speed, KLD, peak RSS, many users, peers"))
     from ..accuracy.command import add_accuracy_args
 
     p = sub.add_parser("quantize", help="calibrated quantization (GPTQ/AWQ) into a standard GPTQ checkpoint folder")
