@@ -68,6 +68,10 @@ def bundles(tiny_llama, tiny_tok, tmp_path_factory):
     quiet_build(input_path=str(tiny_llama), output_path=str(dst), weight_type="s4", hidden_state_type="bf16",
                 **SMALL_GROUPS)
     out["llama_s4"] = Bundle(dst)
+    dst = tmp_path_factory.mktemp("fused") / "llama_s4_g64"  # fast: MatMulNBits block 64 (> 32: rows in pairs)
+    quiet_build(input_path=str(tiny_llama), output_path=str(dst), weight_type="s4", hidden_state_type="bf16",
+                **{**SMALL_GROUPS, "group_size": 64})
+    out["llama_s4_g64"] = Bundle(dst)
     return out
 
 
@@ -76,7 +80,7 @@ def engines(bundles):
     """(per-layer Engine in the board's static shapes, FusedEngine) per family, board numerics both."""
     return {name: (Engine(b, threads=threads(), history="board"),
                    FusedEngine(b, threads=threads(), numerics="board", num_blocks=48))
-            for name, b in bundles.items()}
+            for name, b in bundles.items() if name != "llama_s4_g64"}
 
 
 @pytest.mark.parametrize("family", [*FAMILIES, "llama_s4"])
@@ -116,8 +120,10 @@ def test_greedy_tokens_equal_the_per_layer_graphs(engines, bundles, family):
     assert len(want) == 24 and greedy(fused, ids, 24) == want
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "llama_s4", "llama fast", "llama_s4 fast"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "llama_s4", "llama fast", "llama_s4 fast", "llama_s4_g64 fast"])
 def test_a_batch_of_three_sequences_equals_each_alone(engines, bundles, family):
+    """llama_s4_g64 fast: MatMulNBits blocks of 64 take rows in pairs, an odd last row alone: padded to even rows
+    (fused.EVEN_ROWS), batched rows equal single ones."""
     family, _, numerics = family.partition(" ")
     fused = engines[family][1] if not numerics else FusedEngine(bundles[family], threads=threads(), numerics="fast",
                                                                  num_blocks=48)

@@ -63,6 +63,10 @@ from .ort import dequantize
 # sequence alone. Both take 32 (16 is slower); s4 at 32 holds ~1.37x the bundle's bytes (scales per 32, a 7B
 # measured) where its own group 128 would hold ~1.05x.
 NBITS_BLOCK = {8: 32, 4: 32}
+# blocks over 32 (s4 at its group 128: ~1.2x faster 4-bit products, 1.05x the bundle's bytes instead of 1.37x) take
+# rows in pairs, the odd last row through a one-row kernel (~1e-6 apart): EVEN_ROWS pads every such product to an
+# even row count (the last row repeated, its result dropped), so a row's result does not depend on the batch
+EVEN_ROWS = True
 # board numerics of s4 weights: MatMulNBits at accuracy_level 1 (fp32 activations; each weight code * scale,
 # one fp32 multiplication, as DequantizeLinear): the board's numbers with the bundle's memory, ~4x faster
 # than an fp32 MatMul here. s8 keeps fp32 weights (onnxruntime's 8-bit kernel has no fp32-activation path:
@@ -168,7 +172,8 @@ class FusedBuilder:
         self.w = Weights()
 
     # -- weights ---------------------------------------------------------------------------------
-    def linear(self, x: str, tensors: dict, prefix: str, name: str) -> str:
+    def linear(self, x: str, tensors: dict, prefix: str, name: str, rows: tuple | None = None) -> str:
+        """x @ the stored weight (+ bias); `rows`: (pads, axis, count) making x's rows even (self.rows by default)."""
         g, w = self.g, self.w
         full = f"{prefix}{name}"
         bias = tensors.get(f"{name}.bias")
@@ -182,8 +187,13 @@ class FusedBuilder:
             if self.numerics == "fast" or exact:  # board: fp32 activations (level 1) on the codes as stored
                 block = group if exact else nbits_block(group, bits)
                 qb, sc = nbits_weight(codes, scales, bits, group, block)
-                y = g.op("MatMulNBits", x, w.add(f"{full}.nbits", qb), w.add(f"{full}.nscales", sc), domain="com.microsoft",
+                pads, axis, count = rows or self.rows
+                even = EVEN_ROWS and not exact and block > 32
+                y = g.op("MatMulNBits", g.op("Pad", x, pads, mode="edge") if even else x, w.add(f"{full}.nbits", qb),
+                         w.add(f"{full}.nscales", sc), domain="com.microsoft",
                          K=k, N=n, bits=bits, block_size=block, accuracy_level=1 if exact else 4)
+                if even:
+                    y = g.op("Slice", y, g.ints(0), count, g.ints(axis))
             else:
                 y = g.op("MatMul", x, w.add(f"{full}.weight", dequantize(codes, scales, 0, group)))
         elif f"{name}.scales" in tensors:  # fp8 codes + per-output-channel scales
@@ -222,6 +232,7 @@ class FusedBuilder:
         self.scatter = g.input("scatter", TensorProto.INT64, ["B", "S", 2]) if POSITION_ORDER else None
         window = g.input("mask_window", TensorProto.FLOAT, ["B", "GS", "ST"]) if "sliding_attention" in s.layer_types else None
         self.bs = g.op("Shape", positions)  # [B, S]
+        self.rows = self.even_rows(g.op("Shape", x_in, start=1, end=2), 1)  # the N token rows of [1, N, H]
         masks = {"full_attention": g.op("Unsqueeze", mask, g.ints(1))}  # [B, 1, rows, S+T]
         if window:
             masks["sliding_attention"] = g.op("Unsqueeze", window, g.ints(1))
@@ -238,6 +249,13 @@ class FusedBuilder:
             model.opset_import[0].version = 23
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
         return model, self.w
+
+    def even_rows(self, count: str, axis: int) -> tuple[str, str, int]:
+        """(Pad's pads adding count % 2 rows on `axis` of a 3-D tensor, axis, count) for EVEN_ROWS."""
+        g = self.g
+        pads = [g.ints(0)] * 6
+        pads[3 + axis] = g.op("Mod", count, g.ints(2))
+        return g.op("Concat", *pads, axis=0), axis, count
 
     def round(self, x: str) -> str:
         """The board's rounding point: x through the storage type and back (none for fp32)."""
@@ -347,7 +365,8 @@ class FusedBuilder:
                     g.ints(-1), g.ints(np.iinfo(np.int64).max), g.ints(1))  # [B, 1, H]
         refs = {"norm": (self.w.add("post.norm.weight", t["norm.weight"]),
                          self.w.add("post.norm.bias", t["norm.bias"]) if "norm.bias" in t else None)}
-        logits = self.linear(norm(g, last, s.final_norm, refs["norm"]), t, "post.", "lm_head")
+        rows = self.even_rows(g.op("Slice", self.bs, g.ints(0), g.ints(1)), 0)  # the B rows of [B, 1, H]
+        logits = self.linear(norm(g, last, s.final_norm, refs["norm"]), t, "post.", "lm_head", rows)
         if s.final_logit_softcap:
             cap = g.const(s.final_logit_softcap)
             logits = g.op("Mul", g.op("Tanh", g.op("Div", logits, cap)), cap)
