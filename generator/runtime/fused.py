@@ -31,7 +31,7 @@ Linears, by numerics:
   accuracy_level 1 on the bundle's codes (each code x scale in fp32, then fp32 products: the same numbers,
   the bundle's memory, ~2x faster than the per-layer graphs); bf16 / fp16 / fp32: fp32 MatMul.
 - "fast": s8 / s4 weights as com.microsoft MatMulNBits built from the bundle's own codes, re-blocked
-  exactly to block 32 (a group-128 scale repeated over four blocks; codes +
+  exactly to NBITS_BLOCK (s8: block 32, a group-128 scale repeated over four blocks; s4: 128, at most its group; codes +
   2^(bits-1) as unsigned, no zero_points input) at accuracy_level 4: onnxruntime quantizes the
   activations to int8 per block (like llama.cpp's Q8_0). Other weight types run as in board numerics.
 Big weights reach onnxruntime as OrtValues over numpy arrays (SessionOptions.add_initializer: no
@@ -60,9 +60,11 @@ from .ort import dequantize
 #   s4: block 32 0.1477 (1.025x), 64 0.1492, 128 0.1518 (1.054x)
 # Blocks of 16 and 32 also give each row the same result whatever the number of rows (onnxruntime 1.32; 64 and
 # 128 do not: M=8 vs M=1 differ by ~5e-7), which keeps a batched sequence's logits bit for bit those of the same
-# sequence alone. Both take 32 (16 is slower); s4 at 32 holds ~1.37x the bundle's bytes (scales per 32, a 7B
-# measured) where its own group 128 would hold ~1.05x.
-NBITS_BLOCK = {8: 32, 4: 32}
+# sequence alone. s8 takes 32 (16 is slower). s4 takes 128 (its group: EVEN_ROWS keeps rows exact): on a 7B s4
+# (quiet machine, 2 threads) decode 102-123 ms/token vs 131-136 at block 32, TTFT (91 tokens) 1604 vs 2321 ms, RSS
+# 5.98 vs 6.88 GB (1.05x vs 1.37x the codes' bytes), load peak 11.9 vs 13.6 GB; SmolLM2 s4 TTFT 25 vs 30 ms, decode
+# 131-150 vs 144-155 tok/s (the pads cost a little on a small model), KLD 1.054x board vs 1.025x.
+NBITS_BLOCK = {8: 32, 4: 128}
 # blocks over 32 (s4 at its group 128: ~1.2x faster 4-bit products, 1.05x the bundle's bytes instead of 1.37x) take
 # rows in pairs, the odd last row through a one-row kernel (~1e-6 apart): EVEN_ROWS pads every such product to an
 # even row count (the last row repeated, its result dropped), so a row's result does not depend on the batch

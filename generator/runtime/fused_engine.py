@@ -18,6 +18,7 @@ TTFT ms; KLD vs fp32 over 512 tokens; the per-layer Engine in brackets):
 |--------|-----------------------------------|----------------------------------------|
 | s8     | 67.8 / 35 (54.0 / 61), KLD 0.0027 | 126.3 / 30 (133.4 / 28), KLD 0.0061 (0.0124) |
 | s4     | 107.8 / 41 (53.2 / 57), KLD 0.144 | 174.4 / 29 (157.4 / 27), KLD 0.148 (0.149)   |
+(s4 fast above: MatMulNBits block 32; now 128, figures at fused.NBITS_BLOCK.)
 Batches (s8 fast, 1 thread): 8 sequences per step give 3.3x the tokens/s of one (B=1 91, B=8 302 tok/s).
 RSS after loading, fast: s8 278 MiB, s4 230 MiB (75 of them the interpreter and onnxruntime; the bundles are
 192 / 142 MB with a 56 MB embedding read through a memmap); the load peaks at ~2x the weights (ours and
