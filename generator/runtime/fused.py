@@ -63,7 +63,7 @@ from .ort import dequantize
 # sequence alone. s8 takes 32 (16 is slower). s4 takes 128 (its group: EVEN_ROWS keeps rows exact): on a 7B s4
 # (quiet machine, 2 threads) decode 102-123 ms/token vs 131-136 at block 32, TTFT (91 tokens) 1604 vs 2321 ms, RSS
 # 5.98 vs 6.88 GB (1.05x vs 1.37x the codes' bytes), load peak 11.9 vs 13.6 GB; SmolLM2 s4 TTFT 25 vs 30 ms, decode
-# 131-150 vs 144-155 tok/s (the pads cost a little on a small model), KLD 1.054x board vs 1.025x.
+# 131-150 vs 144-155 tok/s (the pads cost a little on a small model), KLD 0.1491 vs 0.1469 (board 0.1437: 1.037x vs 1.022x).
 NBITS_BLOCK = {8: 32, 4: 128}
 # blocks over 32 (s4 at its group 128: ~1.2x faster 4-bit products, 1.05x the bundle's bytes instead of 1.37x) take
 # rows in pairs, the odd last row through a one-row kernel (~1e-6 apart): EVEN_ROWS pads every such product to an
