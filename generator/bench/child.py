@@ -33,13 +33,23 @@ import numpy as np
 def peak_rss_mib() -> float:
     """This process's peak resident memory: VmHWM (ru_maxrss would include the parent's RSS at fork,
     which Linux carries over exec)."""
+    return _status_mib("VmHWM:", lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def steady_rss_mib() -> float | None:
+    """This process's resident memory now (VmRSS): after the timed runs, what the engine holds once loaded
+    (the peak also counts load-time copies, e.g. weights before onnxruntime packs them)."""
+    return _status_mib("VmRSS:", lambda: None)
+
+
+def _status_mib(key: str, fallback):
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key):
                 return int(line.split()[1]) / 1024  # kB
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: KiB on Linux, bytes on macOS
+    return fallback()  # not Linux (ru_maxrss: KiB on Linux, bytes on macOS)
 
 
 def greedy_sampler():
@@ -161,6 +171,7 @@ def run_engine(spec: dict) -> dict:
     res = {"load_s": time.perf_counter() - t0, "numerics": engine.numerics}
     res.update(engine_speed(engine, spec["ids"], spec["tokens"], spec["runs"]))
     res["rss_mib"] = peak_rss_mib()
+    res["rss_steady_mib"] = steady_rss_mib()
     pool = getattr(engine, "pool", None)
     if pool is not None:
         res["kv_pool_mib"] = (pool.k.nbytes + pool.v.nbytes) / 2**20
