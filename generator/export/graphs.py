@@ -272,6 +272,29 @@ def from_f32(g: Graph, x: str, dt: int) -> str:
     return x if dt == TensorProto.FLOAT else g.op("Cast", x, to=dt)
 
 
+def block_tail(g: Graph, spec: ArchSpec, refs: dict, x: str, h: str, ctx: str, lin) -> str:
+    """After attention (ctx): o_proj, residuals, MLP and post norms of the block with input x (normed: h);
+    lin(y, key) applies the stored linear `key`. Shared by the board graphs and the fused runtime graph."""
+    attn = lin(ctx, "o_proj")
+    if spec.post_attention_norm:
+        attn = norm(g, attn, spec.norm, refs["post_attention_layernorm"])
+    if spec.parallel_residual:
+        mlp_in, resid = h, g.op("Add", x, attn)
+    else:
+        resid = g.op("Add", x, attn)
+        mlp_in = norm(g, resid, spec.norm, refs["pre_feedforward_layernorm"])
+    if spec.mlp_gated:
+        gate, up = g.op("Split", lin(mlp_in, "gate_up_proj"), g.ints(spec.intermediate_size, spec.intermediate_size),
+                        axis=-1, n_out=2)
+        act = g.op("Mul", activation(g, gate, spec.hidden_act), up)
+    else:
+        act = activation(g, lin(mlp_in, "up_proj"), spec.hidden_act)
+    mlp = lin(act, "down_proj")
+    if spec.post_feedforward_norm:
+        mlp = norm(g, mlp, spec.norm, refs["post_feedforward_layernorm"])
+    return g.op("Add", resid, mlp)
+
+
 def layer_graph(spec: ArchSpec, opts: BuildOptions, i: int, group: ShapeGroup, refs: dict, inits: list) -> "onnx.ModelProto":  # noqa: F821
     dt = DTYPES[opts.hidden_state_type]
     hid, kv, d = spec.hidden_size, spec.kv_dim, spec.head_dim
@@ -342,25 +365,7 @@ def layer_graph(spec: ArchSpec, opts: BuildOptions, i: int, group: ShapeGroup, r
         ctx = g.op("MatMul", g.op("Reshape", probs, g.op("Concat", g.ints(n_kv, -1), t_only, axis=0)), v_t)  # [n_kv, grp*P, d]
         ctx = g.op("Transpose", g.op("Reshape", ctx, g.ints(n_kv, grp, -1, d)), perm=[2, 0, 1, 3])
         ctx = g.op("Reshape", ctx, g.ints(1, -1, spec.q_dim))
-    attn = linear(g, ctx, refs["o_proj"])
-    if spec.post_attention_norm:
-        attn = norm(g, attn, spec.norm, refs["post_attention_layernorm"])
-
-    if spec.parallel_residual:
-        mlp_in, resid = h, g.op("Add", x, attn)
-    else:
-        resid = g.op("Add", x, attn)
-        mlp_in = norm(g, resid, spec.norm, refs["pre_feedforward_layernorm"])
-    if spec.mlp_gated:
-        gate, up = g.op("Split", linear(g, mlp_in, refs["gate_up_proj"]), g.ints(spec.intermediate_size, spec.intermediate_size),
-                        axis=-1, n_out=2)
-        act = g.op("Mul", activation(g, gate, spec.hidden_act), up)
-    else:
-        act = activation(g, linear(g, mlp_in, refs["up_proj"]), spec.hidden_act)
-    mlp = linear(g, act, refs["down_proj"])
-    if spec.post_feedforward_norm:
-        mlp = norm(g, mlp, spec.norm, refs["post_feedforward_layernorm"])
-    out = g.op("Add", resid, mlp)
+    out = block_tail(g, spec, refs, x, h, ctx, lambda y, key: linear(g, y, refs[key]))
     g.output(from_f32(g, k_new, dt), "K_cache_out", dt, [1, p, kv])
     g.output(from_f32(g, v, dt), "V_cache_out", dt, [1, p, kv])
     g.output(from_f32(g, out, dt), "output", dt, [1, p, hid])

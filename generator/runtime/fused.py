@@ -49,7 +49,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..contract import MASK_VALUE, Bundle
 from ..errors import GeneratorError
-from ..export.graphs import FP8_ONNX, Linear, activation, apply_rope, from_f32, norm, rope_tables, to_f32
+from ..export.graphs import FP8_ONNX, Linear, apply_rope, block_tail, from_f32, norm, rope_tables, to_f32
 from ..export.onnx_graph import DTYPES, Graph
 from ..resolve.spec import ArchSpec
 from .ort import dequantize
@@ -336,24 +336,7 @@ class FusedBuilder:
     def rest(self, i, x, h, t, p, refs, ctx, k_st, v_st, kv_shape) -> str:
         """o_proj, the residuals and the MLP; the layer's K/V outputs (k_st / v_st: in the storage dtype)."""
         g, s, dt = self.g, self.spec, self.dt
-        attn = self.linear(ctx, t, p, "o_proj")
-        if s.post_attention_norm:
-            attn = norm(g, attn, s.norm, refs["post_attention_layernorm"])
-        if s.parallel_residual:
-            mlp_in, resid = h, g.op("Add", x, attn)
-        else:
-            resid = g.op("Add", x, attn)
-            mlp_in = norm(g, resid, s.norm, refs["pre_feedforward_layernorm"])
-        if s.mlp_gated:
-            gate, up = g.op("Split", self.linear(mlp_in, t, p, "gate_up_proj"),
-                            g.ints(s.intermediate_size, s.intermediate_size), axis=-1, n_out=2)
-            act = g.op("Mul", activation(g, gate, s.hidden_act), up)
-        else:
-            act = activation(g, self.linear(mlp_in, t, p, "up_proj"), s.hidden_act)
-        mlp = self.linear(act, t, p, "down_proj")
-        if s.post_feedforward_norm:
-            mlp = norm(g, mlp, s.norm, refs["post_feedforward_layernorm"])
-        out = self.round(g.op("Add", resid, mlp))
+        out = self.round(block_tail(g, s, refs, x, h, ctx, lambda y, key: self.linear(y, t, p, key)))
         # outputs last: Graph.output renames the producer's value in the nodes that exist so far
         g.output(k_st, f"k_new.{i}", dt, kv_shape)
         g.output(v_st, f"v_new.{i}", dt, kv_shape)
