@@ -6,6 +6,8 @@ contract's inputs and outputs (K_cache, V_cache, indices, input, mask -> K_cache
 V_cache_out, output). Every quirk is read from the ArchSpec; nothing here knows a family's name.
 Compute is fp32 inside; the boundaries use hidden_state_type. History lengths are derived from the
 K_cache input's shape, so a runner may bind fewer history rows than the static shape says.
+The block's pieces (qkv_heads, rope, block_tail, norms) are shared with the fused runtime graph
+(runtime/fused.py), which is why this module stays whole at a little over 400 lines.
 """
 
 from __future__ import annotations
@@ -272,6 +274,21 @@ def from_f32(g: Graph, x: str, dt: int) -> str:
     return x if dt == TensorProto.FLOAT else g.op("Cast", x, to=dt)
 
 
+def qkv_heads(g: Graph, spec: ArchSpec, refs: dict, qkv: str, rope) -> tuple[str, str, str]:
+    """The fused q/k/v projection split into q [1, N, n_h, d] and k [1, N, n_kv, d] heads, normed (qk_norm)
+    and rotated by rope(t, heads), and v [1, N, kv]. Shared by the board graphs and the fused runtime graph."""
+    n_h, n_kv, d, kv = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim, spec.kv_dim
+    if spec.qk_norm is not None:
+        q, k, v = g.op("Split", qkv, g.ints(spec.q_dim, kv, kv), axis=-1, n_out=3)
+        q4 = norm(g, g.op("Reshape", q, g.ints(1, -1, n_h, d)), spec.qk_norm, refs["q_norm"])
+        k4 = norm(g, g.op("Reshape", k, g.ints(1, -1, n_kv, d)), spec.qk_norm, refs["k_norm"])
+        return rope(q4, n_h), rope(k4, n_kv), v
+    qk, v = g.op("Split", qkv, g.ints(spec.q_dim + kv, kv), axis=-1, n_out=2)  # q and k heads rotate together
+    qk4 = rope(g.op("Reshape", qk, g.ints(1, -1, n_h + n_kv, d)), n_h + n_kv)
+    q4, k4 = g.op("Split", qk4, g.ints(n_h, n_kv), axis=2, n_out=2)
+    return q4, k4, v
+
+
 def block_tail(g: Graph, spec: ArchSpec, refs: dict, x: str, h: str, ctx: str, lin) -> str:
     """After attention (ctx): o_proj, residuals, MLP and post norms of the block with input x (normed: h);
     lin(y, key) applies the stored linear `key`. Shared by the board graphs and the fused runtime graph."""
@@ -315,15 +332,7 @@ def layer_graph(spec: ArchSpec, opts: BuildOptions, i: int, group: ShapeGroup, r
     qkv = linear(g, h, refs["qkv_proj"])  # the attention scale is folded into q_proj (see store_layer)
     cos, sin = rope_tables(g, spec, layer_type, indices)
     rope = lambda t, heads: apply_rope(g, t, cos, sin, table.rotary_dim, d, table.interleaved, heads)  # noqa: E731
-    if spec.qk_norm is not None:
-        q, k, v = g.op("Split", qkv, g.ints(spec.q_dim, kv, kv), axis=-1, n_out=3)
-        q4 = norm(g, g.op("Reshape", q, g.ints(1, -1, n_h, d)), spec.qk_norm, refs["q_norm"])
-        k4 = norm(g, g.op("Reshape", k, g.ints(1, -1, n_kv, d)), spec.qk_norm, refs["k_norm"])
-        q4, k4 = rope(q4, n_h), rope(k4, n_kv)
-    else:  # q and k heads rotate together
-        qk, v = g.op("Split", qkv, g.ints(spec.q_dim + kv, kv), axis=-1, n_out=2)
-        qk4 = rope(g.op("Reshape", qk, g.ints(1, -1, n_h + n_kv, d)), n_h + n_kv)
-        q4, k4 = g.op("Split", qk4, g.ints(n_h, n_kv), axis=2, n_out=2)
+    q4, k4, v = qkv_heads(g, spec, refs, qkv, rope)
     k_new = g.op("Reshape", k4, g.ints(1, -1, kv))
 
     # attention over [history rows; this chunk]. GQA without repeating K/V: the query heads of each

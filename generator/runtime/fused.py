@@ -49,7 +49,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..contract import MASK_VALUE, Bundle
 from ..errors import GeneratorError
-from ..export.graphs import FP8_ONNX, Linear, apply_rope, block_tail, from_f32, norm, rope_tables, to_f32
+from ..export.graphs import FP8_ONNX, Linear, apply_rope, block_tail, from_f32, norm, qkv_heads, rope_tables, to_f32
 from ..export.onnx_graph import DTYPES, Graph
 from ..resolve.spec import ArchSpec
 from .ort import dequantize
@@ -275,15 +275,7 @@ class FusedBuilder:
         h = norm(g, x, s.norm, refs["input_layernorm"])
         qkv = self.linear(h, t, p, "qkv_proj")
         rot = lambda v, heads: apply_rope(g, v, cos, sin, table.rotary_dim, d, table.interleaved, heads)  # noqa: E731
-        if s.qk_norm is not None:
-            q, k, v = g.op("Split", qkv, g.ints(s.q_dim, kv, kv), axis=-1, n_out=3)
-            q4 = norm(g, g.op("Reshape", q, g.ints(1, -1, n_h, d)), s.qk_norm, refs["q_norm"])
-            k4 = norm(g, g.op("Reshape", k, g.ints(1, -1, n_kv, d)), s.qk_norm, refs["k_norm"])
-            q4, k4 = rot(q4, n_h), rot(k4, n_kv)
-        else:
-            qk, v = g.op("Split", qkv, g.ints(s.q_dim + kv, kv), axis=-1, n_out=2)
-            qk4 = rot(g.op("Reshape", qk, g.ints(1, -1, n_h + n_kv, d)), n_h + n_kv)
-            q4, k4 = g.op("Split", qk4, g.ints(n_h, n_kv), axis=2, n_out=2)
+        q4, k4, v = qkv_heads(g, s, refs, qkv, rot)
         if ATTENTION_OP:
             return self.attention_op(i, x, h, t, p, refs, q4, k4, v, slots, mask)
         bs_heads = g.op("Concat", self.bs, g.ints(n_kv, d), axis=0)
