@@ -17,7 +17,6 @@ from generator.contract import Bundle
 from generator.errors import GeneratorError
 from generator.paths import DATA_DIR
 from generator.runtime import backends
-from generator.runtime import fused as fused_graph
 from generator.runtime.engine import Engine
 from generator.runtime.fused_engine import FusedEngine
 from generator.runtime.paged import PoolExhausted
@@ -25,7 +24,7 @@ from models import SMALL_GROUPS, quiet_build, save_tiny, threads, tiny_llama_con
 
 TOL = yaml.safe_load((DATA_DIR / "tolerances.yaml").read_text())["fused_runtime"]
 # keys in position order as stored: the chunk's own K/V seen rounded (one rounding point the per-layer graphs lack)
-BOARD_VS_LAYERS = "board_vs_layers_stored_kv" if fused_graph.POSITION_ORDER else "board_vs_layers"
+BOARD_VS_LAYERS = "board_vs_layers_stored_kv"
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -174,7 +173,7 @@ def test_a_shared_system_prompt_prefix_gives_the_logits_of_computing_it(engines,
     fresh = FusedEngine(b, threads=threads(), numerics="board")
     want = fresh.prefill(system + users[1])
     print(f"shared prefix vs computed: rel err {rel_err(got, want):.2e}")
-    assert rel_err(got, want) <= (0.0 if fused_graph.POSITION_ORDER else TOL["board_vs_layers"]["max_rel_err"])
+    assert rel_err(got, want) == 0.0
     assert got.argmax() == want.argmax()
     assert fresh.pool.stats()["hits"] == 0
     pool.free(first), pool.free(second)
@@ -182,7 +181,7 @@ def test_a_shared_system_prompt_prefix_gives_the_logits_of_computing_it(engines,
 
 @pytest.mark.parametrize("numerics", ["board", "fast"])
 def test_logits_do_not_depend_on_chunking_or_the_prefix_cache(bundles, numerics):
-    """Keys in position order as stored (fused.POSITION_ORDER): one chunk, chunks of 16 (the bundle's prefill_len),
+    """Keys in position order as stored: one chunk, chunks of 16 (the bundle's prefill_len),
     chunks of 7, and a prefix-cache hit (two 16-token blocks shared, the rest computed) give the same logits and
     greedy tokens bit for bit."""
     b = bundles["llama"]
@@ -252,15 +251,12 @@ def test_fast_numerics_stay_close_to_board(bundles, engines):
     assert worst <= TOL["fast_vs_board"]["max_rel_err"], worst
 
 
-def test_backend_registered_and_the_transformers_reference_agrees_greedily(tiny_llama, tmp_path_factory):
+def test_backend_registered_and_the_transformers_reference_agrees_greedily(tiny_fp32_bundle):
     from generator.runtime.chat import Chat
 
     cls = backends.get("onnxruntime-fused")
     assert cls.capabilities["batching"] and cls.capabilities["paged_kv"] and not cls.capabilities["images"]
-    out = tmp_path_factory.mktemp("fused_fp32") / "b"
-    quiet_build(input_path=str(tiny_llama), output_path=str(out), weight_type="fp32", hidden_state_type="fp32",
-                post_weight_type="fp32", **SMALL_GROUPS)
-    bundle = Bundle(out)
+    bundle = tiny_fp32_bundle
     ids = token_ids(24, bundle.spec.vocab_size, 3)
     answers = {}
     for name in ("onnxruntime-fused", "transformers"):

@@ -10,7 +10,7 @@ post norms, softcaps); only attention is batch-aware: per layer each sequence's 
 (`k_pool.{i}` / `v_pool.{i}` [R, n_kv, d] gathered at `slots` [B, T+S]: its past_b slots, then any slot) with
 the chunk's own new K/V, rounded to the storage type, scattered in at positions past_b..past_b+S-1 (`scatter`
 [B, S, 2], built by the runtime once per step): every key in position order, as the pool holds it, padding
-only trailing (POSITION_ORDER). So a sequence's logits are bit for bit the same batched or alone (a key's
+only trailing. So a sequence's logits are bit for bit the same batched or alone (a key's
 column does not depend on the batch) and whether its prompt ran in one chunk, in several or after a
 prefix-cache hit (a key's value and column do not depend on the chunk it came in). The additive `mask`
 [B, grp*S, S+T] the runtime builds is causal by position (each query row's mask repeated for the grp query
@@ -19,7 +19,8 @@ as graphs.py does (no repeated K/V).
 Rounding point: the per-layer graphs attend to the chunk's own new K/V unrounded (fp32), the past as
 stored; here the chunk's own K/V are seen rounded too (tiny models: 6e-3 (llama) to 3e-2 (gemma2, logits
 softcapped to 1.5) relative on logits against the per-layer graphs, tolerances.yaml
-`board_vs_layers_stored_kv`; with POSITION_ORDER off, keys [chunk (unrounded); past], it is 4e-5 to 8e-3). Outputs:
+`board_vs_layers_stored_kv`; with the chunk's K/V unrounded it was 4e-5 to 8e-3, but a sequence's logits then
+depended on its chunking). Outputs:
 `k_new.{i}` / `v_new.{i}` [B, S, n_kv, d] in the storage dtype (the runtime stores them in the pool) and
 `logits` [B, vocab] fp32 of each sequence's last token. The board's rounding points are kept: the
 hidden state is rounded to hidden_state_type between layers, K/V are stored rounded and the logits
@@ -79,9 +80,6 @@ BOARD_NBITS4 = True
 # an order that depends on the padded key count, so a batched sequence's logits differ from the same sequence
 # alone (up to 1.2 on bf16 logits of ~25); off, to keep batched answers equal to single-stream ones bit for bit
 ATTENTION_OP = False
-# keys in position order, each as stored (see the module docstring): a sequence's logits do not depend on how its
-# prompt was chunked or how much of it came from the prefix cache; False: the older [chunk (fp32); past] order
-POSITION_ORDER = True
 BITS = {TensorProto.INT8: 8, TensorProto.INT4: 4}
 NORM_NAMES = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
               "post_feedforward_layernorm", "q_norm", "k_norm")
@@ -230,8 +228,8 @@ class FusedBuilder:
         # masks [B, grp*S, S+T]: each query row's mask, repeated for the grp query heads of a KV head (row g*S + s)
         mask = g.input("mask", TensorProto.FLOAT, ["B", "GS", "ST"])
         slots = g.input("slots", TensorProto.INT64, ["B", "T"])
-        # POSITION_ORDER: where each sequence's new rows go among its keys: (b, past_b + s) [B, S, 2]
-        self.scatter = g.input("scatter", TensorProto.INT64, ["B", "S", 2]) if POSITION_ORDER else None
+        # where each sequence's new rows go among its keys: (b, past_b + s) [B, S, 2]
+        self.scatter = g.input("scatter", TensorProto.INT64, ["B", "S", 2])
         window = g.input("mask_window", TensorProto.FLOAT, ["B", "GS", "ST"]) if "sliding_attention" in s.layer_types else None
         self.bs = g.op("Shape", positions)  # [B, S]
         self.rows = self.even_rows(g.op("Shape", x_in, start=1, end=2), 1)  # the N token rows of [1, N, H]
@@ -282,7 +280,7 @@ class FusedBuilder:
         k_chunk = g.op("Reshape", k4, bs_heads)  # [B, S, n_kv, d]
         v_chunk = g.op("Reshape", v, bs_heads)
         k_st, v_st = from_f32(g, k_chunk, dt), from_f32(g, v_chunk, dt)  # as the pool will hold them
-        k_all, v_all = self.keys(i, k_chunk, v_chunk, k_st, v_st, slots, [n_kv, d])  # [B, S+T, n_kv, d] fp32
+        k_all, v_all = self.keys(i, k_st, v_st, slots, [n_kv, d])  # [B, S+T, n_kv, d] fp32
         k_t = g.op("Transpose", k_all, perm=[0, 2, 3, 1])  # [B, n_kv, d, S+T]
         v_t = g.op("Transpose", v_all, perm=[0, 2, 1, 3])  # [B, n_kv, S+T, d]
         qg = g.op("Reshape", q4, g.op("Concat", self.bs, g.ints(n_kv, grp, d), axis=0))  # [B, S, n_kv, grp, d]
@@ -296,29 +294,24 @@ class FusedBuilder:
         ctx = g.op("Reshape", g.op("Transpose", ctx, perm=[0, 3, 1, 2, 4]), g.ints(1, -1, s.q_dim))
         return self.rest(i, x, h, t, p, refs, ctx, k_st, v_st, ["B", "S", n_kv, d])
 
-    def keys(self, i, k_chunk, v_chunk, k_st, v_st, slots, heads) -> tuple[str, str]:
-        """One layer's keys and values [B, S+T, *heads] fp32 (the pool's [R, kv] rows are bound as [R, *heads]).
-        POSITION_ORDER: the pool's rows at `slots` (each sequence's past, then any slot), the chunk's stored
-        rows (k_st / v_st) scattered in at past_b..past_b+S-1: every key in position order, as stored, padding
-        only trailing. Else [chunk (fp32, unrounded); past]: padding trails too, but a key's value and column
-        depend on the chunk it came in."""
+    def keys(self, i, k_st, v_st, slots, heads) -> tuple[str, str]:
+        """One layer's keys and values [B, S+T, *heads] fp32 (the pool's [R, kv] rows are bound as [R, *heads]):
+        the pool's rows at `slots` (each sequence's past, then any slot), the chunk's stored rows (k_st / v_st)
+        scattered in at past_b..past_b+S-1: every key in position order, as stored, padding only trailing."""
         g, dt = self.g, self.dt
         k_pool, v_pool = (g.input(f"{n}_pool.{i}", dt, ["R", *heads]) for n in "kv")
-        if POSITION_ORDER:
-            return tuple(to_f32(g, g.op("ScatterND", g.op("Gather", pool, slots, axis=0), self.scatter, new), dt)
-                         for pool, new in ((k_pool, k_st), (v_pool, v_st)))
-        return tuple(g.op("Concat", chunk, to_f32(g, g.op("Gather", pool, slots, axis=0), dt), axis=1)
-                     for pool, chunk in ((k_pool, k_chunk), (v_pool, v_chunk)))
+        return tuple(to_f32(g, g.op("ScatterND", g.op("Gather", pool, slots, axis=0), self.scatter, new), dt)
+                     for pool, new in ((k_pool, k_st), (v_pool, v_st)))
 
     def attention_op(self, i, x, h, t, p, refs, q4, k4, v, slots, mask) -> str:
         """Attention as ONNX's Attention (opset 23: GQA by kv_num_heads, additive mask, softcap before the mask)
-        on [B, S, heads*d] rows: keys [chunk; past] as in the MatMul form."""
+        on [B, S, heads*d] rows: keys in position order as in the MatMul form."""
         g, s, dt = self.g, self.spec, self.dt
         kv = s.kv_dim
         bs_kv = g.op("Concat", self.bs, g.ints(kv), axis=0)
         k_chunk, v_chunk = g.op("Reshape", k4, bs_kv), g.op("Reshape", v, bs_kv)  # [B, S, kv]
         k_st, v_st = from_f32(g, k_chunk, dt), from_f32(g, v_chunk, dt)
-        k_all, v_all = self.keys(i, k_chunk, v_chunk, k_st, v_st, slots, [kv])  # [B, S+T, kv]
+        k_all, v_all = self.keys(i, k_st, v_st, slots, [kv])  # [B, S+T, kv]
         q3 = g.op("Reshape", q4, g.op("Concat", self.bs, g.ints(s.q_dim), axis=0))
         ctx = g.op("Attention", q3, k_all, v_all, mask, q_num_heads=s.num_attention_heads,
                    kv_num_heads=s.num_key_value_heads, scale=1.0, softcap=float(s.attn_logit_softcap or 0.0))

@@ -166,24 +166,19 @@ class FusedEngine:
 
     # -- one run -----------------------------------------------------------------------------------
     def masks(self, past: list[int], S: int, T: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """The additive masks [B, grp*S, S + T] of one run: causal by position (fused.POSITION_ORDER: key column =
-        position; else keys are the chunk, then the past: the chunk causal, past rows open up to each sequence's
-        length); with sliding windows also the window mask (keys at q - k >= window blocked)."""
+        """The additive masks [B, grp*S, S + T] of one run: causal by position (key column = position); with sliding
+        windows also the window mask (keys at q - k >= window blocked)."""
         B = len(past)
         lens = np.asarray(past)[:, None, None]
         col = np.arange(S + T)[None, None, :]
         row = np.arange(S)[None, :, None]
-        if fused.POSITION_ORDER:
-            open_ = col <= lens + row
-        else:
-            open_ = ((col < S) & (col <= row)) | ((col >= S) & (col - S < lens))
+        open_ = col <= lens + row
         mask = np.where(open_, np.float32(0), np.float32(mask_value(self.hidden))).astype(np.float32)
         mask = np.broadcast_to(mask, (B, S, S + T))
         tile = (1, self.grp, 1)  # the graph's rows: g*S + s for the grp query heads of each KV head
         if self.window is None:
             return np.tile(mask, tile), None
-        k_pos = col if fused.POSITION_ORDER else np.where(col < S, lens + col, col - S)
-        outside = (lens + row) - k_pos >= self.window
+        outside = (lens + row) - col >= self.window
         return np.tile(mask, tile), np.tile(mask + np.where(outside, np.float32(WINDOW_BLOCK), 0), tile)
 
     def _forward(self, tokens: np.ndarray, past: list[np.ndarray]) -> np.ndarray:
@@ -191,15 +186,12 @@ class FusedEngine:
         buffer) with the new K/V in self._k_new / _v_new."""
         B, S = tokens.shape
         lens = [len(p) for p in past]
-        if fused.POSITION_ORDER:  # keys by position: past_b pool rows, then the chunk's S (scattered in), padding
-            T = max(lens)
-            slots = np.zeros((B, T + S), np.int64)
-            scatter = np.stack(np.broadcast_arrays(np.arange(B)[:, None], np.asarray(lens)[:, None] + np.arange(S)), -1)
-            self._scatter = np.ascontiguousarray(scatter, np.int64)  # [B, S, 2]
-            self._bind_in("scatter", self._scatter, elem=TensorProto.INT64)
-        else:
-            T = max(1, max(lens))
-            slots = np.zeros((B, T), np.int64)
+        # keys by position: past_b pool rows, then the chunk's S (scattered in), then padding
+        T = max(lens)
+        slots = np.zeros((B, T + S), np.int64)
+        scatter = np.stack(np.broadcast_arrays(np.arange(B)[:, None], np.asarray(lens)[:, None] + np.arange(S)), -1)
+        self._scatter = np.ascontiguousarray(scatter, np.int64)  # [B, S, 2]
+        self._bind_in("scatter", self._scatter, elem=TensorProto.INT64)
         for b, p in enumerate(past):
             slots[b, :len(p)] = p
         mask, window = self.masks(lens, S, T)
@@ -245,9 +237,8 @@ class FusedEngine:
             raise
         try:
             past = [self.pool.slots(seq) for seq in seqs]
-            ids = np.asarray(tokens, np.int64) if B > 1 else None
             if B > 1 or len(tokens[0]) <= self.P:
-                out = self._chunk(ids if ids is not None else np.asarray(tokens, np.int64), past, reserved)
+                out = self._chunk(np.asarray(tokens, np.int64), past, reserved)
             else:  # a long prefill: chunks of P, each after the ones before
                 n, out = len(tokens[0]), None
                 for c in range(0, n, self.P):
