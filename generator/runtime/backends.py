@@ -219,5 +219,6 @@ class TransformersEngine:
             raise GeneratorError("backend 'transformers' cannot load a saved KV cache (--kvcache_path).")
         self.cached_ids = list(ids)
 
+    @property
     def next_position(self) -> int:
         return self.precompute_len
