@@ -26,6 +26,19 @@ def tiny_llama(tmp_path_factory, tiny_tok):
 
 
 @pytest.fixture(scope="session")
+def tiny_fp32_bundle(tiny_llama, tmp_path_factory):
+    """The tiny llama as an fp32 bundle (fp32 weights, hidden states and head; the small shape groups), built
+    once per worker: the side-by-side reference of the backends (test_backends, test_fused). Read-only."""
+    from generator.contract import Bundle
+    from models import SMALL_GROUPS, quiet_build
+
+    out = tmp_path_factory.mktemp("tiny_fp32") / "b"
+    quiet_build(input_path=str(tiny_llama), output_path=str(out), weight_type="fp32", hidden_state_type="fp32",
+                post_weight_type="fp32", **SMALL_GROUPS)
+    return Bundle(out)
+
+
+@pytest.fixture(scope="session")
 def smollm2_bundle(tmp_path_factory):
     """The embedded default model built for AX650 at s8 with check level 2, once per test session:
     pytest-xdist workers share one build through a lock in the session's common temp directory."""

@@ -7,20 +7,16 @@ from types import SimpleNamespace
 import pytest
 
 from generator.cli import main
-from generator.contract import Bundle
 from generator.errors import GeneratorError
 from generator.runtime import backends
 from generator.runtime.boost_config import load_config
 from generator.runtime.chat import Chat
-from models import SMALL_GROUPS, quiet_build, token_ids
+from models import token_ids
 
 
 @pytest.fixture(scope="module")
-def fp32(tiny_llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("backends") / "b"
-    quiet_build(input_path=str(tiny_llama), output_path=str(out), weight_type="fp32", hidden_state_type="fp32",
-                post_weight_type="fp32", **SMALL_GROUPS)
-    return Bundle(out)
+def fp32(tiny_fp32_bundle):
+    return tiny_fp32_bundle
 
 
 def write(tmp_path, text: str):
