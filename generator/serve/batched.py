@@ -106,7 +106,7 @@ class BatchedService:
 
     def generate(self, req: dict) -> Iterator[str]:
         """As ChatService.generate: text pieces, then finish_reason, usage and timings in `req`."""
-        from .service import StopMatcher
+        from .service import StopMatcher, record_answer
 
         request = self.batcher.submit(req["ids"], self._sampler(req["sampler"]), req["limit"])
         stops = StopMatcher(req["stops"])
@@ -136,11 +136,4 @@ class BatchedService:
             # it outgrew the pool while alone: the answer ends here, as at kv_cache_len
         finally:
             request.cancel()  # the client left or a stop string matched: free its place (no-op when done)
-        st = request.stats
-        req["finish_reason"] = finish
-        req["usage"] = {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.generated,
-                        "total_tokens": st.prompt_tokens + st.generated,
-                        "prompt_tokens_details": {"cached_tokens": st.prompt_tokens - st.prefilled}}
-        req["timings"] = {"ttft_ms": round(st.ttft_ms, 2), "decode_tok_s": round(st.decode_tok_s, 2)}
-        if self.engine.numerics != "board":
-            req["timings"]["numerics"] = self.engine.numerics
+        record_answer(req, finish, request.stats, self.engine.numerics)

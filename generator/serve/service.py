@@ -105,6 +105,18 @@ class StopMatcher:
         return out
 
 
+def record_answer(req: dict, finish: str, st, numerics: str) -> None:
+    """An answer's finish_reason, usage and timings into `req` from its stats (TurnStats or a batched Request's:
+    prompt_tokens, prefilled, generated, ttft_ms, decode_tok_s)."""
+    req["finish_reason"] = finish
+    req["usage"] = {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.generated,
+                    "total_tokens": st.prompt_tokens + st.generated,
+                    "prompt_tokens_details": {"cached_tokens": st.prompt_tokens - st.prefilled}}
+    req["timings"] = {"ttft_ms": round(st.ttft_ms, 2), "decode_tok_s": round(st.decode_tok_s, 2)}
+    if numerics != "board":  # speed in int8-activation numerics says so
+        req["timings"]["numerics"] = numerics
+
+
 class ChatService:
     """The model behind the HTTP layer: one engine, one request at a time."""
 
@@ -338,14 +350,7 @@ class ChatService:
                     tail = stops.flush()
                     if tail:
                         yield tail
-            st = self.chat.stats
-            req["finish_reason"] = finish
-            req["usage"] = {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.generated,
-                            "total_tokens": st.prompt_tokens + st.generated,
-                            "prompt_tokens_details": {"cached_tokens": st.prompt_tokens - st.prefilled}}
-            req["timings"] = {"ttft_ms": round(st.ttft_ms, 2), "decode_tok_s": round(st.decode_tok_s, 2)}
-            if self.engine.numerics != "board":  # speed in int8-activation numerics says so
-                req["timings"]["numerics"] = self.engine.numerics
+            record_answer(req, finish, self.chat.stats, self.engine.numerics)
         finally:
             self.lock.release()
 
