@@ -244,9 +244,9 @@ def run_batch(spec: dict) -> dict:
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
     """The first token index where two answers differ (None: equal)."""
-    if a == b:
-        return None
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    from ..runtime.generation import common_prefix
+
+    return None if a == b else common_prefix(a, b)
 
 
 # -- peers -----------------------------------------------------------------------------------------
