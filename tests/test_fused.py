@@ -236,6 +236,22 @@ def test_a_sequence_past_kv_cache_len_and_images_are_refused(engines, bundles):
         fused.prefill([1, 2], positions=np.zeros((3, 2)))
 
 
+def test_a_load_over_the_available_memory_is_refused_before_it_starts(bundles, monkeypatch, capsys):
+    """The memory guard: a weight costing more than the machine has (PEAK_BYTES made huge) is a clear error naming
+    the backend, the numerics and the way out, from the API and from `run` (exit 2, no traceback)."""
+    from generator.cli import main
+
+    monkeypatch.setattr(FusedEngine, "PEAK_BYTES", {"board": {"s8": 1e12}, "fast": {"s8": 1e12}})
+    with pytest.raises(GeneratorError, match=r"onnxruntime-fused' in board numerics needs ~.* GiB while loading.*"
+                                             r"--numerics fast"):
+        FusedEngine(bundles["llama"], threads=threads(), numerics="board")
+    code = main(["run", str(bundles["llama"].dir), "--backend", "onnxruntime-fused", "--numerics", "fast",
+                 "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert code == 2 and "in fast numerics needs ~" in err and "--backend onnxruntime" in err
+    assert "Traceback" not in err
+
+
 def test_fast_numerics_stay_close_to_board(bundles, engines):
     b = bundles["llama"]
     _, board = engines["llama"]
